@@ -1,0 +1,3 @@
+from evotool.cli import main
+
+main()

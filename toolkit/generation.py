@@ -1,0 +1,110 @@
+"""Prompt building and batched greedy generation shared by analysis, pruning, mitigation and evals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from evotool.errors import InputError
+
+
+def chat_prompt(processor: Any, prompt: str) -> str:
+    """The model's own chat template around one image and one user turn.
+
+    Processors without a chat template (e.g. PaliGemma) take the raw prompt and add image tokens themselves.
+    """
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def build_inputs(
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenised, left-padded batch for ``model.generate``.
+
+    Returns the processor's tensors (``input_ids`` [B, T], ``attention_mask`` [B, T], ``pixel_values`` ...)
+    on ``device``; floating tensors are cast to ``dtype`` when given. Raises :class:`InputError`
+    when a prompt is longer than ``max_length`` tokens (the model's context).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    texts = [chat_prompt(processor, p) for p in prompts]
+    batch = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
+    if max_length is not None and batch["input_ids"].shape[1] > max_length:
+        raise InputError(
+            f"prompt of {batch['input_ids'].shape[1]} tokens exceeds the model's context of {max_length}"
+        )
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """Maximum positions of the language model, if the config states it."""
+    cfg = model.config.get_text_config()
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: torch.nn.Module,
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    **generate_kwargs: Any,
+) -> tuple[list[list[int]], list[str]]:
+    """Greedy decoding of a batch; returns the new token ids per sample (cut at EOS) and their texts.
+
+    Extra keyword arguments go to ``model.generate`` (e.g. ``logits_processor``).
+    """
+    inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
+    prompt_len = inputs["input_ids"].shape[1]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=None,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **generate_kwargs,
+    )
+    new = out[:, prompt_len:] if out.shape[1] > prompt_len else out.new_zeros((out.shape[0], 0))
+    ids = [cut_at_eos(row.tolist(), model) for row in new]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return ids, texts
+
+
+def eos_ids(model: torch.nn.Module) -> set[int]:
+    """The token ids that end generation for this model."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def cut_at_eos(ids: list[int], model: torch.nn.Module) -> list[int]:
+    """Ids up to and including the first EOS; trailing padding after EOS dropped."""
+    stop = eos_ids(model)
+    for i, tok in enumerate(ids):
+        if tok in stop:
+            return ids[: i + 1]
+    return ids
