@@ -1,0 +1,177 @@
+"""POPE (Li et al., 2023): yes/no object-probing metrics and loaders for the released files.
+
+The released files (``coco_pope_random.json``, ``coco_pope_popular.json``,
+``coco_pope_adversarial.json``) are JSONL, one question per line::
+
+    {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+     "text": "Is there a snowboard in the image?", "label": "yes"}
+
+The positive class is "yes", as in POPE's official evaluation script.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from evotool.data.inputs import Sample
+from evotool.errors import InputError
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+NEGATIONS = frozenset({"no", "not"})
+_WORD = re.compile(r"[a-z']+")
+
+
+def parse_yes_no(text: str) -> str:
+    """Map a free-form answer to "yes", "no" or "other".
+
+    Like POPE's official script, only the first sentence is read; its first word decides
+    when it is "yes"/"no", otherwise any "no"/"not" (or an "n't" contraction) means "no",
+    and a "yes" anywhere means "yes".
+    """
+    words = _WORD.findall(text.lower().split(".")[0])
+    if not words:
+        return "other"
+    if words[0] in ("yes", "no"):
+        return words[0]
+    if any(w in NEGATIONS or w.endswith("n't") for w in words):
+        return "no"
+    return "yes" if "yes" in words else "other"
+
+
+def yes_no_metrics(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and yes ratio with "yes" as the positive class.
+
+    Precision (recall) is 0.0 when nothing is predicted (labelled) positive.
+    """
+    if len(predicted_yes) != len(label_yes):
+        raise InputError(f"{len(predicted_yes)} predictions but {len(label_yes)} labels")
+    if not label_yes:
+        raise InputError("no predictions to score")
+    tp = sum(p and t for p, t in zip(predicted_yes, label_yes))
+    fp = sum(p and not t for p, t in zip(predicted_yes, label_yes))
+    fn = sum(t and not p for p, t in zip(predicted_yes, label_yes))
+    tn = len(label_yes) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / len(label_yes),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / len(label_yes),
+    }
+
+
+def _label_is_yes(label: str) -> bool:
+    norm = label.strip().lower()
+    if norm not in ("yes", "no"):
+        raise InputError(f"label {label!r} is neither 'yes' nor 'no'")
+    return norm == "yes"
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """POPE metrics of raw model answers against "yes"/"no" labels.
+
+    Answers are parsed with :func:`parse_yes_no`; an unparseable answer counts as "no".
+    """
+    return yes_no_metrics(
+        [parse_yes_no(p) == "yes" for p in predictions], [_label_is_yes(t) for t in labels]
+    )
+
+
+def _split_of(path: Path) -> str | None:
+    return next((s for s in POPE_SPLITS if path.stem.endswith(s)), None)
+
+
+def _from_released(path: Path, image_dir: Path, split: str | None) -> list[Sample]:
+    file_split = _split_of(path)
+    if split is not None and file_split is not None and split != file_split:
+        raise InputError(f"{path} holds the {file_split!r} split, not {split!r}")
+    samples = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                qid, image, text, label = rec["question_id"], rec["image"], rec["text"], rec["label"]
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            except KeyError as err:
+                raise InputError(f"{path}:{lineno}: POPE record has no {err.args[0]!r} field") from err
+            samples.append(
+                Sample(
+                    id=f"{file_split or split or path.stem}-{qid}",
+                    image=image_dir / image,
+                    prompt=text,
+                    answer=label.strip().lower(),
+                    meta={"question_id": qid, "split": file_split or split},
+                )
+            )
+    return samples
+
+
+def _from_datasets(path: Path, image_dir: Path, split: str | None) -> list[Sample]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = datasets.concatenate_datasets(list(ds.values()))
+    except FileNotFoundError:
+        try:
+            ds = datasets.load_dataset(str(path), split="test")
+        except Exception as err:  # datasets raises many types; the user needs the path and the reason
+            raise InputError(f"cannot load POPE dataset {path}: {err}") from err
+    missing = {"question", "answer", "image"} - set(ds.column_names)
+    if missing:
+        raise InputError(f"POPE dataset {path} lacks columns {sorted(missing)} (has {ds.column_names})")
+    samples = []
+    for i, rec in enumerate(ds):
+        category = rec.get("category")
+        if split is not None and category != split:
+            continue
+        image = rec["image"]
+        samples.append(
+            Sample(
+                id=f"{category or 'pope'}-{rec.get('question_id', i)}",
+                image=image if isinstance(image, Image.Image) else image_dir / image,
+                prompt=rec["question"],
+                answer=rec["answer"].strip().lower(),
+                meta={"question_id": rec.get("question_id", i), "split": category},
+            )
+        )
+    return samples
+
+
+def load_pope(path: str | Path, image_dir: str | Path, split: str | None = None) -> list[Sample]:
+    """POPE questions as samples (``prompt`` = question, ``answer`` = "yes"/"no").
+
+    ``path`` is a released JSONL file (``coco_pope_<split>.json``), a folder holding them
+    (``split`` picks one file, default all three), or a local ``datasets`` dataset with
+    columns question, answer, image and category (lmms-lab/POPE layout; ``split`` filters
+    on category). Images named in the files are looked up in ``image_dir``.
+    Raises :class:`InputError` for a missing source, an unknown split or no questions.
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    if split is not None and split not in POPE_SPLITS:
+        raise InputError(f"unknown POPE split {split!r} (expected one of {', '.join(POPE_SPLITS)})")
+    if not path.exists():
+        raise InputError(f"POPE data not found: {path}")
+    if path.is_file():
+        samples = _from_released(path, image_dir, split)
+    else:
+        released = [path / f"coco_pope_{s}.json" for s in ((split,) if split else POPE_SPLITS)]
+        if any(f.is_file() for f in released):
+            samples = [s for f in released if f.is_file() for s in _from_released(f, image_dir, None)]
+        else:
+            samples = _from_datasets(path, image_dir, split)
+    if not samples:
+        raise InputError(f"no POPE questions in {path}" + (f" for split {split!r}" if split else ""))
+    return samples
