@@ -60,7 +60,20 @@ def context_length(model: torch.nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=None, temperature=None, top_p=None, top_k=None)
+
+
 @torch.inference_mode()
+def generate_ids(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, **generate_kwargs: Any
+) -> list[list[int]]:
+    """Greedy ``model.generate`` on prepared inputs; the new token ids per sample, cut after EOS."""
+    prompt_len = inputs["input_ids"].shape[1]
+    kwargs = dict(GREEDY, **generate_kwargs)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+    return [cut_at_eos(row.tolist(), model) for row in out[:, prompt_len:]]
+
+
 def greedy_generate(
     model: torch.nn.Module,
     processor: Any,
@@ -69,28 +82,19 @@ def greedy_generate(
     max_new_tokens: int = 256,
     **generate_kwargs: Any,
 ) -> tuple[list[list[int]], list[str]]:
-    """Greedy decoding of a batch; returns the new token ids per sample (cut at EOS) and their texts.
+    """Greedy decoding of a batch; returns the new token ids per sample (cut after EOS) and their texts.
 
     Extra keyword arguments go to ``model.generate`` (e.g. ``logits_processor``).
     """
     inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
-    prompt_len = inputs["input_ids"].shape[1]
-    out = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=None,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        **generate_kwargs,
-    )
-    new = out[:, prompt_len:] if out.shape[1] > prompt_len else out.new_zeros((out.shape[0], 0))
-    ids = [cut_at_eos(row.tolist(), model) for row in new]
+    ids = generate_ids(model, inputs, max_new_tokens, **generate_kwargs)
+    return ids, decode(processor, ids)
+
+
+def decode(processor: Any, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Texts of token id lists, special tokens dropped."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-    return ids, texts
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def eos_ids(model: torch.nn.Module) -> set[int]:

@@ -1,0 +1,62 @@
+"""The trace against transformers' own outputs: hidden states, logits and generated tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import build_tiny, make_inputs
+from evotool.lens import NormedLens, ReferenceLens
+from evotool.models.registry import decoder_parts
+from evotool.trace import LayerCapture, trace_batch
+
+
+def test_capture_equals_output_hidden_states(arch: str) -> None:
+    model = build_tiny(arch)
+    parts = decoder_parts(model)
+    inputs = make_inputs(model, arch)
+    with torch.no_grad(), LayerCapture(parts) as cap:
+        out = model(**inputs, output_hidden_states=True)
+        states = cap.stacked()
+    ref = out.hidden_states
+    assert len(ref) == parts.num_layers + 1 == states.shape[0]
+    # HF: entries 0..L-1 are raw layer inputs/outputs; entry L is already passed through the final norm.
+    for layer in range(parts.num_layers):
+        torch.testing.assert_close(states[layer], ref[layer][:, -1, :])
+    torch.testing.assert_close(parts.norm(states[-1]), ref[-1][:, -1, :])
+
+
+def test_lens_at_last_layer_is_model_output(arch: str) -> None:
+    model = build_tiny(arch)
+    parts = decoder_parts(model)
+    inputs = make_inputs(model, arch)
+    with torch.no_grad(), LayerCapture(parts) as cap:
+        out = model(**inputs)
+        states = cap.stacked()
+        model_logp = torch.log_softmax(out.logits[:, -1, :].float(), -1)
+        for lens in (NormedLens(parts), ReferenceLens(parts)):
+            torch.testing.assert_close(lens.log_probs(states)[-1], model_logp, atol=1e-5, rtol=1e-5)
+        # the reference lens differs from the normed one below the last layer (raw states into the head)
+        assert not torch.allclose(NormedLens(parts).log_probs(states)[1], ReferenceLens(parts).log_probs(states)[1])
+
+
+def test_trace_matches_generate_and_per_step_forward() -> None:
+    model = build_tiny("llava", layers=6)
+    parts = decoder_parts(model)
+    inputs = make_inputs(model, "llava", batch=2, pad_first=2)
+    traces = trace_batch(model, parts, NormedLens(parts), inputs, max_new_tokens=6, keep_features=True)
+    plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    for b, tr in enumerate(traces):
+        assert tr.token_ids.tolist() == plain[b, : len(tr.token_ids)].tolist()
+        assert tr.layers["p_token"].shape == (len(tr.token_ids), 7)
+    # independent recomputation of step 1 for row 1: full forward on prompt + first token, all hidden states
+    ids = torch.cat([inputs["input_ids"], plain[:, :1]], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    hs = torch.stack([h[1, -1] for h in out.hidden_states[:-1]] + [out.hidden_states[-1][1, -1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.lm_head(torch.cat([parts.norm(hs[:-1]), hs[-1:]])).float(), -1)
+    tok = traces[1].token_ids[1]
+    np.testing.assert_allclose(traces[1].layers["p_token"][1], logp[:, tok].exp().numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(traces[1].features[1, :-1].astype(np.float32), hs[:-1].numpy(), rtol=1e-2, atol=1e-2)

@@ -1,0 +1,109 @@
+"""Load any HF image-text-to-text model (hub id or local path) with its processor."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evotool.errors import ModelError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model.
+
+    dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+    device: "cpu", "cuda", "cuda:1"...; ignored with ``device_map``.
+    device_map: e.g. "auto" to shard a model larger than one GPU (accelerate).
+    quantization: None, "4bit" or "8bit" (bitsandbytes, CUDA only).
+    """
+
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ModelError(f"unknown quantization {self.quantization!r}; choose 4bit or 8bit")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ModelError(f"{kind} loading needs bitsandbytes: pip install 'evotool[quant]'") from err
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode, processor) for a hub id or local path.
+
+    Raises :class:`ModelError` for a path or id that cannot be found, an unknown architecture,
+    or a model that takes no image input.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    opts = options or LoadOptions()
+    name = str(model_id)
+    kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ModelError(f"cannot load model {name!r}: {reason}") from err
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not opts.trust_remote_code:
+        raise ModelError(
+            f"model {name!r} (model type {config.model_type!r}) is not an image-text-to-text model: it takes no image input"
+        )
+    dtype = DTYPES[opts.dtype]
+    load_kwargs: dict[str, Any] = dict(kwargs, dtype=dtype)
+    if opts.quantization:
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        load_kwargs["quantization_config"] = _quantization_config(opts.quantization, compute)
+        load_kwargs["device_map"] = opts.device_map or "auto"
+    elif opts.device_map:
+        load_kwargs["device_map"] = opts.device_map
+    model = AutoModelForImageTextToText.from_pretrained(name, **load_kwargs)
+    if "device_map" not in load_kwargs:
+        model.to(opts.device or default_device())
+    model.eval()
+    processor = AutoProcessor.from_pretrained(name, **kwargs)
+    return model, processor
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """A short content hash of the weights: parameter names, shapes and a strided sample of values.
+
+    Changes when layers are removed, weights are fine-tuned or a different checkpoint is loaded.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

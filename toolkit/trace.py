@@ -1,0 +1,162 @@
+"""Greedy generation that records, for every generated token, every layer's last-position state.
+
+:class:`LayerCapture` hooks the decoder layers and keeps, for the current forward pass, the
+last-position hidden state of layer 0 (input of the first decoder layer) and of every decoder
+layer: ``stacked()`` -> [L+1, B, H]. At step 0 the last position is the last prompt token, then
+the newly fed token, as in the paper. :func:`trace_batch` reduces these states to per-layer
+metrics on the model's device after every forward pass, so a [layers x tokens x vocab] tensor never
+exists for a sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from evotool import metrics
+from evotool.generation import generate_ids
+from evotool.lens import Lens
+from evotool.models.registry import DecoderParts
+
+# Per-(token, layer) metrics kept for every sample; arrays of shape [T, L+1].
+METRICS = ("p_token", "rank", "entropy", "js_prev", "js_final", "cos_prev", "top1")
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerCapture:
+    """Context manager: forward hooks recording the last-position state of layers 0..L.
+
+    ``stacked()`` after a forward pass returns [L+1, B, H] in the model's dtype.
+    """
+
+    def __init__(self, parts: DecoderParts) -> None:
+        self.parts = parts
+        self.states: list[torch.Tensor | None] = [None] * (parts.num_layers + 1)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LayerCapture:
+        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.states[0] = hidden[:, -1, :].detach()
+
+        def make_hook(index: int):
+            def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+                self.states[index] = _hidden(output)[:, -1, :].detach()
+
+            return hook
+
+        layers = self.parts.layers
+        self._handles.append(layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for i, layer in enumerate(layers, start=1):
+            self._handles.append(layer.register_forward_hook(make_hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def stacked(self) -> torch.Tensor:
+        """[L+1, B, H] states of the latest forward pass."""
+        return torch.stack(self.states, dim=0)  # type: ignore[arg-type]
+
+
+def reduce_step(logp: torch.Tensor, states: torch.Tensor, topk: int, js_base: float = math.e) -> dict[str, torch.Tensor]:
+    """Per-layer metrics of one step for the token the model emits (top-1 of the last layer).
+
+    logp [L+1, B, V] lens log-probabilities, states [L+1, B, H]. Returns tensors [L+1, B]
+    (``js_prev`` and ``cos_prev`` NaN at layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and
+    ``token`` [B].
+    """
+    n_layers, batch = logp.shape[:2]
+    token = logp[-1].argmax(-1)
+    logp_tok = logp.gather(-1, token.view(1, batch, 1).expand(n_layers, batch, 1))
+    nan_row = torch.full((1, batch), float("nan"), device=logp.device)
+    top_p, top_i = logp.topk(topk, dim=-1)
+    return {
+        "token": token,
+        "p_token": logp_tok.squeeze(-1).exp(),
+        "rank": (logp > logp_tok).sum(-1).float(),
+        "entropy": metrics.entropy(logp, js_base),
+        "js_prev": torch.cat([nan_row, metrics.js_divergence(logp[1:], logp[:-1], js_base)]),
+        "js_final": metrics.js_divergence(logp, logp[-1:].expand_as(logp), js_base),
+        "cos_prev": torch.cat([nan_row, metrics.cosine_similarity(states[1:], states[:-1])]),
+        "top1": top_i[..., 0].float(),
+        "topk_ids": top_i,
+        "topk_p": top_p.exp(),
+    }
+
+
+@dataclass
+class SampleTrace:
+    """Everything recorded for one sample: T generated tokens, L+1 layers.
+
+    ``layers`` maps each name in :data:`METRICS` to [T, L+1]; ``topk_ids``/``topk_p`` are
+    [T, L+1, k]; ``features`` [T, L+1, H] (float16) when kept.
+    """
+
+    token_ids: np.ndarray
+    layers: dict[str, np.ndarray]
+    topk_ids: np.ndarray
+    topk_p: np.ndarray
+    features: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def trace_batch(
+    model: nn.Module,
+    parts: DecoderParts,
+    lens: Lens,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    topk: int = 5,
+    keep_features: bool = False,
+    js_base: float = math.e,
+) -> list[SampleTrace]:
+    """Greedy generation over a prepared batch with every step reduced on device.
+
+    Returns one :class:`SampleTrace` per row, cut after EOS. Raises RuntimeError if the traced
+    top-1 tokens disagree with what ``generate`` emitted (a logits processor changed the choice).
+    """
+    steps: list[dict[str, torch.Tensor]] = []
+    feats: list[torch.Tensor] = []
+    with LayerCapture(parts) as capture:
+
+        def on_forward(_module: nn.Module, _args: tuple, _output: Any) -> None:
+            states = capture.stacked()
+            steps.append(reduce_step(lens.log_probs(states), states, topk, js_base))
+            if keep_features:
+                feats.append(states.to(torch.float16))
+
+        handle = model.register_forward_hook(on_forward)
+        try:
+            ids = generate_ids(model, inputs, max_new_tokens)
+        finally:
+            handle.remove()
+    stacked = {key: torch.stack([s[key] for s in steps]).cpu() for key in steps[0]}  # [T, L+1, B, ...]
+    features = torch.stack(feats).cpu().numpy() if keep_features else None
+    traces = []
+    for b, row in enumerate(ids):
+        t = len(row)
+        traced = stacked["token"][:t, b].tolist()
+        if traced != row:
+            raise RuntimeError(f"traced tokens {traced} differ from generated tokens {row}")
+        traces.append(
+            SampleTrace(
+                token_ids=np.asarray(row, dtype=np.int64),
+                layers={k: stacked[k][:t, :, b].numpy() for k in METRICS},
+                topk_ids=stacked["topk_ids"][:t, :, b].numpy(),
+                topk_p=stacked["topk_p"][:t, :, b].numpy(),
+                features=features[:t, :, b] if features is not None else None,
+            )
+        )
+    return traces
