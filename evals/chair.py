@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from evotool.data.inputs import DEFAULT_PROMPT
@@ -172,19 +172,17 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def singular_candidates(word: str) -> list[str]:
-    """``word`` followed by its possible singular forms, most likely first."""
-    if word in IRREGULAR_PLURALS:
-        return [word, IRREGULAR_PLURALS[word]]
-    out = [word]
+    """``word`` followed by its possible singular forms, likeliest first."""
+    forms = [word] + ([IRREGULAR_PLURALS[word]] if word in IRREGULAR_PLURALS else [])
     if word.endswith("ies") and len(word) > 4:
-        out.append(word[:-3] + "y")
-    if word.endswith("ves"):
-        out += [word[:-3] + "f", word[:-3] + "fe"]
-    if word.endswith("es"):
-        out.append(word[:-2])
+        forms.append(word[:-3] + "y")
+    if word.endswith(("sses", "xes", "zes", "ches", "shes")):
+        forms.append(word[:-2])
     if word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        out.append(word[:-1])
-    return out
+        forms.append(word[:-1])
+    if word.endswith("ves"):
+        forms += [word[:-3] + "f", word[:-3] + "fe"]
+    return list(dict.fromkeys(forms))
 
 
 def singularize(word: str, vocabulary: Collection[str] = frozenset()) -> str:
@@ -193,38 +191,60 @@ def singularize(word: str, vocabulary: Collection[str] = frozenset()) -> str:
     return next((c for c in candidates if c in vocabulary), candidates[min(1, len(candidates) - 1)])
 
 
-class CocoObjects:
-    """Maps caption words and phrases to the 80 COCO category names."""
+def words(text: str) -> list[str]:
+    """Lower-case alphabetic words of ``text`` ("air-conditioning" -> ["air", "conditioning"])."""
+    return _WORD.findall(text.lower())
 
-    MAX_WORDS = 3
 
-    def __init__(self) -> None:
-        self.lookup: dict[str, str] = {
-            syn: cat for cat, syns in COCO_SYNONYMS.items() for syn in syns
-        } | SPECIAL_PHRASES
+class PhraseMatcher:
+    """Finds the phrases of a table (phrase -> canonical name) in text.
 
-    def _match(self, words: list[str]) -> str | None:
-        head = " ".join(words[:-1])
-        for last in singular_candidates(words[-1]):
-            phrase = f"{head} {last}" if head else last
-            if phrase in self.lookup:
-                return self.lookup[phrase]
+    Phrases of up to the table's longest length are matched left to right, longest first,
+    with the phrase's last word tried in its singular forms; matched words are consumed.
+    """
+
+    def __init__(self, table: Mapping[str, str]) -> None:
+        self.lookup = {" ".join(words(phrase)): name for phrase, name in table.items()}
+        self.max_words = max((len(p.split()) for p in self.lookup), default=0)
+
+    def _match(self, phrase: list[str]) -> str | None:
+        head = " ".join(phrase[:-1])
+        for last in singular_candidates(phrase[-1]):
+            key = f"{head} {last}" if head else last
+            if key in self.lookup:
+                return self.lookup[key]
         return None
 
-    def extract(self, caption: str) -> set[str]:
-        """Canonical COCO categories mentioned in ``caption`` (longest phrase wins)."""
-        words = _WORD.findall(caption.lower())
-        found, i = set(), 0
-        while i < len(words):
-            for n in range(min(self.MAX_WORDS, len(words) - i), 0, -1):
-                category = self._match(words[i : i + n])
-                if category is not None:
-                    found.add(category)
+    def match_words(self, tokens: Sequence[str]) -> list[str]:
+        """Canonical names of the phrases found in ``tokens``, in order, repeats kept."""
+        found, i = [], 0
+        while i < len(tokens):
+            for n in range(min(self.max_words, len(tokens) - i), 0, -1):
+                name = self._match(list(tokens[i : i + n]))
+                if name is not None:
+                    found.append(name)
                     i += n
                     break
             else:
                 i += 1
         return found
+
+    def mentions(self, text: str) -> list[str]:
+        """Canonical names mentioned in ``text``, in order, repeats kept."""
+        return self.match_words(words(text))
+
+    def extract(self, text: str) -> set[str]:
+        """The set of canonical names mentioned in ``text``."""
+        return set(self.mentions(text))
+
+
+class CocoObjects(PhraseMatcher):
+    """Maps caption words and phrases to the 80 COCO category names."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            {syn: cat for cat, syns in COCO_SYNONYMS.items() for syn in syns} | SPECIAL_PHRASES
+        )
 
 
 def chair_metrics(

@@ -27,62 +27,59 @@ _WORD = re.compile(r"[a-z']+")
 
 
 def parse_yes_no(text: str) -> str:
-    """Map a free-form answer to "yes", "no" or "other".
+    """Map a free-form answer to "yes", "no" or "other" (no words at all).
 
-    Like POPE's official script, only the first sentence is read; its first word decides
-    when it is "yes"/"no", otherwise any "no"/"not" (or an "n't" contraction) means "no",
-    and a "yes" anywhere means "yes".
+    As in POPE's official script only the first sentence is read and a "no"/"not" in it
+    means "no", any other sentence "yes"; in addition a first word "yes"/"no" decides
+    ("Yes, but not..." is "yes") and an "n't" contraction counts as a negation.
     """
-    words = _WORD.findall(text.lower().split(".")[0])
-    if not words:
+    tokens = _WORD.findall(text.lower().split(".")[0])
+    if not tokens:
         return "other"
-    if words[0] in ("yes", "no"):
-        return words[0]
-    if any(w in NEGATIONS or w.endswith("n't") for w in words):
-        return "no"
-    return "yes" if "yes" in words else "other"
+    if tokens[0] in ("yes", "no"):
+        return tokens[0]
+    return "no" if any(w in NEGATIONS or w.endswith("n't") for w in tokens) else "yes"
 
 
-def yes_no_metrics(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and yes ratio with "yes" as the positive class.
-
-    Precision (recall) is 0.0 when nothing is predicted (labelled) positive.
-    """
-    if len(predicted_yes) != len(label_yes):
-        raise InputError(f"{len(predicted_yes)} predictions but {len(label_yes)} labels")
-    if not label_yes:
-        raise InputError("no predictions to score")
-    tp = sum(p and t for p, t in zip(predicted_yes, label_yes))
-    fp = sum(p and not t for p, t in zip(predicted_yes, label_yes))
-    fn = sum(t and not p for p, t in zip(predicted_yes, label_yes))
-    tn = len(label_yes) - tp - fp - fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / len(label_yes),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": (tp + fp) / len(label_yes),
-    }
-
-
-def _label_is_yes(label: str) -> bool:
+def _yes_no_label(label: str) -> str:
     norm = label.strip().lower()
     if norm not in ("yes", "no"):
         raise InputError(f"label {label!r} is neither 'yes' nor 'no'")
-    return norm == "yes"
+    return norm
+
+
+def yes_no_metrics(answers: Sequence[str], labels: Sequence[str], positive: str = "yes") -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (of class ``positive``) and yes ratio of parsed answers.
+
+    ``answers`` are "yes", "no" or "other"; "other" is never correct and never positive.
+    Precision (recall) is 0.0 when nothing is answered (labelled) ``positive``.
+    """
+    if len(answers) != len(labels):
+        raise InputError(f"{len(answers)} answers but {len(labels)} labels")
+    if not labels:
+        raise InputError("no answers to score")
+    truth = [_yes_no_label(t) for t in labels]
+    tp = sum(a == t == positive for a, t in zip(answers, truth))
+    n_answered = sum(a == positive for a in answers)
+    n_labelled = truth.count(positive)
+    precision = tp / n_answered if n_answered else 0.0
+    recall = tp / n_labelled if n_labelled else 0.0
+    return {
+        "accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": list(answers).count("yes") / len(truth),
+    }
 
 
 def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """POPE metrics of raw model answers against "yes"/"no" labels.
+    """POPE metrics of raw model answers against "yes"/"no" labels, "yes" being positive.
 
     Answers are parsed with :func:`parse_yes_no`; an unparseable answer counts as "no".
     """
-    return yes_no_metrics(
-        [parse_yes_no(p) == "yes" for p in predictions], [_label_is_yes(t) for t in labels]
-    )
+    answers = ["yes" if parse_yes_no(p) == "yes" else "no" for p in predictions]
+    return yes_no_metrics(answers, labels)
 
 
 def _split_of(path: Path) -> str | None:
@@ -110,7 +107,7 @@ def _from_released(path: Path, image_dir: Path, split: str | None) -> list[Sampl
                     id=f"{file_split or split or path.stem}-{qid}",
                     image=image_dir / image,
                     prompt=text,
-                    answer=label.strip().lower(),
+                    answer=_yes_no_label(label),
                     meta={"question_id": qid, "split": file_split or split},
                 )
             )
@@ -143,7 +140,7 @@ def _from_datasets(path: Path, image_dir: Path, split: str | None) -> list[Sampl
                 id=f"{category or 'pope'}-{rec.get('question_id', i)}",
                 image=image if isinstance(image, Image.Image) else image_dir / image,
                 prompt=rec["question"],
-                answer=rec["answer"].strip().lower(),
+                answer=_yes_no_label(rec["answer"]),
                 meta={"question_id": rec.get("question_id", i), "split": category},
             )
         )

@@ -1,0 +1,74 @@
+"""The results.json written by every eval run: flat metrics, the config and the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from evotool.env import environment
+from evotool.errors import EvotoolError
+
+RESULTS_SCHEMA_VERSION = "1.0"
+RESULTS_FILE = "results.json"
+
+
+def write_results(out_dir: Path, metrics: dict, config: dict, meta: dict | None = None) -> Path:
+    """Write ``out_dir/results.json`` atomically (temp file + rename) and return its path.
+
+    ``metrics`` is flat (``chair_s``, ``pope_random_f1``, ``latency_ratio``...); ``meta`` is
+    stored under its own key when given.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nested = sorted(k for k, v in metrics.items() if isinstance(v, (dict, list)))
+    if nested:
+        raise EvotoolError(f"metrics must be flat; nested values under {', '.join(nested)}")
+    record: dict[str, Any] = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "metrics": metrics,
+        "config": config,
+        "environment": environment(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if meta is not None:
+        record["meta"] = meta
+    path = out_dir / RESULTS_FILE
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESULTS_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | Path) -> dict:
+    """Read a results.json (or the one in a folder); raise :class:`EvotoolError` if it is
+    missing, malformed or of another schema version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise EvotoolError(f"results file not found: {path}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvotoolError(f"{path}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise EvotoolError(f"{path}: not a results file")
+    version = record.get("schema_version")
+    if version != RESULTS_SCHEMA_VERSION:
+        raise EvotoolError(
+            f"{path}: results schema version {version!r}, this evotool reads {RESULTS_SCHEMA_VERSION!r}"
+        )
+    missing = {"metrics", "config", "environment", "created"} - record.keys()
+    if missing:
+        raise EvotoolError(f"{path}: results file lacks {', '.join(sorted(missing))}")
+    return record
