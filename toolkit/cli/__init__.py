@@ -21,6 +21,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """evotool: layer-wise knowledge evolution in vision-language models."""
+
+
 # (module in evotool.cli, command name). Each module exposes `command` (a plain function)
 # or `app` (a typer sub-application, for commands with sub-commands such as `eval`).
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (

@@ -1,0 +1,77 @@
+"""From per-sample traces to dataset-level tables, curves and stage boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from evotool.stages import StageConfig, StageResult, detect_stages
+from evotool.trace import METRICS, SampleTrace
+
+
+def decision_depth(top1: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """First layer from which the emitted token stays top-1 through the last layer: [T, L+1], [T] -> [T]."""
+    agree = top1 == token_ids[:, None]
+    # trailing run of True: cumulative product from the last layer backwards
+    run = np.cumprod(agree[:, ::-1], axis=1)[:, ::-1]
+    return agree.shape[1] - run.sum(axis=1)
+
+
+def stacked(traces: list[SampleTrace], name: str) -> np.ndarray:
+    """One metric of every token of every sample: [N, L+1]."""
+    return np.concatenate([t.layers[name] for t in traces], axis=0)
+
+
+def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
+    """Stage boundaries of the whole run."""
+    top1 = stacked(traces, "top1")
+    flip = np.zeros_like(top1, dtype=bool)
+    flip[:, 1:] = top1[:, 1:] != top1[:, :-1]
+    return detect_stages(stacked(traces, "js_prev"), stacked(traces, "p_token"), cfg, flip)
+
+
+def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:
+    """Per-layer median and quartiles of each metric over all tokens (null where undefined)."""
+    curves = {}
+    for name in METRICS:
+        if name == "top1":
+            continue
+        values = stacked(traces, name).astype(np.float64)
+        cols = {}
+        for key, q in (("q25", 25), ("median", 50), ("q75", 75)):
+            with np.errstate(all="ignore"):
+                v = np.nanpercentile(values, q, axis=0) if np.isfinite(values).any() else np.full(values.shape[1], np.nan)
+            cols[key] = [None if not np.isfinite(x) else float(x) for x in v]
+        curves[name] = cols
+    return curves
+
+
+def write_token_table(path: Path, records: list[dict[str, Any]], traces: list[SampleTrace], result: StageResult) -> None:
+    """``tokens.parquet``: one row per (sample, step, layer)."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("sample", "step", "layer", "token_id", "decision_depth",
+                                                         "token_critical", "token_mutation", *METRICS)}
+    offset = 0
+    for record, trace in zip(records, traces):
+        t, n = trace.layers["p_token"].shape
+        cols["sample"].append(np.repeat(np.array([record["id"]], dtype=object), t * n))
+        cols["step"].append(np.repeat(np.arange(t), n))
+        cols["layer"].append(np.tile(np.arange(n), t))
+        cols["token_id"].append(np.repeat(trace.token_ids, n))
+        cols["decision_depth"].append(np.repeat(decision_depth(trace.layers["top1"], trace.token_ids), n))
+        for key, per_tok in (("token_critical", result.per_token_critical), ("token_mutation", result.per_token_mutation)):
+            vals = np.array([-1 if v is None else v for v in per_tok[offset : offset + t]])
+            cols[key].append(np.repeat(vals, n))
+        for k in METRICS:
+            cols[k].append(trace.layers[k].reshape(-1))
+        offset += t
+    data = {k: np.concatenate(v) for k, v in cols.items()}
+    data["top1_id"] = data.pop("top1").astype(np.int64)
+    data["rank"] = data["rank"].astype(np.int64)
+    arrays = {k: pa.array(v, from_pandas=True) if v.dtype.kind == "f" else pa.array(v) for k, v in data.items()}
+    for key in ("token_critical", "token_mutation"):  # -1 = none
+        arrays[key] = pa.array(np.where(data[key] < 0, None, data[key]).tolist(), type=pa.int64())
+    pq.write_table(pa.table(arrays), path)

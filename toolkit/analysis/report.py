@@ -1,0 +1,39 @@
+"""A short Markdown report embedding the run's figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evotool.analysis.schema import atomic_write_text
+
+
+def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], records: list[dict[str, Any]]) -> None:
+    """``report.md``: boundaries, spreads, figure gallery and the first generated texts."""
+    spread = payload["critical_spread"]
+    mut = payload["mutation_stats"]
+    stages = payload["stages"]
+    lines = [
+        f"# Knowledge evolution: {payload['model']}",
+        "",
+        f"{payload['samples']} samples, {payload['tokens']} generated tokens, {payload['num_layers']} decoder layers, "
+        f"lens `{payload['lens']}`, JS in {payload['js_unit']}.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| critical layer | {payload['critical_layer']} (IQR {spread.get('iqr', 'n/a')}, "
+        f"{spread['share_with_critical']:.0%} of tokens settle) |",
+        f"| mutation layers | {payload['mutation_layers'] or 'none'} ({mut['share_mutated']:.0%} of tokens mutate"
+        + (f", {mut['share_top1_flip']:.0%} of those flip the top-1 token" if "share_top1_flip" in mut else "")
+        + ") |",
+    ]
+    for name in ("rapid_evolution", "stabilization", "mutation"):
+        rng = stages[name]
+        lines.append(f"| {name.replace('_', ' ')} | {'layers %d-%d' % tuple(rng) if rng else 'absent'} |")
+    lines += ["", "## Figures", ""]
+    for name, fig in figs.items():
+        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.relative_to(path.parent).as_posix()})", ""]
+    lines += ["## Generated texts", ""]
+    for record in records[:10]:
+        lines.append(f"- `{record['id']}`: {record['text']}")
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,249 @@
+"""The ``analyze`` job: trace every sample, then write stages.json, tokens.parquet, figures and a report."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from evotool.analysis import figures
+from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
+from evotool.analysis.report import write_report
+from evotool.analysis.schema import atomic_write_text, write_stages
+from evotool.analysis.store import RunStore
+from evotool.data import DEFAULT_PROMPT, Sample, load_samples
+from evotool.env import environment
+from evotool.errors import ConfigError, EvotoolError, InputError
+from evotool.generation import build_inputs, context_length, decode
+from evotool.lens import LENSES, make_lens
+from evotool.models.loading import LoadOptions, fingerprint, load_model
+from evotool.models.registry import decoder_parts
+from evotool.stages import StageConfig
+from evotool.tracking import Tracker
+from evotool.trace import trace_batch
+
+STAGES_FILE = "stages.json"
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of one analysis run (the CLI flags and the YAML config map onto these fields)."""
+
+    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
+    data: str | None = field(default=None, metadata={"help": "folder of images, JSONL manifest or dataset; default: synthetic world sample"})
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 256
+    lens: str = "normed"
+    out: Path = Path("runs/analyze")
+    batch_size: int = 4
+    limit: int | None = None
+    topk: int = 5
+    keep_features: bool = True
+    js_unit: str = field(default="nats", metadata={"help": "nats (natural log) or bits"})
+    on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
+    wandb: bool = True
+    world_samples: int = 16
+    seed: int = 0
+    load: LoadOptions = field(default_factory=LoadOptions)
+    stages: StageConfig = field(default_factory=StageConfig)
+
+    def __post_init__(self) -> None:
+        if self.lens not in LENSES:
+            raise ConfigError(f"unknown lens {self.lens!r}; choose one of {sorted(LENSES)}")
+        if self.on_error not in ("skip", "fail"):
+            raise ConfigError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if self.js_unit not in ("nats", "bits"):
+            raise ConfigError(f"--js-unit must be nats or bits, not {self.js_unit!r}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.topk < 1:
+            raise ConfigError("max_new_tokens, batch_size and topk must be positive")
+        self.out = Path(self.out)
+
+
+def resolve_model_id(model: str | None) -> str:
+    """The given model, or the shipped demo model."""
+    if model is not None:
+        return model
+    from evotool.world import default_model_path
+
+    return str(default_model_path())
+
+
+def resolve_samples(cfg: AnalyzeConfig) -> list[Sample]:
+    """The run's samples: ``--data`` or the synthetic world's default sample."""
+    if cfg.data is not None:
+        return load_samples(cfg.data, cfg.prompt, limit=cfg.limit)
+    from evotool.world import default_samples
+
+    samples = default_samples(cfg.world_samples, cfg.seed)
+    return samples[: cfg.limit] if cfg.limit is not None else samples
+
+
+def run_analysis(cfg: AnalyzeConfig) -> Path:
+    """Run (or resume) the analysis into ``cfg.out``; returns the path of ``stages.json``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    model_id = resolve_model_id(cfg.model)
+    load = cfg.load
+    if state.num_processes > 1 and load.device_map is None:
+        load.device = str(state.device)
+    model, processor = load_model(model_id, load)
+    parts = decoder_parts(model)
+    lens = make_lens(cfg.lens, parts)
+    samples = resolve_samples(cfg)
+    js_base = math.e if cfg.js_unit == "nats" else 2.0
+    store = RunStore(cfg.out)
+    run_info = {"model": model_id, "fingerprint": fingerprint(model), "lens": cfg.lens,
+                "max_new_tokens": cfg.max_new_tokens, "js_unit": cfg.js_unit, "num_layers": parts.num_layers}
+    if state.is_main_process:
+        store.open(run_info)
+    state.wait_for_everyone()
+    index = {s.id: i for i, s in enumerate(samples)}
+    pending = [s for s in samples if not store.is_done(s.id)][state.process_index :: state.num_processes]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    max_len = context_length(model)
+    bar = tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample")
+    for start in range(0, len(pending), cfg.batch_size):
+        batch = pending[start : start + cfg.batch_size]
+        ready, images = [], []
+        for sample in batch:
+            try:
+                images.append(sample.load_image())
+                ready.append(sample)
+            except InputError as err:
+                _fail(store, cfg, sample, err)
+        if ready:
+            try:
+                inputs = build_inputs(processor, images, [s.prompt for s in ready], model.device, model.dtype, max_len)
+            except InputError as err:
+                for sample in ready:
+                    _fail(store, cfg, sample, err)
+                ready = []
+            else:
+                traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base)
+                texts = decode(processor, [t.token_ids.tolist() for t in traces])
+                for sample, trace, text in zip(ready, traces, texts):
+                    record = {"id": sample.id, "index": index[sample.id], "prompt": sample.prompt, "text": text,
+                              "tokens": tokenizer.convert_ids_to_tokens(trace.token_ids.tolist()),
+                              "objects": sample.objects, "answer": sample.answer,
+                              "image": str(sample.image) if isinstance(sample.image, Path) else None,
+                              "meta": sample.meta}
+                    store.save(sample.id, trace, record)
+        bar.update(len(batch))
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return cfg.out / STAGES_FILE
+    return finalize(cfg, store, run_info, tokenizer)
+
+
+def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError) -> None:
+    store.log_error(sample.id, str(err))
+    if cfg.on_error == "fail":
+        raise err
+    tqdm.write(f"skipped: {err}")
+
+
+def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], tokenizer: Any) -> Path:
+    """Aggregate the finished samples into the run's outputs."""
+    loaded = store.load_all()
+    if not loaded:
+        raise InputError(f"no sample could be analysed (see {store.root / 'errors.jsonl'})")
+    records = [r for r, _ in loaded]
+    traces = [t for _, t in loaded]
+    result = detect(traces, cfg.stages)
+    curves = summary_curves(traces)
+    write_token_table(cfg.out / "tokens.parquet", records, traces, result)
+    with (cfg.out / "texts.jsonl").open("w") as fh:
+        for record, trace in zip(records, traces):
+            depth = decision_depth(trace.layers["top1"], trace.token_ids)
+            fh.write(json.dumps({"id": record["id"], "prompt": record["prompt"], "text": record["text"],
+                                 "objects": record["objects"], "decision_depth": depth.tolist()}) + "\n")
+    boundaries = result.to_dict()
+    payload = {
+        "model": run_info["model"],
+        "fingerprint": run_info["fingerprint"],
+        "lens": cfg.lens,
+        "js_unit": cfg.js_unit,
+        **boundaries,
+        "samples": len(records),
+        "tokens": int(sum(len(t.token_ids) for t in traces)),
+        "curves": curves,
+        "config": _config_dict(cfg),
+        "environment": environment(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    figs = make_figures(cfg.out / "figures", records, traces, payload, tokenizer)
+    write_stages(cfg.out / STAGES_FILE, payload)
+    write_report(cfg.out / "report.md", payload, figs, records)
+    _track(cfg, payload, figs)
+    return cfg.out / STAGES_FILE
+
+
+def make_figures(fig_dir: Path, records: list[dict[str, Any]], traces: list, payload: dict[str, Any],
+                 tokenizer: Any) -> dict[str, Path]:
+    """All PNG figures of a run, by name."""
+    n = payload["num_layers"]
+    unit = payload["js_unit"]
+    layer_stage = figures.stage_of_layer(payload["stages"], n)
+    first, tr0 = records[0], traces[0]
+    shown = min(40, len(tr0.token_ids))
+    figs = {
+        "stage_curves": figures.stage_curves(payload["curves"], payload, fig_dir / "stage_curves.png", unit),
+        "js_heatmap_raw": figures.js_heatmap(tr0.layers["js_prev"][:shown], first["tokens"][:shown],
+                                             fig_dir / "js_heatmap_raw.png", "raw", unit),
+        "js_heatmap_column": figures.js_heatmap(tr0.layers["js_prev"][:shown], first["tokens"][:shown],
+                                                fig_dir / "js_heatmap_column.png", "column", unit),
+        "mutation_histogram": figures.mutation_histogram(payload["mutation_stats"]["histogram"], n,
+                                                         fig_dir / "mutation_histogram.png"),
+    }
+    deep_from = payload["critical_layer"] if payload["critical_layer"] is not None else (2 * n) // 3
+    for step in _interesting_steps(tr0, payload):
+        figs[f"token_probability_step{step}"] = figures.token_probability_chart(
+            tr0, step, lambda i: tokenizer.decode([i]), fig_dir / f"token_probability_step{step}.png", deep_from)
+    if tr0.features is not None and len(tr0.token_ids) >= 2:
+        figs["features_single_image"] = figures.feature_maps(
+            tr0.features[:shown].astype(np.float32), layer_stage, fig_dir / "features_single_image.png",
+            f"sample {first['id']}, all tokens x layers")
+    if traces[0].features is not None and len(traces) >= 3:
+        first_tok = np.stack([t.features[0] for t in traces]).astype(np.float32)  # [N, L+1, H]
+        figs["features_multi_image"] = figures.feature_maps(
+            first_tok, layer_stage, fig_dir / "features_multi_image.png", "first answer token across images",
+            groups=np.arange(len(traces)))
+    return figs
+
+
+def _interesting_steps(trace: Any, payload: dict[str, Any], limit: int = 3) -> list[int]:
+    """Step 0, plus the steps with the largest JS spike after the critical layer (candidate mutations)."""
+    c = payload["critical_layer"]
+    steps = [0]
+    if c is not None and len(trace.token_ids) > 1:
+        spikes = np.nan_to_num(trace.layers["js_prev"][:, c + 1 :]).max(axis=1)
+        steps += [int(s) for s in np.argsort(-spikes) if s != 0][: limit - 1]
+    return steps
+
+
+def _config_dict(cfg: AnalyzeConfig) -> dict[str, Any]:
+    out = asdict(cfg)
+    out["out"] = str(cfg.out)
+    return out
+
+
+def _track(cfg: AnalyzeConfig, payload: dict[str, Any], figs: dict[str, Path]) -> None:
+    tracker = Tracker("analyze", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    for layer in range(payload["num_layers"] + 1):
+        tracker.log({f"{name}/median": payload["curves"][name]["median"][layer] for name in payload["curves"]}
+                    | {"layer": layer}, step=layer)
+    tracker.summary({"critical_layer": payload["critical_layer"], "mutation_layers": payload["mutation_layers"],
+                     "stages": payload["stages"], "fingerprint": payload["fingerprint"],
+                     "share_mutated": payload["mutation_stats"]["share_mutated"]})
+    tracker.log_images(figs)
+    tracker.finish()
+    if tracker.dir is not None:
+        atomic_write_text(cfg.out / "wandb_run.txt", str(tracker.dir) + "\n")
