@@ -19,7 +19,6 @@ embedding-similarity matching is done. Duplicate truth objects are counted once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
-from evotool.evals.chair import PhraseMatcher, words
+from evotool.evals.chair import PhraseMatcher, read_json, words
 from evotool.evals.pope import parse_yes_no, yes_no_metrics
 
 # Annotation type -> the dimension AMBER reports it under.
@@ -61,7 +60,7 @@ class AmberVocabulary:
     @classmethod
     def load(cls, relation_json: str | Path, safe_words: str | Path | None = None) -> AmberVocabulary:
         """Read ``relation.json`` and, optionally, ``safe_words.txt``."""
-        data = _read_json(Path(relation_json))
+        data = read_json(Path(relation_json))
         if not isinstance(data, dict) or not data:
             raise InputError(f"{relation_json}: expected a non-empty object of word -> associated words")
         safe: frozenset[str] = frozenset()
@@ -163,15 +162,6 @@ def amber_score(chair: float, f1: float) -> float:
     return (1 - chair + f1) / 2
 
 
-def _read_json(path: Path) -> object:
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err.msg})") from err
-
-
 def load_amber(query_json: str | Path, annotations_json: str | Path, image_dir: str | Path) -> list[Sample]:
     """AMBER queries joined with their annotations.
 
@@ -179,8 +169,8 @@ def load_amber(query_json: str | Path, annotations_json: str | Path, image_dir: 
     targets; discriminative ones ``answer`` = "yes"/"no" and ``meta["dimension"]``.
     Every sample has ``meta["type"]`` and ``meta["amber_id"]``.
     """
-    queries = _read_json(Path(query_json))
-    annotations = _read_json(Path(annotations_json))
+    queries = read_json(Path(query_json))
+    annotations = read_json(Path(annotations_json))
     if not isinstance(queries, list) or not queries:
         raise InputError(f"no AMBER queries in {query_json}")
     if not isinstance(annotations, list):

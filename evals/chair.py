@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from evotool.data.inputs import DEFAULT_PROMPT
@@ -185,12 +185,6 @@ def singular_candidates(word: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def singularize(word: str, vocabulary: Collection[str] = frozenset()) -> str:
-    """``word`` or a singular form of it found in ``vocabulary``, else the likeliest singular form."""
-    candidates = singular_candidates(word)
-    return next((c for c in candidates if c in vocabulary), candidates[min(1, len(candidates) - 1)])
-
-
 def words(text: str) -> list[str]:
     """Lower-case alphabetic words of ``text`` ("air-conditioning" -> ["air", "conditioning"])."""
     return _WORD.findall(text.lower())
@@ -270,7 +264,8 @@ def chair_metrics(
     }
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """A JSON file's content; :class:`InputError` if it is missing or malformed."""
     if not path.is_file():
         raise InputError(f"file not found: {path}")
     try:
@@ -292,7 +287,7 @@ def load_coco_instances(
     objects = objects or CocoObjects()
     truth: dict[int, set[str]] = {}
     for path in map(Path, paths):
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or "annotations" not in data:
             raise InputError(f"{path}: not a COCO annotations file (no 'annotations' key)")
         for image in data.get("images", []):

@@ -23,7 +23,7 @@ from evotool.errors import InputError
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 NEGATIONS = frozenset({"no", "not"})
-_WORD = re.compile(r"[a-z']+")
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
 def parse_yes_no(text: str) -> str:
@@ -118,14 +118,14 @@ def _from_datasets(path: Path, image_dir: Path, split: str | None) -> list[Sampl
     import datasets
 
     try:
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = datasets.concatenate_datasets(list(ds.values()))
-    except FileNotFoundError:
         try:
-            ds = datasets.load_dataset(str(path), split="test")
-        except Exception as err:  # datasets raises many types; the user needs the path and the reason
-            raise InputError(f"cannot load POPE dataset {path}: {err}") from err
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # not saved with save_to_disk: data files (parquet...)
+            ds = datasets.load_dataset(str(path))
+    except Exception as err:  # datasets raises many types; the user needs the path and the reason
+        raise InputError(f"cannot load POPE dataset {path}: {err}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        ds = datasets.concatenate_datasets(list(ds.values()))
     missing = {"question", "answer", "image"} - set(ds.column_names)
     if missing:
         raise InputError(f"POPE dataset {path} lacks columns {sorted(missing)} (has {ds.column_names})")
@@ -151,7 +151,7 @@ def load_pope(path: str | Path, image_dir: str | Path, split: str | None = None)
     """POPE questions as samples (``prompt`` = question, ``answer`` = "yes"/"no").
 
     ``path`` is a released JSONL file (``coco_pope_<split>.json``), a folder holding them
-    (``split`` picks one file, default all three), or a local ``datasets`` dataset with
+    (``split`` picks one file, default all present), or a local ``datasets`` dataset with
     columns question, answer, image and category (lmms-lab/POPE layout; ``split`` filters
     on category). Images named in the files are looked up in ``image_dir``.
     Raises :class:`InputError` for a missing source, an unknown split or no questions.
@@ -163,12 +163,11 @@ def load_pope(path: str | Path, image_dir: str | Path, split: str | None = None)
         raise InputError(f"POPE data not found: {path}")
     if path.is_file():
         samples = _from_released(path, image_dir, split)
+    elif any(path.glob("coco_pope_*.json")):
+        wanted = [path / f"coco_pope_{s}.json" for s in ((split,) if split else POPE_SPLITS)]
+        samples = [s for f in wanted if f.is_file() for s in _from_released(f, image_dir, None)]
     else:
-        released = [path / f"coco_pope_{s}.json" for s in ((split,) if split else POPE_SPLITS)]
-        if any(f.is_file() for f in released):
-            samples = [s for f in released if f.is_file() for s in _from_released(f, image_dir, None)]
-        else:
-            samples = _from_datasets(path, image_dir, split)
+        samples = _from_datasets(path, image_dir, split)
     if not samples:
         raise InputError(f"no POPE questions in {path}" + (f" for split {split!r}" if split else ""))
     return samples
