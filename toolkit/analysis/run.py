@@ -37,6 +37,8 @@ class AnalyzeConfig:
 
     model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
     data: str | None = field(default=None, metadata={"help": "folder of images, JSONL manifest or dataset; default: synthetic world sample"})
+    split: str = field(default="train", metadata={"help": "dataset split (datasets input only)"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={"help": "sample field -> dataset column"})
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 256
     lens: str = "normed"
@@ -77,7 +79,7 @@ def resolve_model_id(model: str | None) -> str:
 def resolve_samples(cfg: AnalyzeConfig) -> list[Sample]:
     """The run's samples: ``--data`` or the synthetic world's default sample."""
     if cfg.data is not None:
-        return load_samples(cfg.data, cfg.prompt, limit=cfg.limit)
+        return load_samples(cfg.data, cfg.prompt, split=cfg.split, columns=cfg.columns, limit=cfg.limit)
     from evotool.world import default_samples
 
     samples = default_samples(cfg.world_samples, cfg.seed)

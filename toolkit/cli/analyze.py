@@ -8,9 +8,23 @@ from typing import Annotated, Optional
 import typer
 
 
+def parse_mapping(text: str | None) -> dict[str, str]:
+    """``"a=b,c=d"`` -> ``{"a": "b", "c": "d"}``."""
+    from evotool.errors import ConfigError
+
+    if not text:
+        return {}
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--columns expects field=column pairs separated by commas, got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def command(
     model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Folder of images, JSONL manifest or dataset (default: synthetic world sample).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split when --data is a datasets dataset.")] = "train",
+    columns: Annotated[Optional[str], typer.Option(help="Dataset column mapping, e.g. image=img,prompt=question,objects=labels.")] = None,
     prompt: Annotated[str, typer.Option(help="Prompt for images without their own.")] = "Please describe this image in detail.",
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per sample.")] = 256,
     lens: Annotated[str, typer.Option(help="normed (final norm at every layer) or reference (the paper's raw readout).")] = "normed",
@@ -35,7 +49,7 @@ def command(
     from evotool.stages import StageConfig
 
     cfg = AnalyzeConfig(
-        model=model, data=data, prompt=prompt, max_new_tokens=max_new_tokens, lens=lens, out=out,
+        model=model, data=data, split=split, columns=parse_mapping(columns), prompt=prompt, max_new_tokens=max_new_tokens, lens=lens, out=out,
         batch_size=batch_size, limit=limit, js_unit=js_unit, on_error=on_error, wandb=not no_wandb,
         world_samples=world_samples,
         load=LoadOptions(dtype=dtype, device=device, device_map=device_map, quantization=quantization,
