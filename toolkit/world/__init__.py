@@ -1,0 +1,75 @@
+"""The synthetic vision-language world and the demo model shipped with evotool.
+
+``default_model_path()`` is the default ``--model`` of every command; ``default_samples()`` the
+default data of ``evotool analyze``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evotool.data.inputs import Sample
+from evotool.errors import ConfigError
+from evotool.world.generator import (
+    COLOURS,
+    SHAPES,
+    SPLITS,
+    TASKS,
+    WorldConfig,
+    caption_text,
+    make_records,
+    make_split,
+    write_manifest,
+)
+from evotool.world.model import ModelConfig, build_model
+from evotool.world.processor import build_processor, build_tokenizer
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SPLITS",
+    "TASKS",
+    "ModelConfig",
+    "WorldConfig",
+    "build_model",
+    "build_processor",
+    "build_tokenizer",
+    "caption_text",
+    "default_model_path",
+    "default_samples",
+    "make_records",
+    "make_split",
+    "records_to_samples",
+    "write_manifest",
+]
+
+
+def default_model_path() -> Path:
+    """Folder of the shipped demo checkpoint (``save_pretrained`` layout: model + processor + README.md)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+
+
+def records_to_samples(records: list[dict]) -> list[Sample]:
+    """World records as :class:`Sample` (PIL image, prompt, answer, objects; the rest in ``meta``)."""
+    return [
+        Sample(
+            id=r["id"],
+            image=r["image"],
+            prompt=r["prompt"],
+            objects=list(r["objects"]),
+            answer=r["answer"],
+            meta={k: r[k] for k in ("descriptions", "cells", "task", "split")},
+        )
+        for r in records
+    ]
+
+
+def default_samples(n: int = 8, seed: int = 0) -> list[Sample]:
+    """``n`` held-out caption samples: the first half in distribution, the rest prior-breaking (circle, no square)."""
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    world = WorldConfig(seed=seed)
+    records = make_records("caption", "test", (n + 1) // 2, world)
+    if n > 1:
+        records += make_records("caption", "prior_breaking", n // 2, world)
+    return records_to_samples(records)
