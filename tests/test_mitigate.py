@@ -1,0 +1,197 @@
+"""Mitigation methods against independent re-computations on a tiny random LLaVA.
+
+The references below decode step by step with full (uncached) forward passes and
+``output_hidden_states``, written from the papers' formulas, so they share no code with
+``evotool.mitigate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny, make_inputs
+
+from evotool.errors import ConfigError, StageFileError
+from evotool.generation import generate_ids
+from evotool.mitigate.methods import METHODS, build_method, diffusion_noise, dola_candidates, make_config
+
+LAYERS = 6
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_tiny("llava", layers=LAYERS, seed=3)
+    model.generation_config.eos_token_id = None  # run every row to STEPS tokens
+    inputs = make_inputs(model, "llava", batch=3, text_len=5, seed=1)  # no padding: full forwards stay exact
+    return model, inputs
+
+
+def stages(critical: int = 2, mutation: list[int] | None = None) -> dict:
+    mutation = [5] if mutation is None else mutation
+    return {"critical_layer": critical, "mutation_layers": mutation,
+            "stages": {"rapid_evolution": [0, critical], "stabilization": [critical + 1, mutation[0] - 1],
+                       "mutation": [mutation[0], LAYERS]}}
+
+
+def layer_logp(model, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    """log p of one layer's last-position state through norm + head ([B, V]); HF's last state is already normed."""
+    h = hidden[:, -1]
+    if layer < LAYERS:
+        h = model.model.language_model.norm(h)
+    return torch.log_softmax(model.lm_head(h).float(), -1)
+
+
+def manual_decode(model, inputs, choose, steps: int = STEPS) -> list[list[int]]:
+    """Greedy decoding with full forwards; ``choose(out, ids) -> scores [B, V]`` picks each token by argmax."""
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, output_hidden_states=True)
+            nxt = choose(out, ids).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    return ids[:, start:].tolist()
+
+
+def rep_penalty(ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    scores = scores.clone()
+    for b in range(ids.shape[0]):
+        for tok in set(ids[b].tolist()):
+            s = scores[b, tok]
+            scores[b, tok] = s * penalty if s < 0 else s / penalty
+    return scores
+
+
+def dola_reference(model, candidates, alpha, penalty):
+    """DoLa's released selection: JS (mean over vocab of the two KL terms) of each candidate against the
+    final layer, argmax per sample, relative-top filter, contrast, repetition penalty."""
+
+    def choose(out, ids):
+        final = torch.log_softmax(out.logits[:, -1].float(), -1)
+        rows = []
+        for b in range(final.shape[0]):
+            best, best_js = None, -1.0
+            for c in candidates:
+                prem = layer_logp(model, out.hidden_states[c], c)[b]
+                m = 0.5 * (final[b].exp() + prem.exp())
+                js = 0.5 * (F.kl_div(final[b], m, reduction="none").mean() + F.kl_div(prem, m, reduction="none").mean())
+                if js > best_js:
+                    best, best_js = prem, js
+            keep = final[b] >= final[b].max() + math.log(alpha)
+            rows.append(torch.where(keep, final[b] - best, torch.tensor(-math.inf)))
+        return rep_penalty(ids, torch.stack(rows), penalty)
+
+    return choose
+
+
+def test_greedy_equals_plain_generate(tiny):
+    model, inputs = tiny
+    method = build_method("greedy", model)
+    assert method.generate_ids(dict(inputs), STEPS) == generate_ids(model, dict(inputs), STEPS)
+
+
+def test_dola_candidates_follow_released_buckets():
+    assert dola_candidates(32, "high", False) == list(range(16, 32, 2))
+    assert dola_candidates(32, "low", True) == list(range(2, 16, 2))
+    assert dola_candidates(80, "high", False) == list(range(60, 80, 2))
+    assert dola_candidates(2, "low", True) == [1]
+
+
+def test_dola_matches_reference(tiny):
+    model, inputs = tiny
+    method = build_method("dola", model)
+    ids = method.generate_ids(dict(inputs), STEPS)
+    cand = dola_candidates(LAYERS, "high", False)
+    assert ids == manual_decode(model, inputs, dola_reference(model, cand, 0.1, 1.2))
+    assert ids != generate_ids(model, dict(inputs), STEPS)  # the contrast changes this model's choices
+
+
+def test_stage_contrast_uses_the_critical_layer(tiny):
+    model, inputs = tiny
+    method = build_method("stage_contrast", model, {"premature": "last_stable"}, stages(critical=2, mutation=[5]))
+    assert method.premature_layer() == 4
+    ids = method.generate_ids(dict(inputs), STEPS)
+    assert ids == manual_decode(model, inputs, dola_reference(model, [4], 0.1, 1.0))
+
+
+def test_smoothing_equals_blended_layer_forward(tiny):
+    model, inputs = tiny
+    alpha, m = 0.3, 4
+    method = build_method("smoothing", model, {"alpha": alpha}, stages(mutation=[m]))
+    ids = method.generate_ids(dict(inputs), STEPS)
+
+    class Blend(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden_states, *args, **kwargs):
+            return alpha * self.layer(hidden_states, *args, **kwargs) + (1 - alpha) * hidden_states
+
+    ref = copy.deepcopy(model)
+    layers = ref.model.language_model.layers
+    layers[m - 1] = Blend(layers[m - 1])
+    assert ids == generate_ids(ref, dict(inputs), STEPS)
+    assert ids != generate_ids(model, dict(inputs), STEPS)
+
+
+def test_stable_readout(tiny):
+    model, inputs = tiny
+    st = stages(critical=2, mutation=[5])
+    never = build_method("stable_readout", model, {"threshold": "1e9"}, st)
+    assert never.generate_ids(dict(inputs), STEPS) == generate_ids(model, dict(inputs), STEPS)
+    always = build_method("stable_readout", model, {"threshold": "0"}, st)
+    assert always.readout_layer() == 4
+    ids = always.generate_ids(dict(inputs), STEPS)
+    assert ids == manual_decode(model, inputs, lambda out, _ids: layer_logp(model, out.hidden_states[4], 4))
+
+
+def test_vcd_pairs_emit_one_token_and_match_manual_contrast(tiny):
+    model, inputs = tiny
+    method = build_method("vcd", model)
+    doubled = method.prepare(dict(inputs))
+    rows = inputs["input_ids"].shape[0]
+    all_ids = generate_ids(model, doubled, STEPS, logits_processor=method.processors(None))
+    assert all_ids[:rows] == all_ids[rows:]
+    noised = doubled["pixel_values"][rows:]
+
+    def choose(out_clean, ids):
+        with torch.no_grad():
+            out_noise = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=noised)
+        c, n = out_clean.logits[:, -1].float(), out_noise.logits[:, -1].float()
+        keep = c.softmax(-1) >= 0.1 * c.softmax(-1).max(-1, keepdim=True).values
+        return torch.where(keep, 2 * c - n, torch.tensor(-math.inf))
+
+    assert all_ids[:rows] == manual_decode(model, inputs, choose)
+    assert method.generate_ids(dict(inputs), STEPS) == all_ids[:rows]
+
+
+def test_diffusion_noise_schedule():
+    x = torch.ones(200_000)
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.005 - 1e-5) + 1e-5
+    abar = float(torch.prod(1 - betas[:501]))
+    y = diffusion_noise(x, 500, torch.Generator().manual_seed(0))
+    assert y.mean().item() == pytest.approx(math.sqrt(abar), abs=0.01)
+    assert y.std().item() == pytest.approx(math.sqrt(1 - abar), abs=0.01)
+    with pytest.raises(ConfigError):
+        diffusion_noise(x, 1000)
+
+
+def test_bad_options_and_missing_stages(tiny):
+    model, _ = tiny
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_method("nope", model)
+    with pytest.raises(ConfigError, match="no option"):
+        make_config("dola", {"beta": "1"})
+    with pytest.raises(ConfigError):
+        make_config("smoothing", {"alpha": "1.5"})
+    with pytest.raises(StageFileError):
+        build_method("smoothing", model)
+    with pytest.raises(StageFileError, match="no mutation"):
+        build_method("smoothing", model, stages=stages() | {"mutation_layers": []}).smoothed_layers()
+    assert set(METHODS) >= {"greedy", "dola", "vcd", "stable_readout", "smoothing", "stage_contrast"}

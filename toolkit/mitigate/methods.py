@@ -1,0 +1,518 @@
+"""Decoding-time hallucination mitigation: a registry of methods, all batched on top of ``model.generate``.
+
+Every method is a :class:`Method`: it may expand the inputs (VCD adds noised-image rows), register
+forward hooks (smoothing), and add a ``LogitsProcessor`` that reads the per-layer states of the
+current step from :class:`~evotool.trace.LayerCapture` (its hooks run during the forward pass;
+``generate`` calls the processor right after it). ``Method.generate`` has the signature of
+:func:`evotool.generation.greedy_generate`, so any eval that takes a ``generate_fn`` runs any method.
+
+Layer numbering as everywhere in evotool: 0 = embedding output, ``i`` = output of decoder layer ``i``
+(``parts.layers[i - 1]``), ``L`` = the model's own output.
+
+Methods (``METHODS``): ``greedy``; baselines ``dola`` (Chuang et al. 2024) and ``vcd`` (Leng et al.
+2024) with their published defaults; stage-aware ``stable_readout``, ``smoothing`` and
+``stage_contrast``, which read the model's ``stages.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+from evotool import metrics
+from evotool.errors import ConfigError, StageFileError
+from evotool.generation import build_inputs, context_length, decode, generate_ids
+from evotool.lens import NormedLens
+from evotool.models.registry import DecoderParts, decoder_parts
+from evotool.trace import LayerCapture
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def plausibility_mask(logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Adaptive plausibility constraint: True where ``p >= alpha * max p`` ([B, V] log-probs -> [B, V] bool).
+
+    The top token always passes (DoLa's ``min_tokens_to_keep=1``).
+    """
+    return logp >= logp.max(-1, keepdim=True).values + math.log(alpha)
+
+
+def contrast_scores(
+    final: torch.Tensor, premature: torch.Tensor, alpha: float, weight: float = 1.0
+) -> torch.Tensor:
+    """DoLa contrast ``log p_final - weight * log p_premature`` on plausible tokens, -inf elsewhere ([B, V] each)."""
+    final = torch.log_softmax(final.float(), -1)
+    premature = torch.log_softmax(premature.float(), -1)
+    keep = plausibility_mask(final, alpha)
+    return torch.where(keep, final - weight * premature, torch.full_like(final, -math.inf))
+
+
+def dola_candidates(num_layers: int, bucket: str, tied_embeddings: bool) -> list[int]:
+    """DoLa's premature-layer candidates for an ``L``-layer model, as in its released code / transformers 4.4x.
+
+    ``low``: even layers of the first half, ``high``: even layers of the second half (for ``L > 40`` the
+    first / last 20 layers). With tied embeddings layer 0 is skipped (its lens is an identity readout).
+    """
+    if bucket not in ("low", "high"):
+        raise ConfigError(f"dola layers must be 'low' or 'high', not {bucket!r}")
+    start = 0 if not tied_embeddings else (2 if num_layers > 2 else (1 if num_layers == 2 else 0))
+    if bucket == "high":
+        return list(range(num_layers // 2, num_layers, 2) if num_layers <= 40 else range(num_layers - 20, num_layers, 2))
+    if start == num_layers // 2:
+        return [start]
+    return list(range(start, num_layers // 2, 2) if num_layers <= 40 else range(start, 20, 2))
+
+
+class LayerContrast(LogitsProcessor):
+    """Scores [B, V] -> DoLa-style contrast of the final layer against a premature layer.
+
+    With several ``candidates`` the premature layer of each row is the one with the largest JS divergence
+    from the final distribution (DoLa's dynamic selection, per sample); with one it is fixed. The final
+    distribution is the model's own output (``scores``), premature ones are read through the normed lens.
+    A repetition penalty (``> 1``) is applied to the contrasted scores, as DoLa recommends.
+    """
+
+    def __init__(self, capture: LayerCapture, candidates: Sequence[int], alpha: float, weight: float = 1.0,
+                 repetition_penalty: float = 1.0) -> None:
+        self.capture = capture
+        self.lens = NormedLens(capture.parts)
+        self.candidates = list(candidates)
+        self.alpha = alpha
+        self.weight = weight
+        self.penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
+        self.chosen: list[torch.Tensor] = []  # premature layer per step, [B] each (for inspection)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        states = self.capture.stacked()[self.candidates]  # [K, B, H]
+        premature = self.lens.log_probs(states)  # [K, B, V]
+        final = torch.log_softmax(scores.float(), -1)
+        if len(self.candidates) > 1:
+            js = metrics.js_divergence(final.unsqueeze(0).expand_as(premature), premature)  # [K, B]
+            pick = js.argmax(0)
+        else:
+            pick = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        self.chosen.append(torch.tensor(self.candidates, device=pick.device)[pick])
+        base = premature[pick, torch.arange(scores.shape[0], device=scores.device)]
+        out = contrast_scores(final, base, self.alpha, self.weight)
+        return self.penalty(input_ids, out) if self.penalty is not None else out
+
+
+class StableReadout(LogitsProcessor):
+    """Scores [B, V] -> for rows whose adjacent-layer JS after the critical layer spikes above ``threshold``,
+    ``log((1 - mix) p_final + mix p_stable)`` with ``p_stable`` the lens distribution of ``stable_layer``;
+    other rows unchanged. ``flagged`` keeps the per-step [B] flags."""
+
+    def __init__(self, capture: LayerCapture, critical: int, stable_layer: int, threshold: float, mix: float) -> None:
+        self.capture = capture
+        self.lens = NormedLens(capture.parts)
+        self.critical = critical
+        self.stable = stable_layer
+        self.threshold = threshold
+        self.mix = mix
+        self.flagged: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        states = self.capture.stacked()
+        logp = self.lens.log_probs(states[self.critical :])  # layers C..L: [L-C+1, B, V]
+        js = metrics.js_divergence(logp[1:], logp[:-1])  # steps into layers C+1..L: [L-C, B]
+        flag = js.max(0).values > self.threshold
+        self.flagged.append(flag)
+        final = torch.log_softmax(scores.float(), -1)
+        stable = logp[self.stable - self.critical]
+        mixed = torch.logaddexp(final + math.log1p(-self.mix), stable + math.log(self.mix)) if self.mix < 1 else stable
+        return torch.where(flag[:, None], mixed, final)
+
+
+class PairContrast(LogitsProcessor):
+    """VCD over a doubled batch: rows ``b`` (original image) and ``b + B`` (noised image) get the same scores,
+    ``(1 + alpha) l_b - alpha l_{b+B}`` where ``l_b >= log(beta) + max l_b``, -inf elsewhere, so both emit one token."""
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        self.alpha = alpha
+        self.beta = beta
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        half = scores.shape[0] // 2
+        clean, noised = scores[:half].float(), scores[half:].float()
+        cutoff = math.log(self.beta) + clean.max(-1, keepdim=True).values
+        out = torch.where(clean >= cutoff, (1 + self.alpha) * clean - self.alpha * noised,
+                          torch.full_like(clean, -math.inf))
+        return torch.cat([out, out], 0)
+
+
+def diffusion_noise(pixels: torch.Tensor, step: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """VCD's forward-diffusion noise q(x_t | x_0) at ``step`` of 1000 on preprocessed pixels (any shape).
+
+    The noise schedule is the one in VCD's released ``add_diffusion_noise``: betas = sigmoid(linspace(-6, 6, 1000))
+    scaled to [1e-5, 5e-3]; x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    """
+    if not 0 <= step < 1000:
+        raise ConfigError(f"noise step must be in 0..999, got {step}")
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5
+    abar = torch.cumprod(1 - betas, 0)[step]
+    eps = torch.randn(pixels.shape, generator=generator, dtype=torch.float32).to(pixels.device)
+    return (abar.sqrt() * pixels.float() + (1 - abar).sqrt() * eps).to(pixels.dtype)
+
+
+@contextmanager
+def blend_layers(parts: DecoderParts, layers: Sequence[int], alpha: float) -> Iterator[None]:
+    """Forward hooks making decoder layer ``m`` (for each ``m`` in ``layers``, 1..L) output
+    ``alpha * out + (1 - alpha) * in`` at every position; ``alpha = 0`` bypasses the layer."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        module._evotool_in = args[0] if args else kwargs["hidden_states"]
+
+    def hook(module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        inp = module.__dict__.pop("_evotool_in")
+        if isinstance(output, (tuple, list)):
+            return (alpha * output[0] + (1 - alpha) * inp, *output[1:])
+        return alpha * output + (1 - alpha) * inp
+
+    handles = []
+    try:
+        for m in layers:
+            layer = parts.layers[m - 1]
+            handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _check_unit(cfg: Any, *names: str, open_low: bool = True) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
+            raise ConfigError(f"{name}={value} must lie in {'(0' if open_low else '[0'}, 1]")
+
+
+@dataclass
+class GreedyConfig:
+    """Plain greedy decoding (the baseline)."""
+
+
+@dataclass
+class DolaConfig:
+    """DoLa defaults from the paper / its released code."""
+
+    layers: str = field(default="high", metadata={"help": "candidate premature bucket: low or high half of the even layers"})
+    alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint (relative top)"})
+    repetition_penalty: float = field(default=1.2, metadata={"help": "applied to the contrasted scores (DoLa recommends 1.2)"})
+
+    def __post_init__(self) -> None:
+        if self.layers not in ("low", "high"):
+            raise ConfigError(f"dola layers must be low or high, not {self.layers!r}")
+        _check_unit(self, "alpha")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0")
+
+
+@dataclass
+class VcdConfig:
+    """VCD defaults (greedy variant): contrast with a diffusion-noised copy of the image."""
+
+    alpha: float = field(default=1.0, metadata={"help": "contrast strength: (1+a) l(v) - a l(v')"})
+    beta: float = field(default=0.1, metadata={"help": "adaptive plausibility: keep tokens with p >= beta * max p"})
+    noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (0..999)"})
+    seed: int = field(default=0, metadata={"help": "seed of the image noise"})
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ConfigError("alpha must be >= 0")
+        _check_unit(self, "beta")
+        if not 0 <= self.noise_step < 1000:
+            raise ConfigError(f"noise_step must be in 0..999, got {self.noise_step}")
+
+
+@dataclass
+class StableReadoutConfig:
+    """Stage-aware readout: on a mutation spike, read the token from the last stable layer."""
+
+    threshold: float = field(default=0.1, metadata={"help": "max adjacent-layer JS (nats) after the critical layer that flags a mutation"})
+    mix: float = field(default=1.0, metadata={"help": "weight of the stable layer's distribution on flagged tokens (1 = take it)"})
+    layer: int | None = field(default=None, metadata={"help": "readout layer; default: the last layer of the stabilization stage"})
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError("threshold must be >= 0")
+        _check_unit(self, "mix")
+
+
+@dataclass
+class SmoothingConfig:
+    """Mutation-layer smoothing (SHIFT-style): out = alpha * out + (1 - alpha) * in at the mutation layers."""
+
+    alpha: float = field(default=0.5, metadata={"help": "weight of the mutation layer's own output (0 = bypass the layer)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to smooth; default: the stage file's mutation layers"})
+
+    def __post_init__(self) -> None:
+        _check_unit(self, "alpha", open_low=False)
+
+
+@dataclass
+class StageContrastConfig:
+    """Stage-aware contrast: DoLa's contrast with the premature layer taken from the analysis."""
+
+    premature: str = field(default="critical", metadata={"help": "critical (the critical layer) or last_stable (end of the stabilization stage)"})
+    alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint"})
+    weight: float = field(default=1.0, metadata={"help": "log p_final - weight * log p_premature"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "repetition penalty on the contrasted scores"})
+
+    def __post_init__(self) -> None:
+        if self.premature not in ("critical", "last_stable"):
+            raise ConfigError(f"premature must be critical or last_stable, not {self.premature!r}")
+        _check_unit(self, "alpha")
+        if self.weight < 0 or self.repetition_penalty <= 0:
+            raise ConfigError("weight must be >= 0 and repetition_penalty > 0")
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class Method:
+    """A decoding method bound to one model. Subclasses override :meth:`prepare`, :meth:`processors`, :meth:`hooks`."""
+
+    name: ClassVar[str] = "greedy"
+    config_cls: ClassVar[type] = GreedyConfig
+    needs_stages: ClassVar[bool] = False
+    uses_capture: ClassVar[bool] = False  # processors read LayerCapture states
+
+    def __init__(self, model: nn.Module, config: Any = None, stages: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.config = config if config is not None else self.config_cls()
+        self.parts = decoder_parts(model)
+        if self.needs_stages and stages is None:
+            raise StageFileError(f"method {self.name!r} needs the model's stage file (--stages, from `evotool analyze`)")
+        self.stages = stages
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs [B, ...] -> the batch ``generate`` runs (default: unchanged)."""
+        return inputs
+
+    def processors(self, capture: LayerCapture | None) -> list[LogitsProcessor]:
+        """Logits processors of one generation call (``capture`` is None unless ``uses_capture``)."""
+        return []
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Forward hooks active during generation."""
+        yield
+
+    def generate_ids(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+        """New token ids per input row (cut after EOS)."""
+        rows = inputs["input_ids"].shape[0]
+        batch = self.prepare(inputs)
+        with ExitStack() as stack:
+            stack.enter_context(self.hooks())
+            capture = stack.enter_context(LayerCapture(self.parts)) if self.uses_capture else None
+            procs = self.processors(capture)
+            kwargs = {"logits_processor": LogitsProcessorList(procs)} if procs else {}
+            ids = generate_ids(self.model, batch, max_new_tokens, **kwargs)
+        return ids[:rows]
+
+    def generate(self, model: nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
+                 max_new_tokens: int = 256) -> tuple[list[list[int]], list[str]]:
+        """Same contract as :func:`evotool.generation.greedy_generate` (``model`` must be the bound model)."""
+        if model is not self.model:
+            raise ValueError("method bound to another model")
+        inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
+        ids = self.generate_ids(inputs, max_new_tokens)
+        return ids, decode(processor, ids)
+
+    def describe(self) -> dict[str, Any]:
+        """Name, config and the layers the method acts on (for results files)."""
+        return {"method": self.name, "config": asdict(self.config), "layers": self.layers_used()}
+
+    def layers_used(self) -> dict[str, Any]:
+        return {}
+
+    # stage-file helpers
+    @property
+    def critical_layer(self) -> int:
+        c = self.stages["critical_layer"] if self.stages else None
+        if c is None:
+            raise StageFileError("the stage file has no critical layer (no stable stage was found)")
+        return c
+
+    @property
+    def mutation_layers(self) -> list[int]:
+        layers = list(self.stages["mutation_layers"]) if self.stages else []
+        if not layers:
+            raise StageFileError("the stage file has no mutation layers")
+        return layers
+
+    @property
+    def last_stable_layer(self) -> int:
+        """End of the stabilization stage; else the layer before the first mutation layer; else the critical layer."""
+        stab = self.stages["stages"].get("stabilization") if self.stages else None
+        if stab:
+            return int(stab[1])
+        muts = self.stages["mutation_layers"] if self.stages else []
+        return max(self.critical_layer, min(muts) - 1) if muts else self.critical_layer
+
+
+class Greedy(Method):
+    """Plain greedy decoding."""
+
+
+class Dola(Method):
+    name = "dola"
+    config_cls = DolaConfig
+    uses_capture = True
+
+    def candidates(self) -> list[int]:
+        tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        return dola_candidates(self.parts.num_layers, self.config.layers, tied)
+
+    def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
+        return [LayerContrast(capture, self.candidates(), self.config.alpha, 1.0, self.config.repetition_penalty)]
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"candidates": self.candidates()}
+
+
+class StageContrast(Method):
+    name = "stage_contrast"
+    config_cls = StageContrastConfig
+    needs_stages = True
+    uses_capture = True
+
+    def premature_layer(self) -> int:
+        return self.critical_layer if self.config.premature == "critical" else self.last_stable_layer
+
+    def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
+        return [LayerContrast(capture, [self.premature_layer()], self.config.alpha, self.config.weight,
+                              self.config.repetition_penalty)]
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"premature": self.premature_layer()}
+
+
+class Vcd(Method):
+    name = "vcd"
+    config_cls = VcdConfig
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs [B, ...] -> [2B, ...]: the batch, then the batch with ``pixel_values`` diffusion-noised."""
+        if "pixel_values" not in inputs:
+            raise ConfigError("vcd needs image inputs (pixel_values)")
+        gen = torch.Generator().manual_seed(self.config.seed)
+        out = {}
+        for key, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                out[key] = value
+                continue
+            second = diffusion_noise(value, self.config.noise_step, gen) if key == "pixel_values" else value
+            out[key] = torch.cat([value, second], 0)
+        return out
+
+    def processors(self, capture: LayerCapture | None) -> list[LogitsProcessor]:
+        return [PairContrast(self.config.alpha, self.config.beta)]
+
+
+class Readout(Method):
+    name = "stable_readout"
+    config_cls = StableReadoutConfig
+    needs_stages = True
+    uses_capture = True
+
+    def readout_layer(self) -> int:
+        layer = self.config.layer if self.config.layer is not None else self.last_stable_layer
+        if not self.critical_layer <= layer <= self.parts.num_layers:
+            raise ConfigError(f"readout layer {layer} must lie in {self.critical_layer}..{self.parts.num_layers}")
+        return layer
+
+    def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
+        return [StableReadout(capture, self.critical_layer, self.readout_layer(), self.config.threshold, self.config.mix)]
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"critical": self.critical_layer, "readout": self.readout_layer()}
+
+
+class Smoothing(Method):
+    name = "smoothing"
+    config_cls = SmoothingConfig
+    needs_stages = True
+
+    def smoothed_layers(self) -> list[int]:
+        layers = self.config.layers if self.config.layers is not None else self.mutation_layers
+        bad = [m for m in layers if not 1 <= m <= self.parts.num_layers]
+        if bad:
+            raise ConfigError(f"layers {bad} outside 1..{self.parts.num_layers}")
+        return list(layers)
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        with blend_layers(self.parts, self.smoothed_layers(), self.config.alpha):
+            yield
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"smoothed": self.smoothed_layers()}
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Greedy, Dola, Vcd, Readout, Smoothing, StageContrast)}
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """``["alpha=0.5", "layers=12,13"]`` -> ``{"alpha": "0.5", "layers": "12,13"}``."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"method option {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def make_config(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The config of method ``name`` with ``options`` applied (strings are converted to the field's type)."""
+    cls = method_class(name).config_cls
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in (options or {}).items():
+        if key not in known:
+            raise ConfigError(f"method {name!r} has no option {key!r} (options: {', '.join(known) or 'none'})")
+        values[key] = _convert(value, known[key].default, key) if isinstance(value, str) else value
+    return cls(**values)
+
+
+def _convert(text: str, default: Any, key: str) -> Any:
+    try:
+        if text.lower() in ("none", "null"):
+            return None
+        if key == "layers" and (default is None or isinstance(default, list)):
+            return [int(x) for x in text.split(",") if x.strip()]
+        if isinstance(default, bool):
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int) or (default is None and text.lstrip("-").isdigit()):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError as err:
+        raise ConfigError(f"option {key}={text!r}: {err}") from err
+    return text
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = None,
+                 stages: dict[str, Any] | None = None) -> Method:
+    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (see ``read_stages``)."""
+    cls = method_class(name)
+    return cls(model, make_config(name, options), stages)
