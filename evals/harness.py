@@ -1,0 +1,194 @@
+"""Run decoding methods over an eval set, batched and interleaved, with latency relative to greedy.
+
+:class:`Interleaved` is a ``generate_fn`` (the signature of :func:`evotool.generation.greedy_generate`):
+on every batch it builds the inputs once, then times each method's generation on that same batch
+(the order rotates from batch to batch), keeps every method's outputs and returns the first
+method's. ``replay(name)`` then serves another method's outputs in call order, so an eval that
+drives generation itself (:func:`evotool.evals.world.evaluate_world`) scores every method on the
+batches that were timed together.
+
+Flat metric keys (results.json): ``chair_s``, ``chair_i``, ``recall``, ``mean_length``,
+``pope_<split>_<accuracy|precision|recall|f1|yes_ratio>``, ``amber_<chair|cover|hal|cog>``,
+``amber_<accuracy|precision|recall|f1>``, ``latency_s`` (seconds per sample), ``latency_ratio``
+(method / greedy, same batches).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from evotool.data.inputs import Sample
+from evotool.errors import InputError
+from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, amber_generative_metrics
+from evotool.evals.chair import CocoObjects, chair_metrics
+from evotool.evals.pope import POPE_SPLITS, pope_metrics
+from evotool.generation import build_inputs, context_length, decode
+from evotool.mitigate.methods import Method
+
+BASELINE = "greedy"
+
+
+@dataclass
+class Generations:
+    """One method's outputs over an eval set: token ids and texts per sample, generation seconds."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _sync(model: torch.nn.Module) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+class Interleaved:
+    """A ``generate_fn`` running every method on each batch (see the module docstring).
+
+    ``methods`` maps names to methods bound to the same model; the first is what ``__call__`` returns.
+    A short untimed warm-up of every method precedes the first timed batch.
+    """
+
+    def __init__(self, methods: Mapping[str, Method]) -> None:
+        if not methods:
+            raise ValueError("no methods")
+        self.methods = dict(methods)
+        self.outputs: dict[str, Generations] = {name: Generations() for name in self.methods}
+        self.samples = 0
+        self._calls: dict[str, list[tuple[list[list[int]], list[str]]]] = {name: [] for name in self.methods}
+        self._warm = False
+
+    def __call__(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
+                 max_new_tokens: int = 256, **_: Any) -> tuple[list[list[int]], list[str]]:
+        inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
+        names = list(self.methods)
+        if not self._warm:
+            for name in names:
+                self.methods[name].generate_ids(dict(inputs), min(2, max_new_tokens))
+            self._warm = True
+        shift = len(self._calls[names[0]]) % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(model)
+            start = time.perf_counter()
+            ids = self.methods[name].generate_ids(dict(inputs), max_new_tokens)
+            _sync(model)
+            out = self.outputs[name]
+            out.seconds += time.perf_counter() - start
+            texts = decode(processor, ids)
+            out.ids += ids
+            out.texts += texts
+            self._calls[name].append((ids, texts))
+        self.samples += len(prompts)
+        return self._calls[names[0]][-1]
+
+    def replay(self, name: str) -> Callable[..., tuple[list[list[int]], list[str]]]:
+        """A ``generate_fn`` returning ``name``'s stored outputs of each call, in order."""
+        calls = iter(self._calls[name])
+
+        def generate_fn(_model: Any, _processor: Any, images: Sequence[Any], _prompts: Any, **_: Any):
+            ids, texts = next(calls)
+            if len(ids) != len(images):
+                raise RuntimeError("replayed batch does not match the recorded one")
+            return ids, texts
+
+        return generate_fn
+
+    def latency(self, baseline: str = BASELINE) -> dict[str, dict[str, float]]:
+        """``{method: {"latency_s": seconds per sample, "latency_ratio": vs baseline}}`` (ratio only with the baseline run)."""
+        per = {name: out.seconds / max(self.samples, 1) for name, out in self.outputs.items()}
+        base = per.get(baseline)
+        return {name: {"latency_s": s, **({"latency_ratio": s / base} if base else {})} for name, s in per.items()}
+
+
+def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], samples: Sequence[Sample],
+                batch_size: int, max_new_tokens: int) -> Interleaved:
+    """Generate every sample with every method (interleaved per batch). Raises :class:`InputError` on a bad image."""
+    runner = Interleaved(methods)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        runner(model, processor, [s.load_image() for s in chunk], [s.prompt for s in chunk], max_new_tokens)
+    return runner
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_pope(samples: Sequence[Sample], texts: Sequence[str]) -> dict[str, float]:
+    """``pope_<split>_<metric>`` per split found in ``meta["split"]`` (``pope_all_*`` when unsplit), plus ``pope_f1`` (mean)."""
+    out: dict[str, float] = {}
+    splits = [s.meta.get("split") or "all" for s in samples]
+    for split in dict.fromkeys(splits):
+        idx = [i for i, sp in enumerate(splits) if sp == split]
+        scores = pope_metrics([texts[i] for i in idx], [samples[i].answer or "" for i in idx])
+        out |= {f"pope_{split}_{k}": v for k, v in scores.items()}
+    f1s = [out[f"pope_{s}_f1"] for s in dict.fromkeys(splits)]
+    out["pope_f1"] = sum(f1s) / len(f1s)
+    return out
+
+
+def score_chair(samples: Sequence[Sample], gens: Generations, objects: CocoObjects | None = None) -> dict[str, float]:
+    """CHAIR_s, CHAIR_i, recall, mean length (tokens) of captions against ``Sample.objects``."""
+    objects = objects or CocoObjects()
+    return chair_metrics([objects.extract(t) for t in gens.texts], [set(s.objects or ()) for s in samples],
+                         [len(i) for i in gens.ids])
+
+
+def score_amber(samples: Sequence[Sample], texts: Sequence[str], vocabulary: AmberVocabulary) -> dict[str, float]:
+    """``amber_chair/cover/hal/cog`` on generative samples, ``amber_<metric>`` (+ per dimension) on discriminative ones."""
+    gen = [i for i, s in enumerate(samples) if s.meta.get("type") == "generative"]
+    dis = [i for i, s in enumerate(samples) if s.meta.get("type") != "generative"]
+    out: dict[str, float] = {}
+    if gen:
+        scores = amber_generative_metrics([texts[i] for i in gen], [samples[i].objects or [] for i in gen],
+                                          [samples[i].meta.get("hallu", []) for i in gen], vocabulary)
+        out |= {f"amber_{k}": v for k, v in scores.items()}
+    if dis:
+        scores = amber_discriminative_metrics([texts[i] for i in dis], [samples[i].answer or "" for i in dis],
+                                              [samples[i].meta.get("dimension", "existence") for i in dis])
+        out |= {f"amber_{k}": v for k, v in scores.items()}
+    if not out:
+        raise InputError("no AMBER samples to score")
+    return out
+
+
+def world_flat(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """Flat keys of :func:`evotool.evals.world.evaluate_world` results.
+
+    Every value as ``<group>_<metric>`` (caption) or ``<group>_<task>_<metric>``; the contract keys
+    without prefix are the caption metrics of the ``prior_breaking`` group (where the prior makes the
+    model hallucinate) and the POPE metrics of the ``in_distribution`` group (POPE's own construction:
+    random / popular / adversarial negatives on ordinary scenes).
+    """
+    flat: dict[str, float] = {}
+    for group, tasks in results.items():
+        for task, scores in tasks.items():
+            for metric, value in scores.items():
+                flat[f"{group}_{'' if task == 'caption' else task + '_'}{metric}"] = value
+    for metric, value in results.get("prior_breaking", {}).get("caption", {}).items():
+        flat[metric] = value
+    for split in POPE_SPLITS:
+        for metric, value in results.get("in_distribution", {}).get(f"pope_{split}", {}).items():
+            flat[f"pope_{split}_{metric}"] = value
+    return flat
+
+
+def evaluate_world_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], n: int,
+                           world: Any = None, batch_size: int = 50, max_new_tokens: int = 32) -> dict[str, dict[str, float]]:
+    """Every method on the synthetic world's eval (same records, interleaved batches): ``{method: flat metrics}``
+    including ``latency_s`` and, when ``greedy`` is among the methods, ``latency_ratio``."""
+    from evotool.evals.world import evaluate_world
+
+    runner = Interleaved(methods)
+    first = next(iter(methods))
+    results = {first: evaluate_world(model, processor, n, world, batch_size, max_new_tokens, generate_fn=runner)}
+    for name in list(methods)[1:]:
+        results[name] = evaluate_world(model, processor, n, world, batch_size, max_new_tokens,
+                                       generate_fn=runner.replay(name))
+    latency = runner.latency()
+    return {name: world_flat(res) | latency[name] for name, res in results.items()}

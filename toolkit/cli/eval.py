@@ -1,0 +1,199 @@
+"""`evotool eval pope|chair|amber|world`: run one decoding method (and greedy, for latency) and write results.json.
+
+Every subcommand takes ``--model``, ``--method`` (a name or an ``evotool mitigate`` run directory),
+``--set key=value`` (method options), ``--stages`` (the model's stages.json), ``--data`` and ``--out``.
+The method and greedy decode the same batches interleaved; ``latency_ratio`` is method / greedy seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(help="Evaluate a decoding method on POPE, CHAIR, AMBER or the synthetic world.", no_args_is_help=True)
+
+Model = Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")]
+MethodOpt = Annotated[str, typer.Option("--method", help="greedy, dola, vcd, stable_readout, smoothing, stage_contrast, or a mitigate run dir.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable).")]
+Stages = Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")]
+Out = Annotated[Path, typer.Option(help="Output directory for results.json.")]
+Batch = Annotated[int, typer.Option(help="Samples per generation batch.")]
+Limit = Annotated[Optional[int], typer.Option(help="Evaluate at most this many samples.")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16 (default: bfloat16 on GPU).")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: cuda if present).")]
+NoWandb = Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")]
+ImageDir = Annotated[Optional[Path], typer.Option(help="Folder of the images named in the data files.")]
+
+
+def _load(model: str | None, dtype: str, device: str | None) -> tuple[Any, Any, str]:
+    import torch
+
+    from evotool.analysis.run import resolve_model_id
+    from evotool.models.loading import LoadOptions, load_model
+
+    model_id = resolve_model_id(model)
+    if dtype == "auto" and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        dtype = "bfloat16"
+    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device))
+    return m, p, model_id
+
+
+def _run(task: str, model: str | None, method: str, options: list[str] | None, stages: str | None, out: Path,
+         dtype: str, device: str | None, wandb: bool, config: dict[str, Any],
+         evaluate: Callable[[Any, Any, dict[str, Any]], dict[str, dict[str, float]]]) -> None:
+    """Resolve the method (before loading the model, so bad names fail fast), evaluate, write and log."""
+    from evotool.evals.harness import BASELINE
+    from evotool.evals.results import write_results
+    from evotool.mitigate.methods import make_config, parse_overrides
+    from evotool.mitigate.run import method_for, resolve_spec
+    from evotool.tracking import Tracker
+
+    spec = resolve_spec(method, parse_overrides(options or []), stages)
+    make_config(spec.method, spec.options)  # option errors before the model loads
+    m, p, model_id = _load(model, dtype, device)
+    chosen = method_for(m, spec)
+    methods = {spec.method: chosen} if spec.method == BASELINE else {spec.method: chosen, BASELINE: method_for(m, resolve_spec(BASELINE))}
+    scores = evaluate(m, p, methods)
+    metrics = scores[spec.method]
+    if spec.method == BASELINE:
+        metrics["latency_ratio"] = 1.0
+    full_config = {"task": task, "model": model_id, "method": spec.method, "options": spec.options,
+                   "stages": spec.stages, **config}
+    meta = {"method": chosen.describe(), "baseline": scores.get(BASELINE) if spec.method != BASELINE else None}
+    path = write_results(out, metrics, full_config, meta)
+    tracker = Tracker(f"eval-{task}", full_config, out, enabled=wandb)
+    tracker.summary(metrics)
+    tracker.finish()
+    keys = [k for k in ("chair_s", "chair_i", "recall", "pope_f1", "pope_random_f1", "pope_adversarial_f1",
+                        "amber_chair", "amber_f1", "latency_ratio") if k in metrics]
+    typer.echo(", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+    typer.echo(f"wrote {path}")
+
+
+def _samples_eval(samples: list, batch_size: int, max_new_tokens: int, score: Callable[[list, Any], dict[str, float]]):
+    from evotool.evals.harness import run_methods
+
+    def evaluate(m: Any, p: Any, methods: dict) -> dict[str, dict[str, float]]:
+        runner = run_methods(m, p, methods, samples, batch_size, max_new_tokens)
+        lat = runner.latency()
+        return {name: score(samples, runner.outputs[name]) | lat[name] for name in methods}
+
+    return evaluate
+
+
+def _limit(samples: list, limit: int | None) -> list:
+    return samples[:limit] if limit is not None else samples
+
+
+@app.command("pope")
+def pope(
+    data: Annotated[Path, typer.Option(help="coco_pope_<split>.json file, a folder of them, or a datasets dataset.")],
+    model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
+    out: Out = Path("runs/eval/pope"), image_dir: ImageDir = None,
+    split: Annotated[Optional[str], typer.Option(help="random, popular or adversarial (default: all present).")] = None,
+    batch_size: Batch = 8, max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 16,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+) -> None:
+    """POPE: accuracy, precision, recall, F1 and yes-ratio per split."""
+    from evotool.evals.harness import score_pope
+    from evotool.evals.pope import load_pope
+    from evotool.mitigate.run import require_file
+
+    data = require_file(data, "POPE data")
+    samples = _limit(load_pope(data, image_dir or (data if data.is_dir() else data.parent), split), limit)
+    _run("pope", model, method, set_, stages, out, dtype, device, not no_wandb,
+         {"data": str(data), "split": split, "n": len(samples), "max_new_tokens": max_new_tokens},
+         _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_pope(s, g.texts)))
+
+
+def coco_image(image_dir: Path, image_id: int) -> Path:
+    """The COCO val2014 file of ``image_id`` in ``image_dir`` (``COCO_val2014_<id>.jpg`` or ``<id>.jpg``)."""
+    for name in (f"COCO_val2014_{image_id:012d}.jpg", f"{image_id:012d}.jpg"):
+        if (image_dir / name).is_file():
+            return image_dir / name
+    return image_dir / f"COCO_val2014_{image_id:012d}.jpg"
+
+
+@app.command("chair")
+def chair(
+    data: Annotated[list[Path], typer.Option(help="COCO instances and/or captions JSON (repeatable).")],
+    image_ids: Annotated[Path, typer.Option(help="The fixed image ids file of the run.")],
+    image_dir: Annotated[Path, typer.Option(help="Folder of the COCO val2014 images.")],
+    model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
+    out: Out = Path("runs/eval/chair"),
+    prompt: Annotated[str, typer.Option(help="Caption prompt.")] = "Please describe this image in detail.",
+    batch_size: Batch = 8, max_new_tokens: Annotated[int, typer.Option(help="Locked protocol: 512.")] = 512,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+) -> None:
+    """CHAIR: CHAIR_s, CHAIR_i, recall and mean caption length (greedy protocol, fixed image ids)."""
+    from evotool.data.inputs import Sample
+    from evotool.errors import InputError
+    from evotool.evals.chair import CocoObjects, load_chair_image_ids, load_coco_instances
+    from evotool.evals.harness import score_chair
+    from evotool.mitigate.run import require_file
+
+    for path in data:
+        require_file(path, "COCO annotations")
+    objects = CocoObjects()
+    truth = load_coco_instances(data, objects)
+    ids = load_chair_image_ids(image_ids)
+    missing = [i for i in ids if i not in truth]
+    if missing:
+        raise InputError(f"{len(missing)} image ids (e.g. {missing[0]}) have no annotations in {', '.join(map(str, data))}")
+    samples = _limit([Sample(id=str(i), image=coco_image(require_file(image_dir, "image dir"), i), prompt=prompt,
+                             objects=sorted(truth[i])) for i in ids], limit)
+    _run("chair", model, method, set_, stages, out, dtype, device, not no_wandb,
+         {"data": [str(d) for d in data], "image_ids": str(image_ids), "n": len(samples), "max_new_tokens": max_new_tokens},
+         _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_chair(s, g, objects)))
+
+
+@app.command("amber")
+def amber(
+    data: Annotated[Path, typer.Option(help="AMBER query JSON (query_all.json, query_generative.json ...).")],
+    annotations: Annotated[Path, typer.Option(help="AMBER annotations.json.")],
+    relation: Annotated[Path, typer.Option(help="AMBER relation.json (object vocabulary).")],
+    image_dir: Annotated[Path, typer.Option(help="Folder of the AMBER images.")],
+    safe_words: Annotated[Optional[Path], typer.Option(help="AMBER safe_words.txt.")] = None,
+    model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
+    out: Out = Path("runs/eval/amber"), batch_size: Batch = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 512,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+) -> None:
+    """AMBER: generative CHAIR/Cover/Hal/Cog and discriminative accuracy/precision/recall/F1."""
+    from evotool.evals.amber import AmberVocabulary, load_amber
+    from evotool.evals.harness import score_amber
+    from evotool.mitigate.run import require_file
+
+    vocab = AmberVocabulary.load(require_file(relation, "AMBER relation.json"), safe_words)
+    samples = _limit(load_amber(require_file(data, "AMBER queries"), require_file(annotations, "AMBER annotations"),
+                                image_dir), limit)
+    _run("amber", model, method, set_, stages, out, dtype, device, not no_wandb,
+         {"data": str(data), "n": len(samples), "max_new_tokens": max_new_tokens},
+         _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_amber(s, g.texts, vocab)))
+
+
+@app.command("world")
+def world(
+    model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
+    data: Annotated[Optional[Path], typer.Option(help="world.json (a WorldConfig, as `evotool world` writes); default: the default world.")] = None,
+    out: Out = Path("runs/eval/world"),
+    n: Annotated[int, typer.Option("--n", help="Records per task and group.")] = 200,
+    seed: Annotated[int, typer.Option(help="World seed (0 = test split; tune on another).")] = 0,
+    batch_size: Batch = 50, max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
+    dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+) -> None:
+    """Synthetic world with exact ground truth: captions (CHAIR, recall) and POPE, in-distribution and prior-breaking."""
+    import json
+    from dataclasses import replace
+
+    from evotool.evals.harness import evaluate_world_methods
+    from evotool.mitigate.run import require_file
+    from evotool.world import WorldConfig
+
+    cfg = WorldConfig(**json.loads(require_file(data, "world config").read_text())) if data else WorldConfig()
+    cfg = replace(cfg, seed=seed)
+    _run("world", model, method, set_, stages, out, dtype, device, not no_wandb,
+         {"world": cfg.__dict__, "n": n, "max_new_tokens": max_new_tokens},
+         lambda m, p, methods: evaluate_world_methods(m, p, methods, n, cfg, batch_size, max_new_tokens))

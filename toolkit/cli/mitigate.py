@@ -1,0 +1,32 @@
+"""`evotool mitigate`: tune a hallucination-mitigation method for one model and record it in a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def command(
+    method: Annotated[str, typer.Option(help="greedy, dola, vcd, stable_readout, smoothing or stage_contrast.")],
+    model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Fixed method option key=value (repeatable).")] = None,
+    tune: Annotated[bool, typer.Option(help="Pick the stage-aware options on the world validation split.")] = True,
+    n: Annotated[int, typer.Option("--n", help="Validation records per world task and group.")] = 100,
+    seed: Annotated[int, typer.Option(help="World seed of the validation split (test uses 0).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 50,
+    out: Annotated[Path, typer.Option(help="Run directory (method.json, tuning.json).")] = Path("runs/mitigate"),
+    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
+) -> None:
+    """Tune and record a mitigation method; `evotool eval ... --method RUN_DIR` then decodes with it."""
+    from evotool.mitigate.methods import make_config, parse_overrides
+    from evotool.mitigate.run import MitigateConfig, run_mitigate
+
+    options = parse_overrides(set_ or [])
+    make_config(method, options)
+    cfg = MitigateConfig(method=method, model=model, stages=stages, options=options, tune=tune, n=n, seed=seed,
+                         batch_size=batch_size, out=out, wandb=not no_wandb)
+    path = run_mitigate(cfg)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,180 @@
+"""Resolve a method for a model (name or ``evotool mitigate`` run directory), tune it on a validation split,
+and write mitigate run directories.
+
+A mitigate run directory holds ``method.json``: ``{"method", "options", "stages", "model",
+"fingerprint", "layers", "validation"}`` and ``tuning.json`` (every tried option set with its
+validation metrics). ``evotool eval ... --method RUN_DIR`` decodes with exactly that method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from evotool.analysis.schema import atomic_write_text, read_stages
+from evotool.errors import ConfigError, InputError, StageFileError
+from evotool.mitigate.methods import Method, build_method, method_class
+from evotool.models.loading import fingerprint
+
+METHOD_FILE = "method.json"
+
+# Validation grids of the stage-aware methods (option -> values); overridable in configs/mitigate.yaml.
+TUNE_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "stable_readout": {"threshold": [0.05, 0.1, 0.2, 0.4], "mix": [0.5, 1.0]},
+    "smoothing": {"alpha": [0.0, 0.25, 0.5, 0.75]},
+    "stage_contrast": {"premature": ["critical", "last_stable"], "weight": [0.5, 1.0]},
+}
+
+
+@dataclass
+class MethodSpec:
+    """A method name with its options and the stage file it reads."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    stages: str | None = None
+
+
+def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str | None = None) -> MethodSpec:
+    """``method`` is a registered name or a mitigate run directory (its ``method.json``); explicit
+    ``options`` / ``stages`` override the stored ones. Raises ConfigError for anything else."""
+    path = Path(method)
+    if (path / METHOD_FILE).is_file():
+        stored = json.loads((path / METHOD_FILE).read_text())
+        return MethodSpec(stored["method"], {**stored.get("options", {}), **(options or {})}, stages or stored.get("stages"))
+    if path.is_dir():
+        raise ConfigError(f"{path} is not a mitigate run directory (no {METHOD_FILE})")
+    method_class(method)  # unknown names fail here with the list of methods
+    return MethodSpec(method, dict(options or {}), stages)
+
+
+def load_stages_for(model: nn.Module, spec: MethodSpec) -> dict[str, Any] | None:
+    """The spec's stage file validated against ``model``'s fingerprint; None when the method needs none and none is given."""
+    if spec.stages is None:
+        if method_class(spec.method).needs_stages:
+            raise StageFileError(f"method {spec.method!r} needs a stage file: pass --stages (from `evotool analyze`)")
+        return None
+    return read_stages(spec.stages, fingerprint(model))
+
+
+def method_for(model: nn.Module, spec: MethodSpec) -> Method:
+    """The method of ``spec`` bound to ``model``."""
+    return build_method(spec.method, model, spec.options, load_stages_for(model, spec))
+
+
+def grid(options: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of option values: ``{"a": [1, 2]}`` -> ``[{"a": 1}, {"a": 2}]``."""
+    keys = list(options)
+    return [dict(zip(keys, values)) for values in itertools.product(*(options[k] for k in keys))]
+
+
+@dataclass
+class Selection:
+    """How tuning picks an option set on the validation split."""
+
+    max_recall_loss: float = field(default=0.05, metadata={"help": "keep candidates losing at most this relative recall vs greedy"})
+    objective: str = field(default="chair_i", metadata={"help": "metric to minimise among kept candidates"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_recall_loss <= 1.0:
+            raise ConfigError("max_recall_loss must lie in [0, 1]")
+
+
+def select(candidates: list[dict[str, Any]], baseline: dict[str, float], sel: Selection) -> dict[str, Any]:
+    """The candidate (``{"options", "metrics"}``) with the lowest objective among those within the recall
+    budget (ties: lower latency); if none keeps the recall, the one with the highest recall."""
+    floor = (1 - sel.max_recall_loss) * baseline["recall"]
+    kept = [c for c in candidates if c["metrics"]["recall"] >= floor - 1e-12]
+    if kept:
+        return min(kept, key=lambda c: (c["metrics"][sel.objective], c["metrics"].get("latency_ratio", 1.0)))
+    return max(candidates, key=lambda c: c["metrics"]["recall"])
+
+
+@dataclass
+class MitigateConfig:
+    """Options of ``evotool mitigate``."""
+
+    method: str = field(metadata={"help": "method name (see `evotool mitigate --help`)"})
+    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
+    stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned)"})
+    tune: bool = field(default=True, metadata={"help": "pick options on the world validation split"})
+    grid: dict[str, list[Any]] | None = field(default=None, metadata={"help": "option grid; default TUNE_GRIDS[method]"})
+    n: int = field(default=100, metadata={"help": "validation records per world task and group"})
+    seed: int = field(default=1, metadata={"help": "world seed of the validation split (the test split uses 0)"})
+    batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
+    out: Path = field(default=Path("runs/mitigate"), metadata={"help": "run directory"})
+    wandb: bool = field(default=True, metadata={"help": "log to Weights & Biases"})
+    selection: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        method_class(self.method)
+        if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("n, batch_size and max_new_tokens must be positive")
+        self.out = Path(self.out)
+
+
+def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor: Any = None) -> Path:
+    """Tune (optionally) and record a method for one model in ``cfg.out``; returns the ``method.json`` path."""
+    from evotool.analysis.run import resolve_model_id
+    from evotool.evals.harness import BASELINE, evaluate_world_methods
+    from evotool.models.loading import load_model
+    from evotool.tracking import Tracker
+    from evotool.world import WorldConfig
+
+    model_id = resolve_model_id(cfg.model)
+    if model is None:
+        model, processor = load_model(model_id)
+    spec = MethodSpec(cfg.method, dict(cfg.options), str(cfg.stages) if cfg.stages else None)
+    stages = load_stages_for(model, spec)
+    option_grid = cfg.grid if cfg.grid is not None else TUNE_GRIDS.get(cfg.method, {})
+    tried: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {"options": {}, "metrics": {}}
+    if cfg.tune and option_grid and cfg.method != BASELINE:
+        sets = grid(option_grid)
+        methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model)}
+        for i, opts in enumerate(sets):
+            methods[f"c{i}"] = build_method(cfg.method, model, {**cfg.options, **opts}, stages)
+        scores = evaluate_world_methods(model, processor, methods, cfg.n, WorldConfig(seed=cfg.seed),
+                                        cfg.batch_size, cfg.max_new_tokens)
+        tried = [{"options": opts, "metrics": scores[f"c{i}"]} for i, opts in enumerate(sets)]
+        chosen = select(tried, scores[BASELINE], cfg.selection)
+        tried.insert(0, {"options": "greedy", "metrics": scores[BASELINE]})
+    spec.options = {**cfg.options, **chosen["options"]}
+    method = build_method(spec.method, model, spec.options, stages)
+    record = {"method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
+              "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": asdict(method.config),
+              "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}
+    path = cfg.out / METHOD_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(cfg.out / "tuning.json", json.dumps(tried, indent=2, default=str) + "\n")
+    tracker = Tracker("mitigate", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    if tried:
+        keys = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "latency_ratio"]
+        tracker.log_table("tuning", ["options", *keys],
+                          [[json.dumps(t["options"]), *(t["metrics"].get(k) for k in keys)] for t in tried])
+    tracker.summary({"method": spec.method, "options": json.dumps(spec.options)})
+    tracker.finish()
+    return path
+
+
+def _config_dict(cfg: MitigateConfig) -> dict[str, Any]:
+    out = asdict(cfg)
+    out["out"] = str(cfg.out)
+    return out
+
+
+def require_file(path: str | Path | None, what: str) -> Path:
+    """``path`` as a Path; InputError naming ``what`` when it is not given or does not exist."""
+    if path is None:
+        raise InputError(f"{what} is required")
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    return p
