@@ -1,0 +1,167 @@
+"""Pruning: static removal vs an identity-hook reference, reload, runtime skips and exits, selectors, refusals, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conftest import ARCHS, build_tiny, make_inputs
+from evotool.errors import EvotoolError
+from evotool.generation import generate_ids
+from evotool.lens import NormedLens
+from evotool.models.registry import decoder_parts
+from evotool.prune.runtime import DynamicExit, exit_after, mode_layers, skip_layers
+from evotool.prune.select import SELECTORS, CalibrationStats, SelectionContext, budget
+from evotool.prune.static import remove_layers
+
+torch.set_num_threads(1)
+
+
+class IdentityHooks:
+    """Independent reference: the full model with decoder layers ``layers`` (1..L) made the identity by
+    forward hooks that return the layer's input (the layer still runs, its output is discarded)."""
+
+    def __init__(self, model, layers, positions=None):
+        self.parts, self.layers, self.positions = decoder_parts(model), layers, positions
+        self.handles = []
+
+    def __enter__(self):
+        for i in self.layers:
+            def hook(_m, args, kwargs, out, i=i):
+                x = args[0] if args else kwargs["hidden_states"]
+                if self.positions is None:
+                    return x
+                out = out.clone()
+                out[:, self.positions[i]] = x[:, self.positions[i]]
+                return out
+            self.handles.append(self.parts.layers[i - 1].register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_static_prune_equals_identity_reference(model_type):
+    model = build_tiny(model_type, layers=5)
+    inputs = make_inputs(model, model_type, batch=2, pad_first=2)
+    removed = [2, 4]
+    with torch.no_grad(), IdentityHooks(model, removed):
+        ref_logits = model(**inputs).logits
+        ref_ids = generate_ids(model, inputs, 4)
+    pruned = copy.deepcopy(model)
+    kept = remove_layers(pruned, removed)
+    assert kept == [1, 3, 5]
+    parts = decoder_parts(pruned)
+    assert parts.num_layers == 3 == pruned.config.get_text_config().num_hidden_layers
+    assert [l.self_attn.layer_idx for l in parts.layers] == [0, 1, 2]
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    if types is not None:
+        assert pruned.config.get_text_config().layer_types == [types[i - 1] for i in kept]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert generate_ids(pruned, inputs, 4) == ref_ids
+    # runtime skipping of the same layers gives the same greedy tokens as the pruned model
+    with skip_layers(model, removed):
+        assert generate_ids(model, inputs, 4) == ref_ids
+
+
+@pytest.mark.parametrize("model_type", ["llava", "gemma3"])
+def test_pruned_checkpoint_reloads_with_auto_classes(model_type, tmp_path):
+    model = build_tiny(model_type, layers=4)
+    inputs = make_inputs(model, model_type, batch=2)
+    remove_layers(model, [3])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    reloaded.generation_config.eos_token_id = 2
+    assert decoder_parts(reloaded).num_layers == 3
+    assert generate_ids(reloaded, inputs, 5) == generate_ids(model, inputs, 5)
+
+
+def test_exit_after_equals_lens_on_hidden_states():
+    model = build_tiny("llava", layers=6)
+    inputs = make_inputs(model, "llava", batch=2)
+    parts = decoder_parts(model)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        lens = NormedLens(parts)
+        for e in (2, 4):
+            with exit_after(model, e):
+                logits = model(**inputs).logits[:, -1]
+            torch.testing.assert_close(logits, lens.logits(hidden[e][None, :, -1])[0], atol=1e-5, rtol=1e-4)
+
+
+STAGES = {"num_layers": 12, "critical_layer": 4, "mutation_layers": [10],
+          "stages": {"rapid_evolution": [0, 4], "stabilization": [5, 9], "mutation": [10, 12]}}
+
+
+def test_named_modes():
+    assert mode_layers("skip-stable", STAGES) == [5, 6, 7, 8, 9]
+    assert mode_layers("skip-mutation", STAGES) == [10]
+    assert mode_layers("critical-to-last5", STAGES) == [5, 6, 7]  # keeps 8..12, the last five
+    assert mode_layers("exit-stable-end", STAGES) == [10, 11, 12]
+    with pytest.raises(EvotoolError):
+        mode_layers("skip-mutation", {**STAGES, "mutation_layers": []})
+
+
+def test_runtime_refuses_layer_one():
+    model = build_tiny("llava", layers=4)
+    with pytest.raises(EvotoolError), skip_layers(model, [1]):
+        pass
+
+
+@pytest.mark.parametrize("criterion,threshold", [("confidence", 0.3), ("js", 0.05)])
+def test_dynamic_exit_is_consistent(criterion, threshold):
+    """Checked: (1) tokens emitted with dynamic exit equal the argmax of an independent full-sequence
+    forward (no cache) in which each generated position passes its exit state through the layers after
+    its exit layer (hooks), i.e. the cached keys/values of the propagated layers are exactly those;
+    (2) exits actually happen; (3) an unreachable threshold reproduces the full model's tokens."""
+    model = build_tiny("llava", layers=6, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked lens distributions, so that some tokens exit early and some do not
+    inputs = make_inputs(model, "llava", batch=1, text_len=4)
+    n_new = 8
+    full_ids = generate_ids(model, inputs, n_new)
+    with DynamicExit(model, "confidence", threshold=1.1) as never:
+        assert generate_ids(model, inputs, n_new) == full_ids
+    assert never.exits == [6] * n_new
+    with DynamicExit(model, criterion, threshold=threshold, min_layer=3) as dyn:
+        ids = generate_ids(model, inputs, n_new)[0]
+    exits = dyn.exits
+    assert len(exits) == n_new and exits[0] == 6 and min(exits) < 6 and exits.count(6) >= 2
+    # reference: token t (t >= 1) was fed at position P + t - 1 and exited at exits[t]
+    prompt = inputs["input_ids"].shape[1]
+    seq = torch.cat([inputs["input_ids"], torch.tensor([ids[:-1]])], dim=1)
+    positions = {i: [prompt + t - 1 for t in range(1, n_new) if exits[t] < i] for i in range(1, 7)}
+    full = dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))
+    with torch.no_grad(), IdentityHooks(model, range(2, 7), positions):
+        logits = model(**full).logits[0]
+    assert logits[prompt - 1 :].argmax(-1).tolist() == ids
+
+
+def test_selectors_and_budget():
+    import numpy as np
+
+    n = 12
+    bi = np.array([np.nan, .9, .8, .7, .6, .05, .5, .04, .3, .2, .6, .9, .95])
+    ang = np.ones((n + 1, n + 1))
+    ang[6, 9] = 0.1  # block 7..9 is the closest input/output pair for k=3
+    ctx = SelectionContext(n, STAGES, CalibrationStats(bi, ang, 10), protected={4})
+    assert SELECTORS["stage"](2, ctx).removed == [5, 7]
+    assert SELECTORS["block-influence"](3, ctx).removed == [5, 7, 9]
+    assert SELECTORS["angular"](3, ctx).removed == [7, 8, 9]
+    assert SELECTORS["last"](2, ctx).removed == [11, 12]
+    r = SELECTORS["random"](3, ctx).removed
+    assert len(r) == 3 and 4 not in r and r == SELECTORS["random"](3, ctx).removed
+    js_ctx = SelectionContext(n, {**STAGES, "curves": {"js_prev": {"median": [0, *range(12, 0, -1)]}}}, redundancy="js")
+    assert SELECTORS["stage"](2, js_ctx).removed == [8, 9]  # lowest adjacent JS inside 5..9
+    with pytest.raises(EvotoolError, match="only 5"):
+        SELECTORS["stage"](6, ctx)  # larger than the stable stage
+    assert budget(12, drop=3) == 3 and budget(12, ratio=0.25) == 3 and budget(12, speedup=1.5) == 4
+    with pytest.raises(EvotoolError):
+        budget(12, drop=2, ratio=0.5)

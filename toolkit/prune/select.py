@@ -1,0 +1,227 @@
+"""Which decoder layers to remove: the stage-guided selector and four baselines, one function each.
+
+Every selector has the signature ``(k, ctx) -> Selection`` and never returns a protected layer
+(``ctx.protected``: the critical layer under ``--keep-critical``). Layers are numbered 1..L.
+
+* ``stage``: only layers of the stabilization stage (``[C+1, M-1]`` from stages.json; with
+  ``keep_mutation=False`` also the mutation stage), ranked by redundancy: ``influence`` (block
+  influence from calibration, lowest first), ``js`` (median adjacent-layer JS of the analysis, lowest
+  first) or ``cosine`` (median adjacent hidden cosine of the analysis, highest first).
+* ``block-influence`` (ShortGPT, Men et al. 2024): the k layers of lowest BI_i = 1 - E[cos(h_{i-1}, h_i)].
+* ``angular`` (Gromov et al. 2024): the contiguous block i+1..i+k minimising the angular distance
+  arccos(cos(h_i, h_{i+k})) / pi.
+* ``last``: the last k layers; ``random``: k layers drawn with ``ctx.seed``.
+
+Calibration statistics use every non-padding position of teacher-forced world samples
+(prompt + answer), captured with forward hooks before the final norm.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from evotool.data.inputs import Sample
+from evotool.errors import ConfigError
+from evotool.models.registry import decoder_parts
+
+
+@dataclass
+class CalibrationStats:
+    """``block_influence`` [L+1] (index 0 NaN) and ``angular`` [L+1, L+1] (angular[i, j], i < j) over ``tokens`` positions."""
+
+    block_influence: np.ndarray
+    angular: np.ndarray
+    tokens: int
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int = 8) -> CalibrationStats:
+    """Block influence and pairwise angular distances from teacher-forced ``samples`` (all positions)."""
+    from evotool.finetune import collate
+
+    parts = decoder_parts(model)
+    n = parts.num_layers
+    cos_sum = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    ang_sum = torch.zeros_like(cos_sum)
+    count = 0
+    states: list[torch.Tensor | None] = [None] * (n + 1)
+    handles = [parts.layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: states.__setitem__(0, (args[0] if args else kwargs["hidden_states"]).detach()),
+        with_kwargs=True)]
+    for i, layer in enumerate(parts.layers, start=1):
+        handles.append(layer.register_forward_hook(
+            lambda _m, _a, out, i=i: states.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach())))
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = collate(processor, samples[start : start + batch_size], model.device)
+            mask = batch.pop("attention_mask").bool()
+            batch.pop("labels")
+            model(attention_mask=mask.long(), **batch)
+            h = torch.stack([s[mask] for s in states]).double()  # [L+1, N, H]
+            h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            for i in range(n + 1):
+                cos = (h[i : i + 1] * h[i:]).sum(-1).clamp(-1, 1)  # [L+1-i, N]
+                cos_sum[i, i:] += cos.sum(-1)
+                ang_sum[i, i:] += (torch.arccos(cos) / torch.pi).sum(-1)
+            count += h.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    mean_cos = (cos_sum / count).numpy()
+    influence = np.full(n + 1, np.nan)
+    influence[1:] = 1.0 - np.diagonal(mean_cos, offset=1)
+    return CalibrationStats(block_influence=influence, angular=(ang_sum / count).numpy(), tokens=count)
+
+
+@dataclass
+class SelectionContext:
+    """What the selectors may use."""
+
+    num_layers: int
+    stages: dict[str, Any] | None = None
+    stats: CalibrationStats | None = None
+    protected: set[int] = field(default_factory=set)
+    redundancy: str = "influence"
+    keep_mutation: bool = True
+    seed: int = 0
+
+    def need_stats(self) -> CalibrationStats:
+        if self.stats is None:
+            raise ConfigError("this selector needs calibration statistics")
+        return self.stats
+
+    def free(self, layers: Sequence[int]) -> list[int]:
+        return [i for i in layers if i not in self.protected]
+
+
+@dataclass
+class Selection:
+    """Layers to remove (1..L, sorted) and, per layer, why."""
+
+    removed: list[int]
+    reasons: dict[int, str]
+    selector: str
+
+
+def _budget_error(k: int, available: int, what: str) -> ConfigError:
+    return ConfigError(f"cannot remove {k} layers: only {available} {what}")
+
+
+def select_stage(k: int, ctx: SelectionContext) -> Selection:
+    """The k most redundant layers of the stabilization stage (see module docstring)."""
+    if ctx.stages is None:
+        raise ConfigError("the stage selector needs a stages.json (or the on-the-fly analysis)")
+    ranges = ctx.stages["stages"]
+    if ranges["stabilization"] is None:
+        raise ConfigError("stages.json has no stabilization stage (no critical layer found): nothing stage-guided to remove; "
+                          "use a baseline selector")
+    first, last = ranges["stabilization"]
+    pool = list(range(first, last + 1))
+    if not ctx.keep_mutation and ranges["mutation"] is not None:
+        pool += list(range(ranges["mutation"][0], ranges["mutation"][1] + 1))
+    pool = ctx.free([i for i in pool if i >= 1])
+    if k > len(pool):
+        where = "stabilization" + ("" if ctx.keep_mutation else " + mutation")
+        raise _budget_error(k, len(pool), f"removable layers in the {where} stage {pool}")
+    if ctx.redundancy == "influence":
+        score = {i: float(ctx.need_stats().block_influence[i]) for i in pool}
+        label = "block influence {:.4f}"
+    elif ctx.redundancy in ("js", "cosine"):
+        curves = ctx.stages.get("curves") or {}
+        key = "js_prev" if ctx.redundancy == "js" else "cos_prev"
+        if key not in curves:
+            raise ConfigError(f"stages.json has no {key} curve for --redundancy {ctx.redundancy}")
+        sign = 1.0 if ctx.redundancy == "js" else -1.0
+        score = {i: sign * float(curves[key]["median"][i]) for i in pool}
+        label = "median adjacent JS {:.4g}" if ctx.redundancy == "js" else "median adjacent cosine {:.4f} (negated)"
+    else:
+        raise ConfigError(f"unknown redundancy {ctx.redundancy!r}; choose influence, js or cosine")
+    chosen = sorted(sorted(pool, key=lambda i: score[i])[:k])
+    return Selection(chosen, {i: f"stabilization stage, {label.format(score[i])}" for i in chosen}, "stage")
+
+
+def select_block_influence(k: int, ctx: SelectionContext) -> Selection:
+    """ShortGPT: the k layers of lowest block influence."""
+    bi = ctx.need_stats().block_influence
+    pool = ctx.free(range(1, ctx.num_layers + 1))
+    if k > len(pool):
+        raise _budget_error(k, len(pool), "unprotected layers")
+    chosen = sorted(sorted(pool, key=lambda i: bi[i])[:k])
+    return Selection(chosen, {i: f"block influence {bi[i]:.4f}" for i in chosen}, "block-influence")
+
+
+def select_angular(k: int, ctx: SelectionContext) -> Selection:
+    """Gromov et al.: the contiguous block of k layers whose input and output are closest in angle."""
+    ang = ctx.need_stats().angular
+    best: tuple[float, int] | None = None
+    for start in range(0, ctx.num_layers - k + 1):  # removes layers start+1 .. start+k
+        block = range(start + 1, start + k + 1)
+        if any(i in ctx.protected for i in block):
+            continue
+        if best is None or ang[start, start + k] < best[0]:
+            best = (float(ang[start, start + k]), start)
+    if best is None:
+        raise _budget_error(k, 0, "contiguous unprotected blocks of that size")
+    chosen = list(range(best[1] + 1, best[1] + k + 1))
+    return Selection(chosen, {i: f"block {chosen[0]}..{chosen[-1]}, angular distance {best[0]:.4f}" for i in chosen},
+                     "angular")
+
+
+def select_last(k: int, ctx: SelectionContext) -> Selection:
+    """The last k unprotected layers."""
+    pool = ctx.free(range(1, ctx.num_layers + 1))
+    if k > len(pool):
+        raise _budget_error(k, len(pool), "unprotected layers")
+    chosen = pool[len(pool) - k :]
+    return Selection(chosen, {i: "drop-last-k baseline" for i in chosen}, "last")
+
+
+def select_random(k: int, ctx: SelectionContext) -> Selection:
+    """k unprotected layers drawn uniformly with ``ctx.seed``."""
+    pool = ctx.free(range(1, ctx.num_layers + 1))
+    if k > len(pool):
+        raise _budget_error(k, len(pool), "unprotected layers")
+    chosen = sorted(random.Random(ctx.seed).sample(pool, k))
+    return Selection(chosen, {i: f"random baseline (seed {ctx.seed})" for i in chosen}, "random")
+
+
+SELECTORS: dict[str, Callable[[int, SelectionContext], Selection]] = {
+    "stage": select_stage,
+    "block-influence": select_block_influence,
+    "angular": select_angular,
+    "last": select_last,
+    "random": select_random,
+}
+NEEDS_STATS = {"block-influence", "angular"}
+
+
+def needs_stats(selector: str, redundancy: str) -> bool:
+    """Whether ``selector`` needs a calibration pass."""
+    return selector in NEEDS_STATS or (selector == "stage" and redundancy == "influence")
+
+
+def budget(num_layers: int, drop: int | None = None, ratio: float | None = None, speedup: float | None = None) -> int:
+    """Layers to remove from exactly one of: a count, a fraction of L, or an ideal speedup L / (L - k) to reach."""
+    given = [x is not None for x in (drop, ratio, speedup)]
+    if sum(given) != 1:
+        raise ConfigError("give exactly one of --drop, --ratio or --speedup")
+    if drop is not None:
+        k = drop
+    elif ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"--ratio must lie in (0, 1), got {ratio}")
+        k = round(ratio * num_layers)
+    else:
+        if speedup <= 1.0:  # type: ignore[operator]
+            raise ConfigError(f"--speedup must be > 1, got {speedup}")
+        k = int(np.ceil(num_layers * (1.0 - 1.0 / speedup) - 1e-9))  # type: ignore[operator]
+    if not 1 <= k < num_layers:
+        raise ConfigError(f"the budget gives {k} layers to remove; it must lie in 1..{num_layers - 1}")
+    return k
