@@ -1,0 +1,152 @@
+"""`evotool eval` / `evotool mitigate` end to end on a small random world-LLaVA, and the harness."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from evotool.analysis.schema import write_stages
+from evotool.cli import main
+from evotool.data.inputs import Sample
+from evotool.evals.harness import evaluate_world_methods, score_pope, world_flat
+from evotool.evals.results import read_results
+from evotool.evals.world import evaluate_world
+from evotool.mitigate.methods import build_method
+from evotool.models.loading import fingerprint, load_model
+from evotool.world import ModelConfig, WorldConfig, build_model, build_processor, make_records
+
+CONTRACT = ("chair_s", "chair_i", "recall", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "latency_ratio")
+LAYERS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generation of a 32-wide model gains nothing from threads; one keeps the shared machine usable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    """A saved random world-LLaVA, its stages.json and one of another model."""
+    root = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    proc = build_processor()
+    model = build_model(proc.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
+                                                                   layers=LAYERS, heads=4, mlp=64))
+    model.save_pretrained(root / "model")
+    proc.save_pretrained(root / "model")
+    loaded, _ = load_model(root / "model")
+    stages = {"model": "tiny", "num_layers": LAYERS, "critical_layer": 2, "mutation_layers": [5],
+              "stages": {"rapid_evolution": [0, 2], "stabilization": [3, 4], "mutation": [5, 6]}}
+    write_stages(root / "stages.json", dict(stages, fingerprint=fingerprint(loaded)))
+    write_stages(root / "other.json", dict(stages, fingerprint="0123456789abcdef"))
+    return root
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["evotool", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+WORLD = ("--n", "2", "--batch-size", "4", "--max-new-tokens", "6", "--no-wandb")
+
+
+def test_eval_world_greedy_writes_contract_keys(world_model, tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "eval", "world", "--model", str(world_model / "model"),
+                         "--method", "greedy", "--out", str(tmp_path), *WORLD)
+    assert code == 0, err
+    record = read_results(tmp_path)
+    assert set(CONTRACT) <= set(record["metrics"])
+    assert record["metrics"]["latency_ratio"] == 1.0
+    assert record["config"]["method"] == "greedy"
+
+
+def test_mitigate_then_eval_with_run_dir(world_model, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "mit"
+    code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "smoothing", "--model", str(world_model / "model"),
+                       "--stages", str(world_model / "stages.json"), "--n", "2", "--batch-size", "4", "--out", str(run),
+                       "--no-wandb")
+    assert code == 0, err
+    spec = json.loads((run / "method.json").read_text())
+    assert spec["method"] == "smoothing" and spec["layers"] == {"smoothed": [5]}
+    tried = json.loads((run / "tuning.json").read_text())
+    assert [t["options"] for t in tried][1:] == [{"alpha": a} for a in (0.0, 0.25, 0.5, 0.75)]
+    assert spec["options"]["alpha"] in (0.0, 0.25, 0.5, 0.75)
+    code, _, err = cli(monkeypatch, capsys, "eval", "world", "--model", str(world_model / "model"),
+                       "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)
+    assert code == 0, err
+    record = read_results(tmp_path / "ev")
+    assert record["config"]["method"] == "smoothing" and record["config"]["options"] == spec["options"]
+    assert record["metrics"]["latency_ratio"] > 0 and set(CONTRACT) <= set(record["meta"]["baseline"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("eval", "world", "--method", "nope"), "unknown method"),
+        (("eval", "world", "--method", "smoothing", "--stages", "{root}/other.json"), "another model"),
+        (("eval", "world", "--method", "smoothing"), "needs a stage file"),
+        (("eval", "world", "--method", "dola", "--set", "beta=2"), "no option"),
+        (("eval", "pope", "--data", "{root}/missing.json"), "not found"),
+        (("eval", "chair", "--data", "{root}/none.json", "--image-ids", "{root}/ids.txt", "--image-dir", "{root}"), "not found"),
+        (("mitigate", "--method", "vcd2"), "unknown method"),
+    ],
+)
+def test_bad_inputs_exit_with_one_line(world_model, tmp_path, monkeypatch, capsys, args, message):
+    args = tuple(a.format(root=world_model) for a in args)
+    model_args = ("--model", str(world_model / "model"), "--no-wandb", "--out", str(tmp_path))
+    code, _, err = cli(monkeypatch, capsys, *args, *model_args)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+
+
+def test_eval_pope_on_released_format(world_model, tmp_path, monkeypatch, capsys):
+    records = make_records("pope_random", "test", 4)
+    (tmp_path / "img").mkdir()
+    with (tmp_path / "coco_pope_random.json").open("w") as fh:
+        for i, r in enumerate(records):
+            r["image"].save(tmp_path / "img" / f"{i}.png")
+            fh.write(json.dumps({"question_id": i, "image": f"{i}.png", "text": r["prompt"], "label": r["answer"]}) + "\n")
+    code, _, err = cli(monkeypatch, capsys, "eval", "pope", "--data", str(tmp_path / "coco_pope_random.json"),
+                       "--image-dir", str(tmp_path / "img"), "--model", str(world_model / "model"), "--method", "vcd",
+                       "--out", str(tmp_path / "ev"), "--max-new-tokens", "3", "--no-wandb")
+    assert code == 0, err
+    metrics = read_results(tmp_path / "ev")["metrics"]
+    assert {"pope_random_accuracy", "pope_random_f1", "pope_random_yes_ratio", "latency_ratio"} <= set(metrics)
+
+
+def test_score_pope_by_hand():
+    samples = [Sample(id=str(i), image=None, answer=a, meta={"split": s}) for i, (a, s) in
+               enumerate([("yes", "random"), ("no", "random"), ("yes", "random"), ("no", "adversarial"), ("yes", "adversarial")])]
+    scores = score_pope(samples, ["Yes.", "yes", "No, there is not.", "no", "yes"])
+    # random: TP 1, FP 1, FN 1 -> P = R = F1 = 1/2, accuracy 1/3, yes ratio 2/3; adversarial: all right.
+    assert scores["pope_random_f1"] == pytest.approx(0.5)
+    assert scores["pope_random_accuracy"] == pytest.approx(1 / 3)
+    assert scores["pope_random_yes_ratio"] == pytest.approx(2 / 3)
+    assert scores["pope_adversarial_f1"] == pytest.approx(1.0)
+    assert scores["pope_f1"] == pytest.approx(0.75)
+
+
+def test_interleaved_scores_equal_a_plain_world_eval(world_model):
+    model, proc = load_model(world_model / "model")
+    world = WorldConfig(seed=3)
+    methods = {"greedy": build_method("greedy", model), "dola": build_method("dola", model)}
+    scores = evaluate_world_methods(model, proc, methods, 2, world, batch_size=4, max_new_tokens=5)
+    assert scores["greedy"] == pytest.approx(world_flat(evaluate_world(model, proc, 2, world, 4, 5)) | scores["greedy"])
+    dola = methods["dola"]
+    plain_dola = world_flat(evaluate_world(model, proc, 2, world, 4, 5, generate_fn=dola.generate))
+    assert {k: scores["dola"][k] for k in plain_dola} == pytest.approx(plain_dola)
+    assert scores["greedy"]["latency_ratio"] == 1.0 and scores["dola"]["latency_ratio"] > 0
