@@ -1,0 +1,56 @@
+"""The pruned checkpoint's ``prune.json`` and model card (README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evotool.analysis.schema import atomic_write_text
+
+PRUNE_FILE = "prune.json"
+PRUNE_SCHEMA = "1.0"
+
+
+def write_prune_json(out: Path, record: dict[str, Any]) -> Path:
+    """``out/prune.json``: ``schema_version`` plus ``record`` (kept / removed layers numbered 1..L as in the analysis)."""
+    path = Path(out) / PRUNE_FILE
+    atomic_write_text(path, json.dumps({"schema_version": PRUNE_SCHEMA, **record}, indent=2) + "\n")
+    return path
+
+
+def model_card(record: dict[str, Any], metrics_table: str | None = None) -> str:
+    """Markdown card: source model, stages, removed layers and why, healing, measured quality/speed."""
+    st = record["stages"]
+    lines = [
+        "# Pruned model (evotool prune)",
+        "",
+        f"Source model: `{record['source_model']}` (fingerprint {record['source_fingerprint']}), "
+        f"{record['num_layers']} decoder layers -> {len(record['kept_layers'])}.",
+        "Load with `AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.",
+        "",
+        "## Stages of the source model (from its stages.json)",
+        "",
+        f"- critical layer: {st['critical_layer']}; mutation layers: {st['mutation_layers']}",
+        f"- rapid evolution {st['stages']['rapid_evolution']}, stabilization {st['stages']['stabilization']}, "
+        f"mutation {st['stages']['mutation']} (inclusive, layers numbered 1..L; 0 = embeddings)",
+        "",
+        f"## Removed layers (selector `{record['selector']}`"
+        + (f", redundancy `{record['redundancy']}`" if record["selector"] == "stage" else "")
+        + f", keep_critical={record['keep_critical']}, keep_mutation={record['keep_mutation']})",
+        "",
+        "| layer | why |",
+        "|---|---|",
+        *[f"| {layer} | {why} |" for layer, why in sorted(record["reasons"].items(), key=lambda kv: int(kv[0]))],
+        "",
+        f"Kept layers (old numbering): {record['kept_layers']}. New layer j is old layer kept_layers[j-1].",
+        "",
+    ]
+    if record.get("heal"):
+        h = record["heal"]
+        lines += ["## Healing", "", f"LoRA r={h['settings']['r']} on layers {h['settings']['layers_to_transform'] or 'all'}, "
+                  f"{h['settings']['steps']} steps on {h['samples']} synthetic-world samples; loss {h['losses'][0][1]:.3f} -> "
+                  f"{h['losses'][-1][1]:.3f}. Adapters in `adapter/`, merged into these weights.", ""]
+    if metrics_table:
+        lines += ["## Measured", "", metrics_table, ""]
+    return "\n".join(lines)
