@@ -165,3 +165,98 @@ def test_selectors_and_budget():
     assert budget(12, drop=3) == 3 and budget(12, ratio=0.25) == 3 and budget(12, speedup=1.5) == 4
     with pytest.raises(EvotoolError):
         budget(12, drop=2, ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A saved random 8-layer world-LLaVA and the stages.json `evotool analyze` wrote for it."""
+    from typer.testing import CliRunner
+
+    from evotool.cli import app
+    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
+
+    root = tmp_path_factory.mktemp("prune_cli")
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
+                                                                        layers=8, heads=4, mlp=64))
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    res = CliRunner().invoke(app, ["analyze", "--model", str(root / "model"), "--out", str(root / "an"), "--no-wandb",
+                                   "--world-samples", "2", "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def _with_stages(root, name, **changes):
+    """A copy of the analysed stages.json with some fields changed (same model, same fingerprint unless changed)."""
+    payload = json.loads((root / "an" / "stages.json").read_text())
+    payload.update(changes)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def _prune(root, *args):
+    from typer.testing import CliRunner
+
+    from evotool.cli import app
+
+    return CliRunner().invoke(app, ["prune", "--model", str(root / "model"), "--no-wandb", *args])
+
+
+def test_cli_prune_end_to_end(analysed):
+    root = analysed
+    stages = _with_stages(root, "staged", critical_layer=3, mutation_layers=[8],
+                          stages={"rapid_evolution": [0, 3], "stabilization": [4, 7], "mutation": [8, 8]})
+    res = _prune(root, "--stages", str(stages), "--keep-critical", "--drop", "2", "--selector", "stage", "--out", str(root / "p"))
+    assert res.exit_code == 0, res.output
+    record = json.loads((root / "p" / "prune.json").read_text())
+    assert len(record["removed_layers"]) == 2 and set(record["removed_layers"]) <= {4, 5, 6, 7}
+    assert record["kept_layers"] == [i for i in range(1, 9) if i not in record["removed_layers"]]
+    assert "stabilization stage" in (root / "p" / "README.md").read_text()
+    from transformers import AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(root / "p").eval()
+    AutoProcessor.from_pretrained(root / "p")
+    assert decoder_parts(model).num_layers == 6
+    # the saved model is the source with those layers removed
+    src = AutoModelForImageTextToText.from_pretrained(root / "model").eval()
+    remove_layers(src, record["removed_layers"])
+    for (name, a), b in zip(src.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cli_refusals(analysed):
+    root = analysed
+    staged = dict(critical_layer=3, mutation_layers=[8], stages={"rapid_evolution": [0, 3], "stabilization": [4, 7], "mutation": [8, 8]})
+    cases = {
+        "critical": (_with_stages(root, "c", **staged), ["--layers", "3,5"], "critical layer"),
+        "budget": (_with_stages(root, "b", **staged), ["--drop", "5"], "only 4"),
+        "fingerprint": (_with_stages(root, "f", **staged, fingerprint="0123456789abcdef"), ["--drop", "1"], "another model"),
+        "no stable stage": (root / "an" / "stages.json", ["--drop", "1"], None),
+    }
+    for name, (path, args, message) in cases.items():
+        res = _prune(root, "--stages", str(path), *args, "--out", str(root / name))
+        assert isinstance(res.exception, EvotoolError), (name, res.output)
+        assert message is None or message in str(res.exception), (name, str(res.exception))
+        assert not (root / name / "model.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4/8-bit loading needs CUDA")
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_pruned_checkpoint_loads_quantized(quantization, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from evotool.models.loading import _quantization_config  # what load_model(..., LoadOptions(quantization=...)) uses
+
+    model = build_tiny("llava", layers=4)
+    remove_layers(model, [2, 3])
+    model.save_pretrained(tmp_path)
+    quantized = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, quantization_config=_quantization_config(quantization, torch.float16),
+        device_map="cuda")
+    assert decoder_parts(quantized).num_layers == 2
+    inputs = {k: v.to("cuda") for k, v in make_inputs(model, "llava", batch=1).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    assert len(generate_ids(quantized, inputs, 3)[0]) == 3
