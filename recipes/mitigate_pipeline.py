@@ -24,7 +24,8 @@ from evotool.analysis.schema import atomic_write_text, read_stages
 from evotool.evals.harness import BASELINE, evaluate_world_methods
 from evotool.evals.results import write_results
 from evotool.mitigate.methods import Method, build_method, method_class
-from evotool.mitigate.run import MitigateConfig, Selection, resolve_spec, run_mitigate
+from evotool.finetune import LoraSettings
+from evotool.mitigate.run import TRAINED, MitigateConfig, Selection, resolve_spec, run_mitigate
 from evotool.models.loading import LoadOptions, fingerprint, load_model
 from evotool.recipes.train_demo import load_config
 from evotool.tracking import Tracker
@@ -34,12 +35,17 @@ TABLE_KEYS = ("chair_s", "chair_i", "recall", "pope_random_f1", "pope_popular_f1
               "latency_ratio")
 
 
+def stage_aware(name: str) -> bool:
+    """Whether a method's choices come from the analysis (stage file)."""
+    return name == "lora_mutation" or (name not in TRAINED and method_class(name).needs_stages)
+
+
 def target_check(metrics: dict[str, dict[str, float]], target: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per stage-aware method: relative CHAIR_i cut vs greedy, recall loss, latency, and whether it beats DoLa and VCD."""
     base = metrics[BASELINE]
     out = {}
     for name, m in metrics.items():
-        if not method_class(name).needs_stages:
+        if not stage_aware(name):
             continue
         cut = 1 - m["chair_i"] / base["chair_i"] if base["chair_i"] else 0.0
         loss = 1 - m["recall"] / base["recall"] if base["recall"] else 0.0
@@ -85,6 +91,16 @@ def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = 
     options: dict[str, dict[str, Any]] = {}
     tune = cfg["tune"]
     for name in cfg["eval"]["methods"]:
+        if name in TRAINED:
+            lora = cfg["lora"]
+            path = run_mitigate(
+                MitigateConfig(method=name, model=model_id, stages=str(stages_path), out=out / "mitigate" / name,
+                               wandb=not no_wandb, lora=LoraSettings(**lora["settings"]),
+                               train_samples=lora["samples"], train_seed=lora["seed"]))
+            spec = resolve_spec(str(path.parent))
+            options[name] = {"checkpoint": spec.model}
+            methods[name] = build_method(BASELINE, load_model(spec.model, LoadOptions())[0])
+            continue
         if name not in (BASELINE, *cfg["eval"]["options"]) and not method_class(name).needs_stages:
             raise ConfigError(f"eval method {name!r} has neither fixed options nor a tuning grid")
         if method_class(name).needs_stages:

@@ -150,3 +150,20 @@ def test_interleaved_scores_equal_a_plain_world_eval(world_model):
     plain_dola = world_flat(evaluate_world(model, proc, 2, world, 4, 5, generate_fn=dola.generate))
     assert {k: scores["dola"][k] for k in plain_dola} == pytest.approx(plain_dola)
     assert scores["greedy"]["latency_ratio"] == 1.0 and scores["dola"]["latency_ratio"] > 0
+
+
+def test_lora_mutation_trains_only_the_mutation_stage(world_model, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "lora"
+    code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "lora_mutation", "--model", str(world_model / "model"),
+                       "--stages", str(world_model / "stages.json"), "--lora-steps", "2", "--out", str(run), "--no-wandb")
+    assert code == 0, err
+    spec = json.loads((run / "method.json").read_text())
+    assert spec["layers"] == {"lora": [5, 6]} and spec["method"] == "greedy"
+    base, tuned = load_file(world_model / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    changed = {k.split(".layers.")[1].split(".")[0] for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed == {"4", "5"}  # decoder layers 5 and 6 are parts.layers[4], parts.layers[5]
+    code, _, err = cli(monkeypatch, capsys, "eval", "world", "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)
+    assert code == 0, err
+    assert read_results(tmp_path / "ev")["config"]["model"] == str(run / "model")

@@ -52,7 +52,7 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
 
     spec = resolve_spec(method, parse_overrides(options or []), stages)
     make_config(spec.method, spec.options)  # option errors before the model loads
-    m, p, model_id = _load(model, dtype, device)
+    m, p, model_id = _load(model or spec.model, dtype, device)
     chosen = method_for(m, spec)
     methods = {spec.method: chosen} if spec.method == BASELINE else {spec.method: chosen, BASELINE: method_for(m, resolve_spec(BASELINE))}
     scores = evaluate(m, p, methods)

@@ -9,7 +9,7 @@ import typer
 
 
 def command(
-    method: Annotated[str, typer.Option(help="greedy, dola, vcd, stable_readout, smoothing or stage_contrast.")],
+    method: Annotated[str, typer.Option(help="stable_readout, smoothing, stage_contrast (tuned), dola, vcd, greedy, or lora_mutation / lora_all (fine-tuned).")],
     model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
     stages: Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Fixed method option key=value (repeatable).")] = None,
@@ -17,16 +17,20 @@ def command(
     n: Annotated[int, typer.Option("--n", help="Validation records per world task and group.")] = 100,
     seed: Annotated[int, typer.Option(help="World seed of the validation split (test uses 0).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 50,
+    lora_steps: Annotated[int, typer.Option(help="LoRA optimizer steps (trained methods; equal for both).")] = 100,
     out: Annotated[Path, typer.Option(help="Run directory (method.json, tuning.json).")] = Path("runs/mitigate"),
     no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
 ) -> None:
     """Tune and record a mitigation method; `evotool eval ... --method RUN_DIR` then decodes with it."""
+    from evotool.finetune import LoraSettings
     from evotool.mitigate.methods import make_config, parse_overrides
-    from evotool.mitigate.run import MitigateConfig, run_mitigate
+    from evotool.mitigate.run import TRAINED, MitigateConfig, run_mitigate
 
     options = parse_overrides(set_ or [])
-    make_config(method, options)
+    if method not in TRAINED:
+        make_config(method, options)
     cfg = MitigateConfig(method=method, model=model, stages=stages, options=options, tune=tune, n=n, seed=seed,
-                         batch_size=batch_size, out=out, wandb=not no_wandb)
+                         batch_size=batch_size, out=out, wandb=not no_wandb,
+                         lora=LoraSettings(steps=lora_steps))
     path = run_mitigate(cfg)
     typer.echo(f"wrote {path}")

@@ -18,6 +18,7 @@ from torch import nn
 
 from evotool.analysis.schema import atomic_write_text, read_stages
 from evotool.errors import ConfigError, InputError, StageFileError
+from evotool.finetune import LoraSettings
 from evotool.mitigate.methods import Method, build_method, method_class
 from evotool.models.loading import fingerprint
 
@@ -31,13 +32,19 @@ TUNE_GRIDS: dict[str, dict[str, list[Any]]] = {
 }
 
 
+# Training-time methods: LoRA on a truthful grounding set; the run directory then holds a merged checkpoint
+# (``model/``) that decodes greedily. Value: which decoder layers get adapters.
+TRAINED: dict[str, str] = {"lora_mutation": "the mutation stage (from the stage file)", "lora_all": "every decoder layer"}
+
+
 @dataclass
 class MethodSpec:
-    """A method name with its options and the stage file it reads."""
+    """A method name with its options, the stage file it reads and (trained methods) the checkpoint it runs on."""
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     stages: str | None = None
+    model: str | None = None
 
 
 def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str | None = None) -> MethodSpec:
@@ -46,7 +53,8 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     path = Path(method)
     if (path / METHOD_FILE).is_file():
         stored = json.loads((path / METHOD_FILE).read_text())
-        return MethodSpec(stored["method"], {**stored.get("options", {}), **(options or {})}, stages or stored.get("stages"))
+        return MethodSpec(stored["method"], {**stored.get("options", {}), **(options or {})},
+                          stages or stored.get("stages"), stored.get("checkpoint"))
     if path.is_dir():
         raise ConfigError(f"{path} is not a mitigate run directory (no {METHOD_FILE})")
     method_class(method)  # unknown names fail here with the list of methods
@@ -112,9 +120,13 @@ class MitigateConfig:
     out: Path = field(default=Path("runs/mitigate"), metadata={"help": "run directory"})
     wandb: bool = field(default=True, metadata={"help": "log to Weights & Biases"})
     selection: Selection = field(default_factory=Selection)
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings of the trained methods (layers set by the method)"})
+    train_samples: int = field(default=400, metadata={"help": "truthful world samples (test + prior-breaking splits) to fine-tune on"})
+    train_seed: int = field(default=2, metadata={"help": "world seed of the fine-tuning samples (differs from validation and test)"})
 
     def __post_init__(self) -> None:
-        method_class(self.method)
+        if self.method not in TRAINED:
+            method_class(self.method)
         if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("n, batch_size and max_new_tokens must be positive")
         self.out = Path(self.out)
@@ -129,6 +141,8 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
     from evotool.world import WorldConfig
 
     model_id = resolve_model_id(cfg.model)
+    if cfg.method in TRAINED:
+        return _run_lora(cfg, model_id)
     if model is None:
         model, processor = load_model(model_id)
     spec = MethodSpec(cfg.method, dict(cfg.options), str(cfg.stages) if cfg.stages else None)
@@ -160,6 +174,45 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
         tracker.log_table("tuning", ["options", *keys],
                           [[json.dumps(t["options"]), *(t["metrics"].get(k) for k in keys)] for t in tried])
     tracker.summary({"method": spec.method, "options": json.dumps(spec.options)})
+    tracker.finish()
+    return path
+
+
+def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
+    """LoRA on the mutation stage's decoder layers (``lora_mutation``) or on all of them (``lora_all``), same
+    samples, steps, rank and learning rate; saves the merged checkpoint as ``cfg.out/model``."""
+    from dataclasses import replace
+
+    from evotool.finetune import lora_finetune, merge_and_save, world_samples
+    from evotool.models.loading import load_model
+    from evotool.tracking import Tracker
+
+    model, processor = load_model(model_id)  # a private copy: peft wraps it in place
+    base_fingerprint = fingerprint(model)
+    layers = None
+    if cfg.method == "lora_mutation":
+        if cfg.stages is None:
+            raise StageFileError("method 'lora_mutation' needs a stage file: pass --stages (from `evotool analyze`)")
+        mutation = read_stages(cfg.stages, base_fingerprint)["stages"]["mutation"]
+        if not mutation:
+            raise StageFileError(f"{cfg.stages} has no mutation stage")
+        layers = list(range(mutation[0], mutation[1] + 1))
+    settings = replace(cfg.lora, layers_to_transform=layers)
+    half = max(1, cfg.train_samples // 2)
+    samples = world_samples(half, cfg.train_seed, "test") + world_samples(half, cfg.train_seed, "prior_breaking")
+    tracker = Tracker("mitigate", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    result = lora_finetune(model, processor, samples, settings, on_log=lambda step, loss: tracker.log({"lora/loss": loss}, step))
+    checkpoint = cfg.out / "model"
+    merged = merge_and_save(result.model, processor, checkpoint)
+    record = {"method": "greedy", "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
+              "model": model_id,
+              "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged), "checkpoint": str(checkpoint),
+              "layers": {"lora": layers or "all"}, "lora": result.settings, "losses": result.losses,
+              "trainable_parameters": result.trainable_parameters,
+              "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
+    path = cfg.out / METHOD_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    tracker.summary({"method": cfg.method, "trainable_parameters": result.trainable_parameters})
     tracker.finish()
     return path
 
