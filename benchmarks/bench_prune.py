@@ -69,25 +69,27 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--clock", choices=["wall", "cpu"], help="timer (default: wall on CUDA, process CPU time on CPU)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     n, k = shape["layers"], args.drop
+    clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     full = build(shape, dtype, args.device)
     pruned = copy.deepcopy(full)
     first = n // 2 - k // 2
     removed = list(range(first + 1, first + k + 1))
     remove_layers(pruned, removed)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'CPU'}, {args.threads} thread(s)"
-    print(f"# shape {args.shape} ({n} layers, width {shape['width']}), removed {k}: {removed}; {args.dtype} on {device_name}")
+    print(f"# shape {args.shape} ({n} layers, width {shape['width']}), removed {k}: {removed}; {args.dtype} on {device_name}; {clock} clock, median of {args.repeats}")
     weights = {name: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20 for name, m in (("full", full), ("pruned", pruned))}
     print("| batch | model | weights MB | prefill ms | decode tok/s | peak MB | prefill speedup | decode speedup | ideal L/(L-k) | efficiency |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         inputs = make_inputs(shape, b, args.text_len, dtype, args.device)
-        res = measure({"full": full, "pruned": pruned}, inputs, args.new_tokens, args.repeats)
+        res = measure({"full": full, "pruned": pruned}, inputs, args.new_tokens, args.repeats, clock=clock)
         r = ratios(res["full"], res["pruned"], n, k)
         for name in ("full", "pruned"):
             s = res[name]

@@ -118,6 +118,8 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for name, row in rows.items():
+        if "note" in row:
+            row = {"removed": f"not applicable: {row['note']}"}
         lines.append("| " + " | ".join(fmt(name if c == "variant" else row.get(c)) for c in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -134,7 +136,8 @@ def speed_table(full: nn.Module, pruned: nn.Module, processor: Any, k: int, batc
     rows = []
     for b in batches:
         inputs = build_inputs(processor, [r["image"] for r in records[:b]], [r["prompt"] for r in records[:b]])
-        res = measure({"full": full, "pruned": pruned}, inputs, new_tokens, repeats)
+        clock = "wall" if full.device.type == "cuda" else "cpu"  # CPU time on a shared CPU, see evotool.prune.speed
+        res = measure({"full": full, "pruned": pruned}, inputs, new_tokens, repeats, clock=clock)
         r = ratios(res["full"], res["pruned"], n, k)
         f, p = res["full"], res["pruned"]
         lines.append(f"| {b} | {f.prefill_s * 1e3:.1f} / {p.prefill_s * 1e3:.1f} | {f.decode_tok_s:.1f} / {p.decode_tok_s:.1f} | "
@@ -202,7 +205,11 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     rows: dict[str, dict[str, Any]] = {"full": {"layers": n, **evaluate(full)}}
     pruned_models: dict[str, nn.Module] = {}
     for sel in selectors:
-        selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
+        try:
+            selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
+        except ConfigError as err:
+            rows[f"static:{sel}"] = {"note": str(err)}
+            continue
         pruned = copy.deepcopy(full)
         remove_layers(pruned, selection.removed)
         pruned_models[sel] = pruned
@@ -221,6 +228,8 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
         rows["runtime:dynamic-exit"] = evaluate(full)
     rows["runtime:dynamic-exit"]["layers"] = round(float(sum(dyn.exits) / len(dyn.exits)), 2)
     rows["runtime:dynamic-exit"]["removed"] = f"JS <= {exit_threshold} after layer {max(2, critical + 1)}"
+    if heal_selector not in pruned_models:
+        raise ConfigError(f"selector {heal_selector} gave no model to heal: {rows[f'static:{heal_selector}']}")
     k = len(rows[f"static:{heal_selector}"]["removed"])
     healed, heal_info = heal(copy.deepcopy(pruned_models[heal_selector]), processor, cfg, tracker, None)
     rows[f"static:{heal_selector}+heal"] = {"layers": n - k, "removed": rows[f"static:{heal_selector}"]["removed"], **evaluate(healed)}

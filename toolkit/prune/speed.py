@@ -5,6 +5,10 @@ slow drifts of the machine (another job, thermal) hit all models alike. Decode t
 as (N - 1) / (t(N new tokens) - t(1 new token)) with generation forced to exactly N tokens, which
 removes the prefill and the fixed ``generate`` overhead from the rate.
 
+Clock: wall time on CUDA (after synchronising). On a CPU shared with other jobs, wall time measures the
+scheduler more than the model, so ``clock="cpu"`` uses this process's CPU time (``time.process_time``;
+with one torch thread that is the compute time of the run); the benchmark uses it on CPU.
+
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during generation (weights included); on CPU the
 process's peak resident set during generation minus its resident set before (VmHWM is reset through
 ``/proc/self/clear_refs``), i.e. the activations and KV cache the run added on top of loaded weights.
@@ -59,41 +63,45 @@ def _peak_scope(device: torch.device) -> Callable[[], float]:
     return lambda: (_rss_kb("VmHWM") - base) / 1024
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 @torch.inference_mode()
-def _generate_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], n: int) -> float:
+def _generate_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, clock: Callable[[], float]) -> float:
     _sync(model.device)
-    start = time.perf_counter()
+    start = clock()
     model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **GREEDY)
     _sync(model.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 @torch.inference_mode()
-def _prefill_seconds(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+def _prefill_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], clock: Callable[[], float]) -> float:
     _sync(model.device)
-    start = time.perf_counter()
+    start = clock()
     model(**inputs, use_cache=True)
     _sync(model.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], new_tokens: int = 32, repeats: int = 5,
-            warmup: int = 1) -> dict[str, SpeedResult]:
+            warmup: int = 1, clock: str = "wall") -> dict[str, SpeedResult]:
     """Median prefill latency, decode throughput and peak memory of each model on the same ``inputs``."""
-    if new_tokens < 2 or repeats < 1:
-        raise ValueError("need new_tokens >= 2 and repeats >= 1")
+    if new_tokens < 2 or repeats < 1 or clock not in CLOCKS:
+        raise ValueError(f"need new_tokens >= 2, repeats >= 1 and clock in {sorted(CLOCKS)}")
+    tick = CLOCKS[clock]
     batch = inputs["input_ids"].shape[0]
     for model in models.values():
         for _ in range(warmup):
-            _generate_seconds(model, inputs, 2)
+            _generate_seconds(model, inputs, 2, tick)
     samples: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": [], "peak": []} for k in models}
     for _ in range(repeats):
         for name, model in models.items():
             rec = samples[name]
-            rec["prefill"].append(_prefill_seconds(model, inputs))
-            one = _generate_seconds(model, inputs, 1)
+            rec["prefill"].append(_prefill_seconds(model, inputs, tick))
+            one = _generate_seconds(model, inputs, 1, tick)
             peak = _peak_scope(model.device)
-            full = _generate_seconds(model, inputs, new_tokens)
+            full = _generate_seconds(model, inputs, new_tokens, tick)
             rec["peak"].append(peak())
             rec["decode"].append(batch * (new_tokens - 1) / max(full - one, 1e-9))
     return {name: SpeedResult(statistics.median(r["prefill"]), statistics.median(r["decode"]), statistics.median(r["peak"]))
