@@ -260,3 +260,34 @@ def test_pruned_checkpoint_loads_quantized(quantization, tmp_path):
     inputs = {k: v.to("cuda") for k, v in make_inputs(model, "llava", batch=1).items()}
     inputs["pixel_values"] = inputs["pixel_values"].half()
     assert len(generate_ids(quantized, inputs, 3)[0]) == 3
+
+
+def test_token_agreement_by_hand():
+    from evotool.prune.evaluate import token_agreement
+
+    ref = [[1, 2, 3, 4], [5, 6]]
+    cand = [[1, 9, 3], [5, 6]]  # 2 of 4 (a missing position is a miss) + 2 of 2 -> 4 of 6
+    assert token_agreement(ref, cand) == {"agreement": pytest.approx(4 / 6), "exact": 0.5}
+
+
+def test_calibration_block_influence_matches_hidden_states():
+    """Block influence from the hook-based calibration equals 1 - mean cosine computed from output_hidden_states."""
+    from evotool.finetune import collate, world_samples
+    from evotool.prune.select import calibrate
+    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
+
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
+                                                                        layers=4, heads=4, mlp=64)).eval()
+    samples = world_samples(10)[:4]
+    stats = calibrate(model, processor, samples, batch_size=2)
+    batch = collate(processor, samples, "cpu")
+    mask = batch.pop("attention_mask").bool()
+    batch.pop("labels")
+    with torch.no_grad():
+        hs = model(attention_mask=mask.long(), output_hidden_states=True, **batch).hidden_states
+    for i in range(1, 4):  # hidden_states[4] is after the final norm in HF, the calibration's layer 4 is not
+        cos = torch.nn.functional.cosine_similarity(hs[i - 1][mask].double(), hs[i][mask].double(), dim=-1)
+        assert stats.block_influence[i] == pytest.approx(1 - cos.mean().item(), abs=1e-6)
+    assert stats.tokens == int(mask.sum())
