@@ -21,6 +21,7 @@ import typer
 
 from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
 from evotool.analysis.schema import atomic_write_text, read_stages
+from evotool.errors import ConfigError, StageFileError
 from evotool.evals.harness import BASELINE, evaluate_world_methods
 from evotool.evals.results import write_results
 from evotool.mitigate.methods import Method, build_method, method_class
@@ -66,11 +67,36 @@ def markdown_table(metrics: dict[str, dict[str, float]], options: dict[str, dict
     return "\n".join(lines) + "\n"
 
 
+def _prepare(name: str, cfg: dict[str, Any], model: Any, processor: Any, model_id: str, stages: dict[str, Any],
+             stages_path: Path, out: Path, no_wandb: bool) -> tuple[dict[str, Any], Method]:
+    """(options, method) of one eval method: trained, tuned on validation (stage-aware) or fixed (baselines)."""
+    if name in TRAINED:
+        lora = cfg["lora"]
+        path = run_mitigate(
+            MitigateConfig(method=name, model=model_id, stages=str(stages_path), out=out / "mitigate" / name,
+                           wandb=not no_wandb, lora=LoraSettings(**lora["settings"]),
+                           train_samples=lora["samples"], train_seed=lora["seed"]))
+        spec = resolve_spec(str(path.parent))
+        return {"checkpoint": spec.model}, build_method(BASELINE, load_model(spec.model, LoadOptions())[0])
+    if not method_class(name).needs_stages:
+        if name not in (BASELINE, *cfg["eval"]["options"]):
+            raise ConfigError(f"eval method {name!r} has neither fixed options nor a tuning grid")
+        spec = resolve_spec(name, cfg["eval"]["options"].get(name, {}))
+        return spec.options, build_method(name, model, spec.options)
+    tune = cfg["tune"]
+    path = run_mitigate(
+        MitigateConfig(method=name, model=model_id, stages=str(stages_path), grid=tune["grids"].get(name),
+                       n=tune["n"], seed=cfg["validation_seed"], batch_size=tune["batch_size"],
+                       max_new_tokens=tune["max_new_tokens"], out=out / "mitigate" / name, wandb=not no_wandb,
+                       selection=Selection(tune["max_recall_loss"], tune["objective"])),
+        model, processor)
+    spec = resolve_spec(str(path.parent))
+    return spec.options, build_method(name, model, spec.options, stages)
+
+
 def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = None, no_wandb: bool = False) -> Path:
     """Run the pipeline into ``out``; returns the path of ``summary.json``."""
     import yaml
-
-    from evotool.errors import ConfigError
 
     if config_path is None:
         config_path = Path(str(resources.files("evotool.configs").joinpath("mitigate.yaml")))
@@ -89,32 +115,12 @@ def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = 
 
     methods: dict[str, Method] = {}
     options: dict[str, dict[str, Any]] = {}
-    tune = cfg["tune"]
+    skipped: dict[str, str] = {}
     for name in cfg["eval"]["methods"]:
-        if name in TRAINED:
-            lora = cfg["lora"]
-            path = run_mitigate(
-                MitigateConfig(method=name, model=model_id, stages=str(stages_path), out=out / "mitigate" / name,
-                               wandb=not no_wandb, lora=LoraSettings(**lora["settings"]),
-                               train_samples=lora["samples"], train_seed=lora["seed"]))
-            spec = resolve_spec(str(path.parent))
-            options[name] = {"checkpoint": spec.model}
-            methods[name] = build_method(BASELINE, load_model(spec.model, LoadOptions())[0])
-            continue
-        if name not in (BASELINE, *cfg["eval"]["options"]) and not method_class(name).needs_stages:
-            raise ConfigError(f"eval method {name!r} has neither fixed options nor a tuning grid")
-        if method_class(name).needs_stages:
-            path = run_mitigate(
-                MitigateConfig(method=name, model=model_id, stages=str(stages_path), grid=tune["grids"].get(name),
-                               n=tune["n"], seed=cfg["validation_seed"], batch_size=tune["batch_size"],
-                               max_new_tokens=tune["max_new_tokens"], out=out / "mitigate" / name, wandb=not no_wandb,
-                               selection=Selection(tune["max_recall_loss"], tune["objective"])),
-                model, processor)
-            spec = resolve_spec(str(path.parent))
-        else:
-            spec = resolve_spec(name, cfg["eval"]["options"].get(name, {}))
-        options[name] = spec.options
-        methods[name] = build_method(name, model, spec.options, stages if method_class(name).needs_stages else None)
+        try:
+            options[name], methods[name] = _prepare(name, cfg, model, processor, model_id, stages, stages_path, out, no_wandb)
+        except StageFileError as err:  # e.g. no mutation layer found: the method does not apply to this model
+            skipped[name] = str(err)
 
     ev = cfg["eval"]
     world = WorldConfig(seed=cfg["test_seed"])
@@ -129,7 +135,7 @@ def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = 
     atomic_write_text(out / "table.md", table)
     summary = {"model": model_id, "fingerprint": fingerprint(model), "critical_layer": stages["critical_layer"],
                "mutation_layers": stages["mutation_layers"], "stages": stages["stages"], "options": options,
-               "metrics": metrics, "target": checks}
+               "metrics": metrics, "target": checks, "skipped": skipped}
     path = out / "summary.json"
     atomic_write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
     tracker = Tracker("mitigate-pipeline", cfg, out, enabled=not no_wandb)
