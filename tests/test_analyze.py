@@ -36,9 +36,9 @@ def evotool(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     return exit_info.value.code or 0, capsys.readouterr().err
 
 
-def analyze(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def analyze(model: Path, data: Path, out: Path, *extra: str, figures: bool = False) -> list[str]:
     return ["analyze", "--model", str(model), "--data", str(data), "--max-new-tokens", MAX_NEW, "--out", str(out),
-            *extra]
+            *extra, *([] if figures else ["--no-figures"])]
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -65,11 +65,16 @@ def test_resume_skips_finished_samples(llava: Path, tmp_path: Path, monkeypatch,
     done = {p.name: p.stat().st_mtime_ns for p in (run / "samples").iterdir()}
     assert sorted(done) == ["img0.json", "img0.npz"]
 
-    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb", figures=True), monkeypatch, capsys)
     assert code == 0, err
     assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("img0.*")} == done
     assert read_stages(run)["samples"] == 3
     assert set(token_table(run)["sample"]) == {"img0", "img1", "img2"}
+    figures = {p.stem for p in (run / "figures").glob("*.png")}
+    assert {"stage_curves", "js_heatmap_raw", "js_heatmap_column", "token_probability_step0",
+            "features_single_image", "features_multi_image"} <= figures
+    report = (run / "report.md").read_text()
+    assert all(f"figures/{name}.png" in report for name in figures)
 
 
 def test_run_directory_of_another_model_is_refused(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -183,8 +188,6 @@ def test_wandb_offline_run_holds_the_results(llava: Path, tmp_path: Path, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="run_analysis builds PartialState() without cpu=True, so on a CPU-only "
-                   "machine accelerate never sets up MULTI_CPU: every launched process works alone")
 def test_two_processes_match_one(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Data parallel over 2 CPU processes (torchrun: ``accelerate launch --cpu`` starts only one process on one
     machine); results merge into one run equal to a single-process run."""

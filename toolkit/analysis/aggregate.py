@@ -41,11 +41,12 @@ def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float 
         if name == "top1":
             continue
         values = stacked(traces, name).astype(np.float64)
+        defined = np.isfinite(values).any(axis=0)  # js_prev / cos_prev do not exist at layer 0
         cols = {}
         for key, q in (("q25", 25), ("median", 50), ("q75", 75)):
-            with np.errstate(all="ignore"):
-                v = np.nanpercentile(values, q, axis=0) if np.isfinite(values).any() else np.full(values.shape[1], np.nan)
-            cols[key] = [None if not np.isfinite(x) else float(x) for x in v]
+            v = np.full(values.shape[1], np.nan)
+            v[defined] = np.nanpercentile(values[:, defined], q, axis=0)
+            cols[key] = [float(x) if np.isfinite(x) else None for x in v]
         curves[name] = cols
     return curves
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 from tqdm import tqdm
 
 from evotool.analysis import figures
@@ -21,9 +23,9 @@ from evotool.data import DEFAULT_PROMPT, Sample, load_samples
 from evotool.env import environment
 from evotool.errors import ConfigError, EvotoolError, InputError
 from evotool.generation import build_inputs, context_length, decode
-from evotool.lens import LENSES, make_lens
+from evotool.lens import LENSES, Lens, make_lens
 from evotool.models.loading import LoadOptions, fingerprint, load_model
-from evotool.models.registry import decoder_parts
+from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.stages import StageConfig
 from evotool.tracking import Tracker
 from evotool.trace import trace_batch
@@ -47,6 +49,7 @@ class AnalyzeConfig:
     limit: int | None = None
     topk: int = 5
     keep_features: bool = True
+    figures: bool = field(default=True, metadata={"help": "draw the PNG figures (t-SNE is the slow part)"})
     js_unit: str = field(default="nats", metadata={"help": "nats (natural log) or bits"})
     on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
     wandb: bool = True
@@ -86,20 +89,23 @@ def resolve_samples(cfg: AnalyzeConfig) -> list[Sample]:
     return samples[: cfg.limit] if cfg.limit is not None else samples
 
 
-def run_analysis(cfg: AnalyzeConfig) -> Path:
-    """Run (or resume) the analysis into ``cfg.out``; returns the path of ``stages.json``."""
+def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None) -> Path:
+    """Run (or resume) the analysis into ``cfg.out``; returns the path of ``stages.json``.
+
+    ``loaded``: an already loaded (model, processor) pair, used instead of loading ``cfg.model``
+    (e.g. a processor assembled by hand for a model whose processor class cannot be built here).
+    """
     from accelerate import PartialState
 
-    state = PartialState()
-    model_id = resolve_model_id(cfg.model)
     load = cfg.load
+    state = PartialState(cpu=load.device == "cpu" or not torch.cuda.is_available())
+    model_id = resolve_model_id(cfg.model)
     if state.num_processes > 1 and load.device_map is None:
         load.device = str(state.device)
-    model, processor = load_model(model_id, load)
+    model, processor = loaded if loaded is not None else load_model(model_id, load)
     parts = decoder_parts(model)
     lens = make_lens(cfg.lens, parts)
     samples = resolve_samples(cfg)
-    js_base = math.e if cfg.js_unit == "nats" else 2.0
     store = RunStore(cfg.out)
     run_info = {"model": model_id, "fingerprint": fingerprint(model), "lens": cfg.lens,
                 "max_new_tokens": cfg.max_new_tokens, "js_unit": cfg.js_unit, "num_layers": parts.num_layers}
@@ -108,41 +114,46 @@ def run_analysis(cfg: AnalyzeConfig) -> Path:
     state.wait_for_everyone()
     index = {s.id: i for i, s in enumerate(samples)}
     pending = [s for s in samples if not store.is_done(s.id)][state.process_index :: state.num_processes]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    max_len = context_length(model)
-    bar = tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample")
-    for start in range(0, len(pending), cfg.batch_size):
-        batch = pending[start : start + cfg.batch_size]
-        ready, images = [], []
-        for sample in batch:
-            try:
-                images.append(sample.load_image())
-                ready.append(sample)
-            except InputError as err:
-                _fail(store, cfg, sample, err)
-        if ready:
-            try:
-                inputs = build_inputs(processor, images, [s.prompt for s in ready], model.device, model.dtype, max_len)
-            except InputError as err:
-                for sample in ready:
-                    _fail(store, cfg, sample, err)
-                ready = []
-            else:
-                traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base)
-                texts = decode(processor, [t.token_ids.tolist() for t in traces])
-                for sample, trace, text in zip(ready, traces, texts):
-                    record = {"id": sample.id, "index": index[sample.id], "prompt": sample.prompt, "text": text,
-                              "tokens": tokenizer.convert_ids_to_tokens(trace.token_ids.tolist()),
-                              "objects": sample.objects, "answer": sample.answer,
-                              "image": str(sample.image) if isinstance(sample.image, Path) else None,
-                              "meta": sample.meta}
-                    store.save(sample.id, trace, record)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample") as bar:
+        for start in range(0, len(pending), cfg.batch_size):
+            batch = pending[start : start + cfg.batch_size]
+            _analyse_batch(batch, cfg, store, model, parts, lens, processor, index)
+            bar.update(len(batch))
     state.wait_for_everyone()
     if not state.is_main_process:
         return cfg.out / STAGES_FILE
-    return finalize(cfg, store, run_info, tokenizer)
+    return finalize(cfg, store, run_info, getattr(processor, "tokenizer", processor))
+
+
+def _analyse_batch(batch: list[Sample], cfg: AnalyzeConfig, store: RunStore, model: nn.Module, parts: DecoderParts,
+                   lens: Lens, processor: Any, index: dict[str, int]) -> None:
+    """Trace one batch and save each finished sample; bad samples go through :func:`_fail`."""
+    ready, images = [], []
+    for sample in batch:
+        try:
+            images.append(sample.load_image())
+            ready.append(sample)
+        except InputError as err:
+            _fail(store, cfg, sample, err)
+    if not ready:
+        return
+    try:
+        inputs = build_inputs(processor, images, [s.prompt for s in ready], model.device, model.dtype,
+                              context_length(model))
+    except InputError as err:
+        for sample in ready:
+            _fail(store, cfg, sample, err)
+        return
+    js_base = math.e if cfg.js_unit == "nats" else 2.0
+    traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base)
+    texts = decode(processor, [t.token_ids.tolist() for t in traces])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for sample, trace, text in zip(ready, traces, texts):
+        record = {"id": sample.id, "index": index[sample.id], "prompt": sample.prompt, "text": text,
+                  "tokens": tokenizer.convert_ids_to_tokens(trace.token_ids.tolist()),
+                  "objects": sample.objects, "answer": sample.answer,
+                  "image": str(sample.image) if isinstance(sample.image, Path) else None, "meta": sample.meta}
+        store.save(sample.id, trace, record)
 
 
 def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError) -> None:
@@ -181,7 +192,7 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         "environment": environment(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    figs = make_figures(cfg.out / "figures", records, traces, payload, tokenizer)
+    figs = make_figures(cfg.out / "figures", records, traces, payload, tokenizer) if cfg.figures else {}
     write_stages(cfg.out / STAGES_FILE, payload)
     write_report(cfg.out / "report.md", payload, figs, records)
     _track(cfg, payload, figs)

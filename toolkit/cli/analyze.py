@@ -30,6 +30,7 @@ def command(
     lens: Annotated[str, typer.Option(help="normed (final norm at every layer) or reference (the paper's raw readout).")] = "normed",
     out: Annotated[Path, typer.Option(help="Run directory (re-running resumes).")] = Path("runs/analyze"),
     no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
     on_error: Annotated[str, typer.Option(help="skip: report a bad sample and go on; fail: stop.")] = "skip",
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 4,
     limit: Annotated[Optional[int], typer.Option(help="Analyse at most this many samples.")] = None,
@@ -50,7 +51,7 @@ def command(
 
     cfg = AnalyzeConfig(
         model=model, data=data, split=split, columns=parse_mapping(columns), prompt=prompt, max_new_tokens=max_new_tokens, lens=lens, out=out,
-        batch_size=batch_size, limit=limit, js_unit=js_unit, on_error=on_error, wandb=not no_wandb,
+        batch_size=batch_size, limit=limit, js_unit=js_unit, figures=not no_figures, on_error=on_error, wandb=not no_wandb,
         world_samples=world_samples,
         load=LoadOptions(dtype=dtype, device=device, device_map=device_map, quantization=quantization,
                          trust_remote_code=trust_remote_code),
