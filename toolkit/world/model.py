@@ -17,7 +17,7 @@ class ModelConfig:
     vision_width: int = field(default=128, metadata={"help": "vision tower hidden size"})
     vision_layers: int = field(default=4, metadata={"help": "vision tower layers"})
     width: int = field(default=128, metadata={"help": "decoder hidden size"})
-    layers: int = field(default=16, metadata={"help": "decoder layers"})
+    layers: int = field(default=12, metadata={"help": "decoder layers"})
     heads: int = field(default=4, metadata={"help": "attention heads (vision and decoder)"})
     mlp: int = field(default=384, metadata={"help": "decoder MLP size"})
 
