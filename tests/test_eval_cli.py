@@ -167,3 +167,35 @@ def test_lora_mutation_trains_only_the_mutation_stage(world_model, tmp_path, mon
     code, _, err = cli(monkeypatch, capsys, "eval", "world", "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)
     assert code == 0, err
     assert read_results(tmp_path / "ev")["config"]["model"] == str(run / "model")
+
+
+def test_eval_chair_and_amber_on_released_layouts(world_model, tmp_path, monkeypatch, capsys):
+    """COCO / AMBER file layouts filled with world images (the metric values are checked in test_evals_metrics)."""
+    records = make_records("caption", "test", 3)
+    for i, r in enumerate(records):
+        r["image"].convert("RGB").save(tmp_path / f"COCO_val2014_{i + 1:012d}.jpg")
+    instances = {"images": [{"id": i + 1} for i in range(3)], "categories": [{"id": 1, "name": "person"}],
+                 "annotations": [{"image_id": 1, "category_id": 1}]}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "ids.txt").write_text("1\n2\n3\n")
+    common = ("--model", str(world_model / "model"), "--max-new-tokens", "4", "--no-wandb")
+    code, _, err = cli(monkeypatch, capsys, "eval", "chair", "--data", str(tmp_path / "instances.json"),
+                       "--image-ids", str(tmp_path / "ids.txt"), "--image-dir", str(tmp_path), "--out", str(tmp_path / "c"), *common)
+    assert code == 0, err
+    chair = read_results(tmp_path / "c")["metrics"]
+    assert {"chair_s", "chair_i", "recall", "mean_length", "latency_ratio"} <= set(chair)
+    assert chair["recall"] == 0.0  # a world model never says "person"
+
+    queries = [{"id": 1, "image": "COCO_val2014_000000000001.jpg", "query": "Describe this image."},
+               {"id": 2, "image": "COCO_val2014_000000000002.jpg", "query": "Is there a circle in this image?"}]
+    annotations = [{"id": 1, "type": "generative", "truth": records[0]["objects"], "hallu": ["square"]},
+                   {"id": 2, "type": "discriminative-hallucination", "truth": "no"}]
+    (tmp_path / "query.json").write_text(json.dumps(queries))
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+    (tmp_path / "relation.json").write_text(json.dumps({s: [] for s in ("circle", "square", "triangle", "cross")}))
+    code, _, err = cli(monkeypatch, capsys, "eval", "amber", "--data", str(tmp_path / "query.json"),
+                       "--annotations", str(tmp_path / "annotations.json"), "--relation", str(tmp_path / "relation.json"),
+                       "--image-dir", str(tmp_path), "--out", str(tmp_path / "a"), "--method", "dola", *common)
+    assert code == 0, err
+    amber = read_results(tmp_path / "a")["metrics"]
+    assert {"amber_chair", "amber_cover", "amber_hal", "amber_cog", "amber_accuracy", "amber_f1", "latency_ratio"} <= set(amber)

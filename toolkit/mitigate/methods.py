@@ -267,15 +267,15 @@ class StageContrastConfig:
 
     premature: str = field(default="critical", metadata={"help": "critical (the critical layer) or last_stable (end of the stabilization stage)"})
     alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint"})
-    weight: float = field(default=1.0, metadata={"help": "log p_final - weight * log p_premature"})
+    weight: float = field(default=1.0, metadata={"help": "log p_final - weight * log p_premature; negative = geometric mixing towards the premature layer"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "repetition penalty on the contrasted scores"})
 
     def __post_init__(self) -> None:
         if self.premature not in ("critical", "last_stable"):
             raise ConfigError(f"premature must be critical or last_stable, not {self.premature!r}")
         _check_unit(self, "alpha")
-        if self.weight < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("weight must be >= 0 and repetition_penalty > 0")
+        if not -1.0 <= self.weight <= 2.0 or self.repetition_penalty <= 0:
+            raise ConfigError("weight must lie in [-1, 2] and repetition_penalty be > 0")
 
 
 # ----------------------------------------------------------------------------- methods
