@@ -91,7 +91,7 @@ class LayerContrast(LogitsProcessor):
         self.chosen: list[torch.Tensor] = []  # premature layer per step, [B] each (for inspection)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = self.capture.stacked()[self.candidates]  # [K, B, H]
+        states = torch.stack([self.capture.states[i] for i in self.candidates])  # [K, B, H]
         premature = self.lens.log_probs(states)  # [K, B, V]
         final = torch.log_softmax(scores.float(), -1)
         if len(self.candidates) > 1:
@@ -120,8 +120,8 @@ class StableReadout(LogitsProcessor):
         self.flagged: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = self.capture.stacked()
-        logp = self.lens.log_probs(states[self.critical :])  # layers C..L: [L-C+1, B, V]
+        states = torch.stack(self.capture.states[self.critical :])  # layers C..L: [L-C+1, B, H]
+        logp = self.lens.log_probs(states)  # [L-C+1, B, V]
         js = metrics.js_divergence(logp[1:], logp[:-1])  # steps into layers C+1..L: [L-C, B]
         flag = js.max(0).values > self.threshold
         self.flagged.append(flag)
