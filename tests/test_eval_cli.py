@@ -82,7 +82,8 @@ def test_mitigate_then_eval_with_run_dir(world_model, tmp_path, monkeypatch, cap
     spec = json.loads((run / "method.json").read_text())
     assert spec["method"] == "smoothing" and spec["layers"] == {"smoothed": [5]}
     tried = json.loads((run / "tuning.json").read_text())
-    assert [t["options"] for t in tried][1:] == [{"alpha": a} for a in (0.0, 0.25, 0.5, 0.75)]
+    assert [t["options"] for t in tried][1:] == [{"alpha": a, "threshold": t} for a in (0.0, 0.25, 0.5, 0.75)
+                                                 for t in (None, 0.1)]
     assert spec["options"]["alpha"] in (0.0, 0.25, 0.5, 0.75)
     code, _, err = cli(monkeypatch, capsys, "eval", "world", "--model", str(world_model / "model"),
                        "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)

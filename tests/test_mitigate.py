@@ -204,3 +204,28 @@ def test_bad_options_and_missing_stages(tiny):
     with pytest.raises(StageFileError, match="no mutation"):
         build_method("smoothing", model, stages=stages() | {"mutation_layers": []}).smoothed_layers()
     assert set(METHODS) >= {"greedy", "dola", "vcd", "stable_readout", "smoothing", "stage_contrast"}
+
+
+def test_flagged_smoothing_touches_only_flagged_tokens(tiny):
+    model, inputs = tiny
+    st = stages(mutation=[4])
+    never = build_method("smoothing", model, {"alpha": "0", "threshold": "1e9"}, st)
+    assert never.generate_ids(dict(inputs), STEPS) == generate_ids(model, dict(inputs), STEPS)
+    always = build_method("smoothing", model, {"alpha": "0", "threshold": "0"}, st)
+    first = [row[0] for row in always.generate_ids(dict(inputs), 1)]
+
+    class LastBypass(torch.nn.Module):  # layer 4 skipped at the last position only
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden_states, *args, **kwargs):
+            out = self.layer(hidden_states, *args, **kwargs).clone()
+            out[:, -1] = hidden_states[:, -1]
+            return out
+
+    ref = copy.deepcopy(model)
+    ref.model.language_model.layers[3] = LastBypass(ref.model.language_model.layers[3])
+    with torch.no_grad():
+        logits = ref(**inputs).logits[:, -1]
+    assert first == logits.argmax(-1).tolist()

@@ -163,18 +163,33 @@ def diffusion_noise(pixels: torch.Tensor, step: int, generator: torch.Generator 
 
 
 @contextmanager
-def blend_layers(parts: DecoderParts, layers: Sequence[int], alpha: float) -> Iterator[None]:
+def blend_layers(parts: DecoderParts, layers: Sequence[int], alpha: float, threshold: float | None = None) -> Iterator[None]:
     """Forward hooks making decoder layer ``m`` (for each ``m`` in ``layers``, 1..L) output
-    ``alpha * out + (1 - alpha) * in`` at every position; ``alpha = 0`` bypasses the layer."""
+    ``alpha * out + (1 - alpha) * in``; ``alpha = 0`` bypasses the layer.
+
+    ``threshold=None`` blends every position. With a threshold only the last position of the rows whose
+    layer changes the lens distribution by more than ``threshold`` (JS between the normed-lens readouts
+    of its input and output, nats) is blended: a runtime mutation flag for the token being decoded.
+    """
+    lens = NormedLens(parts)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         module._evotool_in = args[0] if args else kwargs["hidden_states"]
 
+    def blend(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if threshold is None:
+            return alpha * out + (1 - alpha) * inp
+        last = lens.log_probs(torch.stack([inp[:, -1], out[:, -1]]))  # [2, B, V]
+        flag = metrics.js_divergence(last[1], last[0]) > threshold  # [B]
+        mixed = out.clone()
+        mixed[:, -1] = torch.where(flag[:, None], alpha * out[:, -1] + (1 - alpha) * inp[:, -1], out[:, -1])
+        return mixed
+
     def hook(module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
         inp = module.__dict__.pop("_evotool_in")
         if isinstance(output, (tuple, list)):
-            return (alpha * output[0] + (1 - alpha) * inp, *output[1:])
-        return alpha * output + (1 - alpha) * inp
+            return (blend(inp, output[0]), *output[1:])
+        return blend(inp, output)
 
     handles = []
     try:
@@ -252,13 +267,17 @@ class StableReadoutConfig:
 
 @dataclass
 class SmoothingConfig:
-    """Mutation-layer smoothing (SHIFT-style): out = alpha * out + (1 - alpha) * in at the mutation layers."""
+    """Mutation-layer smoothing (SHIFT-style): out = alpha * out + (1 - alpha) * in at the mutation layers,
+    everywhere or (``threshold``) only for flagged tokens."""
 
     alpha: float = field(default=0.5, metadata={"help": "weight of the mutation layer's own output (0 = bypass the layer)"})
     layers: list[int] | None = field(default=None, metadata={"help": "layers to smooth; default: the stage file's mutation layers"})
+    threshold: float | None = field(default=None, metadata={"help": "None: every position; else only the decoded token, when the layer's JS (nats) exceeds it"})
 
     def __post_init__(self) -> None:
         _check_unit(self, "alpha", open_low=False)
+        if self.threshold is not None and self.threshold < 0:
+            raise ConfigError("threshold must be >= 0")
 
 
 @dataclass
@@ -455,7 +474,7 @@ class Smoothing(Method):
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        with blend_layers(self.parts, self.smoothed_layers(), self.config.alpha):
+        with blend_layers(self.parts, self.smoothed_layers(), self.config.alpha, self.config.threshold):
             yield
 
     def layers_used(self) -> dict[str, Any]:
@@ -496,12 +515,17 @@ def _convert(text: str, default: Any, key: str) -> Any:
             return [int(x) for x in text.split(",") if x.strip()]
         if isinstance(default, bool):
             return text.lower() in ("1", "true", "yes")
-        if isinstance(default, int) or (default is None and text.lstrip("-").isdigit()):
+        if isinstance(default, int):
             return int(text)
         if isinstance(default, float):
             return float(text)
     except ValueError as err:
         raise ConfigError(f"option {key}={text!r}: {err}") from err
+    for number in (int, float):  # optional numeric fields (default None)
+        try:
+            return number(text)
+        except ValueError:
+            pass
     return text
 
 
