@@ -229,3 +229,22 @@ def test_flagged_smoothing_touches_only_flagged_tokens(tiny):
     with torch.no_grad():
         logits = ref(**inputs).logits[:, -1]
     assert first == logits.argmax(-1).tolist()
+
+
+def test_dynamic_readout_reads_the_layer_before_the_spike(tiny):
+    model, inputs = tiny
+    crit = 2
+    method = build_method("stable_readout", model, {"threshold": "0", "dynamic": "true"}, stages(critical=crit))
+
+    def choose(out, _ids):
+        logps = [layer_logp(model, out.hidden_states[l], l) for l in range(crit, LAYERS + 1)]
+        rows = []
+        for b in range(logps[0].shape[0]):
+            js = []
+            for a, c in zip(logps[:-1], logps[1:]):
+                m = torch.logaddexp(a[b], c[b]) - math.log(2)
+                js.append(0.5 * ((a[b].exp() * (a[b] - m)).sum() + (c[b].exp() * (c[b] - m)).sum()))
+            rows.append(logps[int(torch.stack(js).argmax())][b])
+        return torch.stack(rows)
+
+    assert method.generate_ids(dict(inputs), STEPS) == manual_decode(model, inputs, choose)

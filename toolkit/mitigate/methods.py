@@ -107,10 +107,11 @@ class LayerContrast(LogitsProcessor):
 
 class StableReadout(LogitsProcessor):
     """Scores [B, V] -> for rows whose adjacent-layer JS after the critical layer spikes above ``threshold``,
-    ``log((1 - mix) p_final + mix p_stable)`` with ``p_stable`` the lens distribution of ``stable_layer``;
-    other rows unchanged. ``flagged`` keeps the per-step [B] flags."""
+    ``log((1 - mix) p_final + mix p_stable)`` with ``p_stable`` the lens distribution of ``stable_layer``
+    (``None``: per row, the layer just before its largest spike); other rows unchanged. ``flagged`` keeps
+    the per-step [B] flags."""
 
-    def __init__(self, capture: LayerCapture, critical: int, stable_layer: int, threshold: float, mix: float) -> None:
+    def __init__(self, capture: LayerCapture, critical: int, stable_layer: int | None, threshold: float, mix: float) -> None:
         self.capture = capture
         self.lens = NormedLens(capture.parts)
         self.critical = critical
@@ -123,10 +124,14 @@ class StableReadout(LogitsProcessor):
         states = torch.stack(self.capture.states[self.critical :])  # layers C..L: [L-C+1, B, H]
         logp = self.lens.log_probs(states)  # [L-C+1, B, V]
         js = metrics.js_divergence(logp[1:], logp[:-1])  # steps into layers C+1..L: [L-C, B]
-        flag = js.max(0).values > self.threshold
+        peak, where = js.max(0)
+        flag = peak > self.threshold
         self.flagged.append(flag)
         final = torch.log_softmax(scores.float(), -1)
-        stable = logp[self.stable - self.critical]
+        if self.stable is None:  # js[i] is the step into layer C+1+i: the layer before it is logp[i]
+            stable = logp[where, torch.arange(scores.shape[0], device=scores.device)]
+        else:
+            stable = logp[self.stable - self.critical]
         mixed = torch.logaddexp(final + math.log1p(-self.mix), stable + math.log(self.mix)) if self.mix < 1 else stable
         return torch.where(flag[:, None], mixed, final)
 
@@ -258,6 +263,7 @@ class StableReadoutConfig:
     threshold: float = field(default=0.1, metadata={"help": "max adjacent-layer JS (nats) after the critical layer that flags a mutation"})
     mix: float = field(default=1.0, metadata={"help": "weight of the stable layer's distribution on flagged tokens (1 = take it)"})
     layer: int | None = field(default=None, metadata={"help": "readout layer; default: the last layer of the stabilization stage"})
+    dynamic: bool = field(default=False, metadata={"help": "read, per token, the layer just before its largest JS spike (ignores layer)"})
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
@@ -454,10 +460,11 @@ class Readout(Method):
         return layer
 
     def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
-        return [StableReadout(capture, self.critical_layer, self.readout_layer(), self.config.threshold, self.config.mix)]
+        layer = None if self.config.dynamic else self.readout_layer()
+        return [StableReadout(capture, self.critical_layer, layer, self.config.threshold, self.config.mix)]
 
     def layers_used(self) -> dict[str, Any]:
-        return {"critical": self.critical_layer, "readout": self.readout_layer()}
+        return {"critical": self.critical_layer, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
 
 
 class Smoothing(Method):
