@@ -11,7 +11,6 @@ The positive class is "yes", as in POPE's official evaluation script.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
+from evotool.io import iter_jsonl
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 NEGATIONS = frozenset({"no", "not"})
@@ -91,26 +91,20 @@ def _from_released(path: Path, image_dir: Path, split: str | None) -> list[Sampl
     if split is not None and file_split is not None and split != file_split:
         raise InputError(f"{path} holds the {file_split!r} split, not {split!r}")
     samples = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                qid, image, text, label = rec["question_id"], rec["image"], rec["text"], rec["label"]
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            except KeyError as err:
-                raise InputError(f"{path}:{lineno}: POPE record has no {err.args[0]!r} field") from err
-            samples.append(
-                Sample(
-                    id=f"{file_split or split or path.stem}-{qid}",
-                    image=image_dir / image,
-                    prompt=text,
-                    answer=_yes_no_label(label),
-                    meta={"question_id": qid, "split": file_split or split},
-                )
+    for lineno, rec in iter_jsonl(path):
+        try:
+            qid, image, text, label = rec["question_id"], rec["image"], rec["text"], rec["label"]
+        except KeyError as err:
+            raise InputError(f"{path}:{lineno}: POPE record has no {err.args[0]!r} field") from err
+        samples.append(
+            Sample(
+                id=f"{file_split or split or path.stem}-{qid}",
+                image=image_dir / image,
+                prompt=text,
+                answer=_yes_no_label(label),
+                meta={"question_id": qid, "split": file_split or split},
             )
+        )
     return samples
 
 

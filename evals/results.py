@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from evotool.env import environment
 from evotool.errors import EvotoolError
+from evotool.io import atomic_write_text
 
 RESULTS_SCHEMA_VERSION = "1.0"
 RESULTS_FILE = "results.json"
@@ -37,15 +36,7 @@ def write_results(out_dir: Path, metrics: dict, config: dict, meta: dict | None 
     if meta is not None:
         record["meta"] = meta
     path = out_dir / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESULTS_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

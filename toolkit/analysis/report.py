@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evotool.analysis.schema import atomic_write_text
+from evotool.io import atomic_write_text
 
 
 def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], records: list[dict[str, Any]]) -> None:

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from evotool.analysis import figures
 from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
 from evotool.analysis.report import write_report
-from evotool.analysis.schema import atomic_write_text, write_stages
+from evotool.analysis.schema import write_stages
+from evotool.io import atomic_write_text
 from evotool.analysis.store import RunStore
 from evotool.data import DEFAULT_PROMPT, Sample, load_samples
 from evotool.env import environment

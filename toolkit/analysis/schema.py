@@ -10,25 +10,15 @@ may be empty), ``stages`` (``rapid_evolution`` / ``stabilization`` / ``mutation`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from evotool.errors import StageFileError
+from evotool.io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
 REQUIRED = ("schema_version", "model", "fingerprint", "num_layers", "critical_layer", "mutation_layers", "stages")
 STAGE_NAMES = ("rapid_evolution", "stabilization", "mutation")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_stages(path: Path, payload: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from evotool.analysis.schema import atomic_write_text
+from evotool.io import atomic_write_text
 from evotool.errors import StageFileError
 from evotool.trace import METRICS, SampleTrace
 

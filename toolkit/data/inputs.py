@@ -10,7 +10,6 @@ JSONL manifest, one object per line::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from evotool.errors import InputError
+from evotool.io import iter_jsonl
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -59,29 +59,20 @@ def _from_folder(folder: Path, prompt: str) -> list[Sample]:
 
 def _from_jsonl(path: Path, prompt: str) -> list[Sample]:
     samples = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if "image" not in rec:
-                raise InputError(f"{path}:{lineno}: record has no 'image' field")
-            image = Path(rec.pop("image"))
-            if not image.is_absolute():
-                image = path.parent / image
-            samples.append(
-                Sample(
-                    id=str(rec.pop("id", f"{path.stem}-{lineno}")),
-                    image=image,
-                    prompt=rec.pop("prompt", None) or prompt,
-                    objects=rec.pop("objects", None),
-                    answer=rec.pop("answer", None),
-                    meta=rec,
-                )
+    for lineno, rec in iter_jsonl(path):
+        if "image" not in rec:
+            raise InputError(f"{path}:{lineno}: record has no 'image' field")
+        image = Path(rec.pop("image"))
+        samples.append(
+            Sample(
+                id=str(rec.pop("id", f"{path.stem}-{lineno}")),
+                image=image if image.is_absolute() else path.parent / image,
+                prompt=rec.pop("prompt", None) or prompt,
+                objects=rec.pop("objects", None),
+                answer=rec.pop("answer", None),
+                meta=rec,
             )
+        )
     return samples
 
 
