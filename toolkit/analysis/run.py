@@ -206,25 +206,26 @@ def make_figures(fig_dir: Path, records: list[dict[str, Any]], traces: list, pay
     n = payload["num_layers"]
     unit = payload["js_unit"]
     layer_stage = figures.stage_of_layer(payload["stages"], n)
-    first, tr0 = records[0], traces[0]
-    shown = min(40, len(tr0.token_ids))
+    longest = max(range(len(traces)), key=lambda i: len(traces[i].token_ids))  # the single-sample figures
+    shown_record, shown_trace = records[longest], traces[longest]
+    shown = min(40, len(shown_trace.token_ids))
     figs = {
         "stage_curves": figures.stage_curves(payload["curves"], payload, fig_dir / "stage_curves.png", unit),
-        "js_heatmap_raw": figures.js_heatmap(tr0.layers["js_prev"][:shown], first["tokens"][:shown],
+        "js_heatmap_raw": figures.js_heatmap(shown_trace.layers["js_prev"][:shown], shown_record["tokens"][:shown],
                                              fig_dir / "js_heatmap_raw.png", "raw", unit),
-        "js_heatmap_column": figures.js_heatmap(tr0.layers["js_prev"][:shown], first["tokens"][:shown],
+        "js_heatmap_column": figures.js_heatmap(shown_trace.layers["js_prev"][:shown], shown_record["tokens"][:shown],
                                                 fig_dir / "js_heatmap_column.png", "column", unit),
         "mutation_histogram": figures.mutation_histogram(payload["mutation_stats"]["histogram"], n,
                                                          fig_dir / "mutation_histogram.png"),
     }
     deep_from = payload["critical_layer"] if payload["critical_layer"] is not None else (2 * n) // 3
-    for step in _interesting_steps(tr0, payload):
+    for step in _interesting_steps(shown_trace, payload):
         figs[f"token_probability_step{step}"] = figures.token_probability_chart(
-            tr0, step, lambda i: tokenizer.decode([i]), fig_dir / f"token_probability_step{step}.png", deep_from)
-    if tr0.features is not None and len(tr0.token_ids) >= 2:
+            shown_trace, step, lambda i: tokenizer.decode([i]), fig_dir / f"token_probability_step{step}.png", deep_from)
+    if shown_trace.features is not None and len(shown_trace.token_ids) >= 2:
         figs["features_single_image"] = figures.feature_maps(
-            tr0.features[:shown].astype(np.float32), layer_stage, fig_dir / "features_single_image.png",
-            f"sample {first['id']}, all tokens x layers")
+            shown_trace.features[:shown].astype(np.float32), layer_stage, fig_dir / "features_single_image.png",
+            f"sample {shown_record['id']}, all tokens x layers")
     if traces[0].features is not None and len(traces) >= 3:
         first_tok = np.stack([t.features[0] for t in traces]).astype(np.float32)  # [N, L+1, H]
         figs["features_multi_image"] = figures.feature_maps(
