@@ -200,3 +200,13 @@ def test_eval_chair_and_amber_on_released_layouts(world_model, tmp_path, monkeyp
     assert code == 0, err
     amber = read_results(tmp_path / "a")["metrics"]
     assert {"amber_chair", "amber_cover", "amber_hal", "amber_cog", "amber_accuracy", "amber_f1", "latency_ratio"} <= set(amber)
+
+
+def test_mitigate_grid_option_replaces_the_default_grid(world_model, tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "stage_contrast", "--model", str(world_model / "model"),
+                       "--stages", str(world_model / "stages.json"), "--grid", "weight=0.5,1", "--grid", "premature=critical",
+                       "--n", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-wandb")
+    assert code == 0, err
+    tried = json.loads((tmp_path / "tuning.json").read_text())
+    assert [t["options"] for t in tried[1:]] == [{"weight": 0.5, "premature": "critical"}, {"weight": 1, "premature": "critical"}]
+    assert json.loads((tmp_path / "method.json").read_text())["layers"] == {"premature": 2}

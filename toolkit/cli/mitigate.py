@@ -13,6 +13,7 @@ def command(
     model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
     stages: Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Fixed method option key=value (repeatable).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Tuning grid key=v1,v2 (repeatable; replaces the default grid).")] = None,
     tune: Annotated[bool, typer.Option(help="Pick the stage-aware options on the world validation split.")] = True,
     n: Annotated[int, typer.Option("--n", help="Validation records per world task and group.")] = 100,
     seed: Annotated[int, typer.Option(help="World seed of the validation split (test uses 0).")] = 1,
@@ -29,7 +30,12 @@ def command(
     options = parse_overrides(set_ or [])
     if method not in TRAINED:
         make_config(method, options)
-    cfg = MitigateConfig(method=method, model=model, stages=stages, options=options, tune=tune, n=n, seed=seed,
+    option_grid = None
+    if grid:
+        import yaml
+
+        option_grid = {k: [yaml.safe_load(v) for v in values.split(",")] for k, values in parse_overrides(grid).items()}
+    cfg = MitigateConfig(method=method, model=model, stages=stages, options=options, grid=option_grid, tune=tune, n=n, seed=seed,
                          batch_size=batch_size, out=out, wandb=not no_wandb,
                          lora=LoraSettings(steps=lora_steps))
     path = run_mitigate(cfg)

@@ -28,7 +28,7 @@ METHOD_FILE = "method.json"
 TUNE_GRIDS: dict[str, dict[str, list[Any]]] = {
     "stable_readout": {"threshold": [0.05, 0.1, 0.2], "mix": [0.5, 1.0], "dynamic": [False, True]},
     "smoothing": {"alpha": [0.0, 0.25, 0.5, 0.75], "threshold": [None, 0.1]},
-    "stage_contrast": {"premature": ["critical", "last_stable"], "weight": [-0.5, 0.5, 1.0]},
+    "stage_contrast": {"premature": ["critical", "last_stable"], "weight": [-0.5, 0.5, 1.0], "alpha": [0.1, 0.01]},
 }
 
 
