@@ -51,7 +51,7 @@ class LoraSettings:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine decay, 10% warm-up)"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
     qlora: bool = field(default=False, metadata={"help": "the model is 4-bit (bitsandbytes): prepare it for k-bit training"})
-    seed: int = field(default=0, metadata={"help": "batch order seed"})
+    seed: int = field(default=0, metadata={"help": "adapter initialisation and batch order seed"})
     log_every: int = field(default=10, metadata={"help": "steps between loss records"})
 
     def __post_init__(self) -> None:
@@ -195,14 +195,16 @@ def lora_finetune(
     targets = target_module_names(model, settings)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
                         bias="none")
-    peft_model = get_peft_model(model, config)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)  # adapter initialisation, reproducible without touching the caller's RNG
+        peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warm = max(1, settings.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, settings.steps - warm))))
     rng = random.Random(settings.seed)
-    device = next(peft_model.parameters()).device
     losses: list[tuple[int, float]] = []
     peft_model.train()
     for step in range(settings.steps):
