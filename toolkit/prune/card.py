@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evotool.analysis.schema import atomic_write_text
+from evotool.io import atomic_write_text
 
 PRUNE_FILE = "prune.json"
 PRUNE_SCHEMA = "1.0"
