@@ -40,12 +40,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 for _module_name, _command_name in SUBCOMMANDS:
-    try:
-        _module = importlib.import_module(f"evotool.cli.{_module_name}")
-    except ModuleNotFoundError as _err:  # a subcommand not written yet
-        if _err.name != f"evotool.cli.{_module_name}":
-            raise
-        continue
+    _module = importlib.import_module(f"evotool.cli.{_module_name}")
     if hasattr(_module, "app"):
         app.add_typer(_module.app, name=_command_name)
     else:

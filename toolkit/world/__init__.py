@@ -21,8 +21,6 @@ from evotool.world.generator import (
     make_split,
     write_manifest,
 )
-from evotool.world.model import ModelConfig, build_model
-from evotool.world.processor import build_processor, build_tokenizer
 
 __all__ = [
     "COLOURS",
@@ -42,6 +40,18 @@ __all__ = [
     "records_to_samples",
     "write_manifest",
 ]
+
+
+_LAZY = {"ModelConfig": "model", "build_model": "model", "build_processor": "processor", "build_tokenizer": "processor"}
+
+
+def __getattr__(name: str) -> object:
+    """The model and processor builders, imported on first use (they pull in transformers)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"evotool.world.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_model_path() -> Path:

@@ -16,13 +16,15 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 from PIL import Image, ImageDraw
 
 from evotool.data.inputs import DEFAULT_PROMPT
 from evotool.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -244,6 +246,8 @@ def make_records(task: str, split: str, n: int, cfg: WorldConfig | None = None) 
 
 def make_split(task: str, split: str, n: int, cfg: WorldConfig | None = None) -> datasets.Dataset:
     """:func:`make_records` as a ``datasets.Dataset`` (``image`` is an Image feature)."""
+    import datasets
+
     records = make_records(task, split, n, cfg)
     features = datasets.Features(
         {
