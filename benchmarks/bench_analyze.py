@@ -31,8 +31,8 @@ from evotool.models.registry import decoder_parts
 from evotool.trace import trace_batch
 
 PRESETS = {
-    # the shipped demo model's shape (16 x 128, word-level vocabulary)
-    "demo": dict(layers=16, width=128, heads=4, mlp=384, vocab=64, image=48, patch=16),
+    # the shipped demo model's shape (12 x 128, word-level vocabulary)
+    "demo": dict(layers=12, width=128, heads=4, mlp=384, vocab=64, image=48, patch=16),
     # a tiny model with a realistic vocabulary, where the LM head dominates the lens cost
     "tiny-32k": dict(layers=12, width=256, heads=4, mlp=768, vocab=32000, image=48, patch=16),
     # LLaVA-1.5-7B's decoder (random weights are fine for timing)
