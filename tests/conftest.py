@@ -8,6 +8,7 @@ lens are exercised on every architecture's real forward pass.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,21 @@ def make_inputs(model: torch.nn.Module, model_type: str, batch: int = 2, text_le
     if model_type in ("qwen2_vl", "qwen2_5_vl"):  # M-RoPE needs to know which positions are image tokens
         inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
     return inputs
+
+
+def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """A random 32-wide LLaVA of the shipped model's kind (world processor and tokenizer), in eval mode;
+    saved with its processor to ``save_to`` when given."""
+    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
+
+    torch.manual_seed(seed)
+    processor = build_processor()
+    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=layers, heads=4, mlp=64)
+    model = build_model(processor.tokenizer, WorldConfig(), sizes).eval()
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        processor.save_pretrained(save_to)
+    return model, processor
 
 
 @pytest.fixture(params=ARCHS)

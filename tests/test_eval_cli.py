@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_world_llava
 
 from evotool.analysis.schema import write_stages
 from evotool.cli import main
@@ -16,31 +17,17 @@ from evotool.evals.results import read_results
 from evotool.evals.world import evaluate_world
 from evotool.mitigate.methods import build_method
 from evotool.models.loading import fingerprint, load_model
-from evotool.world import ModelConfig, WorldConfig, build_model, build_processor, make_records
+from evotool.world import WorldConfig, make_records
 
 CONTRACT = ("chair_s", "chair_i", "recall", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "latency_ratio")
 LAYERS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Generation of a 32-wide model gains nothing from threads; one keeps the shared machine usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def world_model(tmp_path_factory):
     """A saved random world-LLaVA, its stages.json and one of another model."""
     root = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    proc = build_processor()
-    model = build_model(proc.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
-                                                                   layers=LAYERS, heads=4, mlp=64))
-    model.save_pretrained(root / "model")
-    proc.save_pretrained(root / "model")
+    tiny_world_llava(LAYERS, save_to=root / "model")
     loaded, _ = load_model(root / "model")
     stages = {"model": "tiny", "num_layers": LAYERS, "critical_layer": 2, "mutation_layers": [5],
               "stages": {"rapid_evolution": [0, 2], "stabilization": [3, 4], "mutation": [5, 6]}}

@@ -6,19 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from conftest import tiny_world_llava
+
 from evotool.errors import ConfigError
 from evotool.finetune import LoraSettings, collate, lora_finetune, merge_and_save, save_adapter, target_module_names, world_samples
-from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def world_model():
-    torch.manual_seed(0)
-    processor = build_processor()
-    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=4, heads=4, mlp=64)
-    return build_model(processor.tokenizer, WorldConfig(), sizes).eval(), processor
+    return tiny_world_llava(layers=4)
 
 
 def test_collate_labels_only_answers(world_model):

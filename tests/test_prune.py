@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import ARCHS, build_tiny, make_inputs
+from conftest import ARCHS, build_tiny, make_inputs, tiny_world_llava
 from evotool.errors import EvotoolError
 from evotool.generation import generate_ids
 from evotool.lens import NormedLens
@@ -18,7 +18,6 @@ from evotool.prune.runtime import DynamicExit, exit_after, mode_layers, skip_lay
 from evotool.prune.select import SELECTORS, CalibrationStats, SelectionContext, budget
 from evotool.prune.static import remove_layers
 
-torch.set_num_threads(1)
 
 
 class IdentityHooks:
@@ -173,15 +172,9 @@ def analysed(tmp_path_factory):
     from typer.testing import CliRunner
 
     from evotool.cli import app
-    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
 
     root = tmp_path_factory.mktemp("prune_cli")
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
-                                                                        layers=8, heads=4, mlp=64))
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    tiny_world_llava(8, save_to=root / "model")
     res = CliRunner().invoke(app, ["analyze", "--model", str(root / "model"), "--out", str(root / "an"), "--no-wandb",
                                    "--world-samples", "2", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
@@ -274,12 +267,8 @@ def test_calibration_block_influence_matches_hidden_states():
     """Block influence from the hook-based calibration equals 1 - mean cosine computed from output_hidden_states."""
     from evotool.finetune import collate, world_samples
     from evotool.prune.select import calibrate
-    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
 
-    torch.manual_seed(0)
-    processor = build_processor()
-    model = build_model(processor.tokenizer, WorldConfig(), ModelConfig(vision_width=32, vision_layers=1, width=32,
-                                                                        layers=4, heads=4, mlp=64)).eval()
+    model, processor = tiny_world_llava(layers=4)
     samples = world_samples(10)[:4]
     stats = calibrate(model, processor, samples, batch_size=2)
     batch = collate(processor, samples, "cpu")
