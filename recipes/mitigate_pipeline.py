@@ -20,7 +20,8 @@ import torch
 import typer
 
 from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
-from evotool.analysis.schema import atomic_write_text, read_stages
+from evotool.analysis.schema import read_stages
+from evotool.io import atomic_write_text
 from evotool.errors import ConfigError, StageFileError
 from evotool.evals.harness import BASELINE, evaluate_world_methods
 from evotool.evals.results import write_results

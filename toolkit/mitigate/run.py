@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from evotool.analysis.schema import atomic_write_text, read_stages
+from evotool.analysis.schema import read_stages
+from evotool.io import atomic_write_text
 from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.finetune import LoraSettings
 from evotool.mitigate.methods import Method, build_method, method_class
