@@ -116,6 +116,13 @@ def test_empty_folder(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     assert_one_line_error(code, err, "no samples", str(tmp_path / "empty"))
 
 
+def test_missing_model_path(tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 1)
+    missing = tmp_path / "no_model_here"
+    code, err = evotool(analyze(missing, tmp_path / "images", tmp_path / "run", "--no-wandb"), monkeypatch, capsys)
+    assert_one_line_error(code, err, "model path not found", str(missing))
+
+
 def test_unknown_architecture(tmp_path: Path, monkeypatch, capsys) -> None:
     model = tmp_path / "model"
     model.mkdir()

@@ -67,6 +67,9 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
     opts = options or LoadOptions()
     name = str(model_id)
     kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
+    path = Path(name).expanduser()
+    if (path.is_absolute() or name.startswith((".", "~"))) and not path.is_dir():
+        raise ModelError(f"model path not found: {name}")
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as err:
