@@ -76,3 +76,45 @@ def write_token_table(path: Path, records: list[dict[str, Any]], traces: list[Sa
     for key in ("token_critical", "token_mutation"):  # -1 = none
         arrays[key] = pa.array(np.where(data[key] < 0, None, data[key]).tolist(), type=pa.int64())
     pq.write_table(pa.table(arrays), path)
+
+
+def _word(token: str) -> str:
+    """A token string as a plain lower-case word (BPE / SentencePiece space markers dropped)."""
+    return token.replace("Ġ", "").replace("▁", "").strip().lower()
+
+
+def hallucination_link(records: list[dict[str, Any]], traces: list[SampleTrace],
+                       stages: dict[str, list[int] | None]) -> dict[str, Any] | None:
+    """Where object tokens are decided, hallucinated ones against grounded ones.
+
+    Object tokens are generated tokens whose word is a ground-truth object name somewhere in the run;
+    one is hallucinated when its sample's ground truth lacks it. For each group: how many, the share
+    decided (decision depth) in each stage, and the share whose top-1 token at the end of the
+    stabilization stage was a different token (overturned in the mutation stage). None when no sample
+    carries ground-truth objects.
+    """
+    vocab = {o.lower() for r in records for o in (r.get("objects") or [])}
+    if not vocab:
+        return None
+    stable = stages["stabilization"]
+    groups: dict[str, list[tuple[int, bool]]] = {"hallucinated": [], "grounded": []}
+    for record, trace in zip(records, traces):
+        if record.get("objects") is None:
+            continue
+        truth = {o.lower() for o in record["objects"]}
+        depth = decision_depth(trace.layers["top1"], trace.token_ids)
+        for step, token in enumerate(record["tokens"]):
+            word = _word(token)
+            if word in vocab:
+                overturned = stable is not None and trace.layers["top1"][step, stable[1]] != trace.token_ids[step]
+                groups["grounded" if word in truth else "hallucinated"].append((int(depth[step]), bool(overturned)))
+    out: dict[str, Any] = {}
+    for name, items in groups.items():
+        depths = np.array([d for d, _ in items], dtype=int)
+        decided = {}
+        for stage, rng in stages.items():
+            decided[stage] = float(((depths >= rng[0]) & (depths <= rng[1])).mean()) if rng and len(items) else 0.0
+        out[name] = {"tokens": len(items), "decided_in": decided,
+                     "overturned_after_stable": float(np.mean([o for _, o in items])) if items else 0.0,
+                     "median_decision_depth": float(np.median(depths)) if len(items) else None}
+    return out

@@ -30,6 +30,14 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
     for name in ("rapid_evolution", "stabilization", "mutation"):
         rng = stages[name]
         lines.append(f"| {name.replace('_', ' ')} | {'layers %d-%d' % tuple(rng) if rng else 'absent'} |")
+    hall = payload.get("hallucination")
+    if hall:
+        lines += ["", "## Object tokens: hallucinated vs grounded", "",
+                  "| | tokens | median decision depth | decided in rapid / stable / mutation stage | top-1 at end of stable stage was another token |",
+                  "|---|---|---|---|---|"]
+        for name, g in hall.items():
+            shares = " / ".join(f"{g['decided_in'][s]:.0%}" for s in ("rapid_evolution", "stabilization", "mutation"))
+            lines.append(f"| {name} | {g['tokens']} | {g['median_decision_depth']} | {shares} | {g['overturned_after_stable']:.0%} |")
     lines += ["", "## Figures", ""]
     for name, fig in figs.items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.relative_to(path.parent).as_posix()})", ""]

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from evotool.analysis import figures
-from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
+from evotool.analysis.aggregate import decision_depth, detect, hallucination_link, summary_curves, write_token_table
 from evotool.analysis.report import write_report
 from evotool.analysis.schema import write_stages
 from evotool.io import atomic_write_text
@@ -186,6 +186,7 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         "lens": cfg.lens,
         "js_unit": cfg.js_unit,
         **boundaries,
+        "hallucination": hallucination_link(records, traces, boundaries["stages"]),
         "samples": len(records),
         "tokens": int(sum(len(t.token_ids) for t in traces)),
         "curves": curves,
