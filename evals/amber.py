@@ -26,7 +26,8 @@ from pathlib import Path
 
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
-from evotool.evals.chair import PhraseMatcher, read_json, words
+from evotool.evals.chair import PhraseMatcher, words
+from evotool.io import read_json
 from evotool.evals.pope import parse_yes_no, yes_no_metrics
 
 # Annotation type -> the dimension AMBER reports it under.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evotool.data.inputs import DEFAULT_PROMPT
 from evotool.errors import InputError
+from evotool.io import read_json
 
 # Locked generation protocol for CHAIR numbers that can be compared across runs.
 CHAIR_PROTOCOL = {
@@ -262,16 +263,6 @@ def chair_metrics(
         "recall": sum(len(m & t) for m, t in zip(mentioned, truth)) / n_truth if n_truth else 0.0,
         "mean_length": sum(lengths) / len(lengths),
     }
-
-
-def read_json(path: Path) -> object:
-    """A JSON file's content; :class:`InputError` if it is missing or malformed."""
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err.msg})") from err
 
 
 def load_coco_instances(

@@ -9,7 +9,7 @@ from typing import Any
 
 from evotool.env import environment
 from evotool.errors import EvotoolError
-from evotool.io import atomic_write_text
+from evotool.io import atomic_write_text, read_json
 
 RESULTS_SCHEMA_VERSION = "1.0"
 RESULTS_FILE = "results.json"
@@ -46,12 +46,7 @@ def read_results(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    if not path.is_file():
-        raise EvotoolError(f"results file not found: {path}")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvotoolError(f"{path}: not valid JSON ({err.msg})") from err
+    record = read_json(path, EvotoolError, "results file")
     if not isinstance(record, dict):
         raise EvotoolError(f"{path}: not a results file")
     version = record.get("schema_version")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from evotool.errors import InputError
+from evotool.errors import EvotoolError, InputError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,3 +35,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+
+
+def read_json(path: Path, error: type[EvotoolError] = InputError, what: str = "file") -> Any:
+    """A JSON file's content; ``error`` naming the file (as ``what``) if it is missing or malformed."""
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err.msg})") from err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evotool.errors import StageFileError
-from evotool.io import atomic_write_text
+from evotool.io import atomic_write_text, read_json
 
 SCHEMA_VERSION = "1.0"
 REQUIRED = ("schema_version", "model", "fingerprint", "num_layers", "critical_layer", "mutation_layers", "stages")
@@ -33,12 +33,7 @@ def read_stages(path: str | Path, fingerprint: str | None = None) -> dict[str, A
     path = Path(path)
     if path.is_dir():
         path = path / "stages.json"
-    if not path.is_file():
-        raise StageFileError(f"stage file not found: {path}")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StageFileError(f"{path} is not valid JSON: {err.msg}") from err
+    payload = read_json(path, StageFileError, "stage file")
     _validate(payload, path)
     if fingerprint is not None and payload["fingerprint"] != fingerprint:
         raise StageFileError(
