@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from evotool.cli.options import Device, Model, NoWandb
+
 
 def parse_mapping(text: str | None) -> dict[str, str]:
     """``"a=b,c=d"`` -> ``{"a": "b", "c": "d"}``."""
@@ -21,7 +23,7 @@ def parse_mapping(text: str | None) -> dict[str, str]:
 
 
 def command(
-    model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
+    model: Model = None,
     data: Annotated[Optional[str], typer.Option(help="Folder of images, JSONL manifest or dataset (default: synthetic world sample).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split when --data is a datasets dataset.")] = "train",
     columns: Annotated[Optional[str], typer.Option(help="Dataset column mapping, e.g. image=img,prompt=question,objects=labels.")] = None,
@@ -29,14 +31,14 @@ def command(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per sample.")] = 256,
     lens: Annotated[str, typer.Option(help="normed (final norm at every layer) or reference (the paper's raw readout).")] = "normed",
     out: Annotated[Path, typer.Option(help="Run directory (re-running resumes).")] = Path("runs/analyze"),
-    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
+    no_wandb: NoWandb = False,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
     on_error: Annotated[str, typer.Option(help="skip: report a bad sample and go on; fail: stop.")] = "skip",
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 4,
     limit: Annotated[Optional[int], typer.Option(help="Analyse at most this many samples.")] = None,
     js_unit: Annotated[str, typer.Option(help="nats or bits.")] = "nats",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
+    device: Device = None,
     device_map: Annotated[Optional[str], typer.Option(help="e.g. auto, to shard a model over GPUs.")] = None,
     quantization: Annotated[Optional[str], typer.Option(help="4bit or 8bit (bitsandbytes).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model repo's own code.")] = False,

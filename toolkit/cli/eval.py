@@ -12,9 +12,10 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from evotool.cli.options import Device, Model, NoWandb
+
 app = typer.Typer(help="Evaluate a decoding method on POPE, CHAIR, AMBER or the synthetic world.", no_args_is_help=True)
 
-Model = Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")]
 MethodOpt = Annotated[str, typer.Option("--method", help="greedy, dola, vcd, stable_readout, smoothing, stage_contrast, or a mitigate run dir.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable).")]
 Stages = Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")]
@@ -22,8 +23,6 @@ Out = Annotated[Path, typer.Option(help="Output directory for results.json.")]
 Batch = Annotated[int, typer.Option(help="Samples per generation batch.")]
 Limit = Annotated[Optional[int], typer.Option(help="Evaluate at most this many samples.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16 (default: bfloat16 on GPU).")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: cuda if present).")]
-NoWandb = Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")]
 ImageDir = Annotated[Optional[Path], typer.Option(help="Folder of the images named in the data files.")]
 
 

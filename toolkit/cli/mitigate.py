@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from evotool.cli.options import Model, NoWandb
+
 
 def command(
     method: Annotated[str, typer.Option(help="stable_readout, smoothing, stage_contrast (tuned), dola, vcd, greedy, or lora_mutation / lora_all (fine-tuned).")],
-    model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
+    model: Model = None,
     stages: Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Fixed method option key=value (repeatable).")] = None,
     grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Tuning grid key=v1,v2 (repeatable; replaces the default grid).")] = None,
@@ -20,7 +22,7 @@ def command(
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 50,
     lora_steps: Annotated[int, typer.Option(help="LoRA optimizer steps (trained methods; equal for both).")] = 100,
     out: Annotated[Path, typer.Option(help="Run directory (method.json, tuning.json).")] = Path("runs/mitigate"),
-    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
+    no_wandb: NoWandb = False,
 ) -> None:
     """Tune and record a mitigation method; `evotool eval ... --method RUN_DIR` then decodes with it."""
     from evotool.finetune import LoraSettings

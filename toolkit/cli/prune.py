@@ -7,9 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from evotool.cli.options import Device, Model, NoWandb
+
 
 def command(
-    model: Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")] = None,
+    model: Model = None,
     stages: Annotated[Optional[Path], typer.Option(help="stages.json of this model (default: run the analysis into OUT/analysis).")] = None,
     keep_critical: Annotated[bool, typer.Option("--keep-critical/--no-keep-critical", help="Never remove the critical layer.")] = True,
     keep_mutation: Annotated[bool, typer.Option("--keep-mutation/--no-keep-mutation", help="Stage selector: never remove mutation-stage layers.")] = True,
@@ -24,9 +26,9 @@ def command(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the packaged configs/prune.yaml).")] = None,
     eval_n: Annotated[Optional[int], typer.Option(help="World eval records per task and group (0: skip).")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="Also measure prefill / decode speed of full vs pruned.")] = False,
-    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")] = False,
+    no_wandb: NoWandb = False,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: cuda if present).")] = None,
+    device: Device = None,
 ) -> None:
     """Remove redundant stable-stage decoder layers (keeping the critical layer) into a new checkpoint."""
     from evotool.errors import ConfigError

@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 
+from evotool.cli.options import NoWandb
+
 
 def command(
     config: Annotated[Path | None, typer.Option(help="YAML config (default: the packaged train_demo.yaml)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for the checkpoint and model card")] = Path("runs/train-demo"),
     max_steps: Annotated[int | None, typer.Option(help="cap on every stage's steps (quick runs)")] = None,
-    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="no W&B tracking (default: offline run)")] = False,
+    no_wandb: NoWandb = False,
 ) -> None:
     """Train the demo VLM on the synthetic world (staged, as LLaVA) and save it with a model card."""
     from evotool.recipes.train_demo import run
