@@ -27,6 +27,7 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaCon
 
 from evotool.lens import NormedLens
 from evotool.metrics import js_divergence
+from evotool.models.loading import synchronize
 from evotool.models.registry import decoder_parts
 from evotool.trace import trace_batch
 
@@ -89,11 +90,6 @@ def run_variant(variant: str, model: torch.nn.Module, inputs: dict, new_tokens: 
         raise ValueError(variant)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timing(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     model = build(args.preset, args.device, dtype)
@@ -104,10 +100,10 @@ def timing(args: argparse.Namespace) -> dict:
         run_variant(v, model, inputs, 4)
     for _ in range(args.repeats):
         for v in variants:  # interleaved, so drift hits every variant alike
-            sync(args.device)
+            synchronize(args.device)
             t0 = time.perf_counter()
             run_variant(v, model, inputs, args.new_tokens)
-            sync(args.device)
+            synchronize(args.device)
             times[v].append(time.perf_counter() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     tokens = args.batch * args.new_tokens

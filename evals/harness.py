@@ -30,6 +30,7 @@ from evotool.evals.chair import CocoObjects, chair_metrics
 from evotool.evals.pope import POPE_SPLITS, pope_metrics
 from evotool.generation import build_inputs, context_length, decode
 from evotool.mitigate.methods import Method
+from evotool.models.loading import synchronize
 
 BASELINE = "greedy"
 
@@ -41,11 +42,6 @@ class Generations:
     ids: list[list[int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _sync(model: torch.nn.Module) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
 
 
 class Interleaved:
@@ -74,10 +70,10 @@ class Interleaved:
             self._warm = True
         shift = len(self._calls[names[0]]) % len(names)
         for name in names[shift:] + names[:shift]:
-            _sync(model)
+            synchronize(model.device)
             start = time.perf_counter()
             ids = self.methods[name].generate_ids(dict(inputs), max_new_tokens)
-            _sync(model)
+            synchronize(model.device)
             out = self.outputs[name]
             out.seconds += time.perf_counter() - start
             texts = decode(processor, ids)

@@ -280,3 +280,21 @@ def test_calibration_block_influence_matches_hidden_states():
         cos = torch.nn.functional.cosine_similarity(hs[i - 1][mask].double(), hs[i][mask].double(), dim=-1)
         assert stats.block_influence[i] == pytest.approx(1 - cos.mean().item(), abs=1e-6)
     assert stats.tokens == int(mask.sum())
+
+
+def test_speed_measure_times_full_and_pruned_side_by_side() -> None:
+    """measure() returns real positive timings for every model; ratios() divides them as documented."""
+    from evotool.prune.speed import measure, ratios
+
+    full = build_tiny("llava", layers=6)
+    full.generation_config.eos_token_id = None
+    pruned = copy.deepcopy(full)
+    remove_layers(pruned, [2, 3, 4])
+    inputs = make_inputs(full, "llava", batch=2)
+    res = measure({"full": full, "pruned": pruned}, inputs, new_tokens=4, repeats=2, clock="cpu")
+    assert set(res) == {"full", "pruned"}
+    assert all(r.prefill_s > 0 and r.decode_tok_s > 0 for r in res.values())
+    r = ratios(res["full"], res["pruned"], num_layers=6, removed=3)
+    assert r["ideal"] == 2.0
+    assert r["decode_speedup"] == pytest.approx(res["pruned"].decode_tok_s / res["full"].decode_tok_s)
+    assert r["efficiency"] == pytest.approx(r["decode_speedup"] / 2.0)

@@ -44,6 +44,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work on ``device`` (no-op on CPU), so wall-clock timings are real."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
     try:
         import bitsandbytes  # noqa: F401

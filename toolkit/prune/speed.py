@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from evotool.generation import GREEDY
+from evotool.models.loading import synchronize
 
 
 @dataclass
@@ -36,11 +37,6 @@ class SpeedResult:
     prefill_s: float
     decode_tok_s: float
     peak_mb: float
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_kb(field: str) -> int:
@@ -68,19 +64,19 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 @torch.inference_mode()
 def _generate_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, clock: Callable[[], float]) -> float:
-    _sync(model.device)
+    synchronize(model.device)
     start = clock()
     model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **GREEDY)
-    _sync(model.device)
+    synchronize(model.device)
     return clock() - start
 
 
 @torch.inference_mode()
 def _prefill_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], clock: Callable[[], float]) -> float:
-    _sync(model.device)
+    synchronize(model.device)
     start = clock()
     model(**inputs, use_cache=True)
-    _sync(model.device)
+    synchronize(model.device)
     return clock() - start
 
 
