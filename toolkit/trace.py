@@ -11,7 +11,7 @@ exists for a sequence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -108,7 +108,6 @@ class SampleTrace:
     topk_ids: np.ndarray
     topk_p: np.ndarray
     features: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.inference_mode()
