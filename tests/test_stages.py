@@ -78,29 +78,3 @@ def test_bad_config_and_shapes_rejected() -> None:
         StageConfig(stable_fraction=1.5)
     with pytest.raises(ConfigError):
         detect_stages(np.zeros((0, 5)), np.zeros((0, 5)))
-
-
-def test_hallucination_link_sorts_object_tokens_by_where_they_are_decided() -> None:
-    from evotool.analysis.aggregate import hallucination_link
-    from evotool.trace import METRICS, SampleTrace
-
-    stages = {"rapid_evolution": [0, 2], "stabilization": [3, 5], "mutation": [6, 8]}
-    # one caption "a circle square": token ids 10, 11, 12 over 9 layers (0..8)
-    top1 = np.full((3, 9), 99.0)
-    top1[0, 1:] = 10  # "a": decided at layer 1
-    top1[1, 3:] = 11  # "circle" (in the image): decided at layer 3, in the stable stage
-    top1[2, 7:] = 12  # "square" (absent): decided at layer 7; at layer 5 (end of stable stage) top-1 was 99
-    layers = {k: np.zeros((3, 9)) for k in METRICS}
-    layers["top1"] = top1
-    trace = SampleTrace(token_ids=np.array([10, 11, 12]), layers=layers, topk_ids=np.zeros((3, 9, 1)),
-                        topk_p=np.zeros((3, 9, 1)))
-    record = {"objects": ["circle"], "tokens": ["a", "▁circle", "Ġsquare"]}
-    other = {"objects": ["square"], "tokens": []}  # puts "square" in the run's object vocabulary
-    empty = SampleTrace(token_ids=np.zeros(0, dtype=int), layers={k: np.zeros((0, 9)) for k in METRICS},
-                        topk_ids=np.zeros((0, 9, 1)), topk_p=np.zeros((0, 9, 1)))
-    link = hallucination_link([record, other], [trace, empty], stages)
-    assert link["grounded"]["tokens"] == 1 and link["hallucinated"]["tokens"] == 1
-    assert link["grounded"]["decided_in"]["stabilization"] == 1.0 and link["grounded"]["overturned_after_stable"] == 0
-    assert link["hallucinated"]["decided_in"]["mutation"] == 1.0 and link["hallucinated"]["overturned_after_stable"] == 1
-    assert link["hallucinated"]["median_decision_depth"] == 7
-    assert hallucination_link([{"objects": None, "tokens": ["a"]}], [trace], stages) is None

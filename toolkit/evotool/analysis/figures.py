@@ -156,3 +156,32 @@ def mutation_histogram(histogram: dict[int, int], num_layers: int, path: Path) -
     ax.set_ylabel("mutated tokens")
     ax.set_title("per-token mutation layer")
     return _save(fig, path)
+
+
+def divergence_chart(summary: dict[str, Any], num_layers: int, path: Path) -> Path:
+    """The divergence point: for separators, phrase starts and object tokens of hallucinated mentions, the share
+    decided in each stage (left) and the layers that overturned the stable stage's top-1 (right)."""
+    kinds = ("separator", "phrase_start", "object")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    bottom = np.zeros(len(kinds))
+    for stage, colour in STAGE_COLOURS.items():
+        shares = np.array([summary[k]["decided_in"].get(stage, 0.0) for k in kinds])
+        left.bar(kinds, shares, bottom=bottom, color=colour, label=stage.replace("_", " "))
+        bottom += shares
+    left.plot(kinds, [summary[k]["stable_preferred_ending"] for k in kinds], "kD", label="stable stage preferred ending")
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("share of tokens")
+    left.set_title(f"where commit tokens are decided ({summary['hallucinated_mentions']} hallucinated mentions)")
+    left.legend(fontsize=7)
+    width = 0.8 / len(kinds)
+    x = np.arange(num_layers + 1)
+    for i, kind in enumerate(kinds):
+        counts = np.zeros(num_layers + 1)
+        for layer, c in summary[kind]["overturn_layers"].items():
+            counts[int(layer)] = c
+        right.bar(x + (i - 1) * width, counts, width, label=kind.replace("_", " "))
+    right.set_xlabel("layer")
+    right.set_ylabel("overturned tokens")
+    right.set_title("layer that overturned the stable stage's top-1")
+    right.legend(fontsize=7)
+    return _save(fig, path)

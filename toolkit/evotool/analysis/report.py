@@ -38,6 +38,17 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
         for name, g in hall.items():
             shares = " / ".join(f"{g['decided_in'][s]:.0%}" for s in ("rapid_evolution", "stabilization", "mutation"))
             lines.append(f"| {name} | {g['tokens']} | {g['median_decision_depth']} | {shares} | {g['overturned_after_stable']:.0%} |")
+    div = payload.get("divergence")
+    if div:
+        lines += ["", f"## Divergence points of {div['hallucinated_mentions']} hallucinated object mentions", "",
+                  "| token | count | decided in rapid / stable / mutation stage | stable stage preferred an ending | overturned after the stable stage | overturning layers |",
+                  "|---|---|---|---|---|---|"]
+        for kind in ("separator", "phrase_start", "object"):
+            g = div[kind]
+            shares = " / ".join(f"{g['decided_in'][s]:.0%}" for s in ("rapid_evolution", "stabilization", "mutation"))
+            layers = ", ".join(f"{layer}: {c}" for layer, c in g["overturn_layers"].items()) or "-"
+            lines.append(f"| {kind.replace('_', ' ')} | {g['tokens']} | {shares} | {g['stable_preferred_ending']:.0%} | "
+                         f"{g['overturned_after_stable']:.0%} | {layers} |")
     lines += ["", "## Figures", ""]
     for name, fig in figs.items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({fig.relative_to(path.parent).as_posix()})", ""]

@@ -15,7 +15,9 @@ from torch import nn
 from tqdm import tqdm
 
 from evotool.analysis import figures
-from evotool.analysis.aggregate import decision_depth, detect, hallucination_link, summary_curves, write_token_table
+from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
+from evotool.analysis.hallucination import (divergence_by_sample, divergence_summary, ending_token_ids, find_divergence,
+                                            hallucination_link, object_vocabulary)
 from evotool.analysis.report import write_report
 from evotool.analysis.schema import write_stages
 from evotool.io import atomic_write_text
@@ -55,6 +57,9 @@ class AnalyzeConfig:
     on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
     wandb: bool = True
     world_samples: int = 16
+    object_vocab: list[str] | None = field(default=None, metadata={
+        "help": "words that name objects (hallucination link, divergence points); default: the synthetic world's "
+                "shapes for world samples, else every object in the samples' ground truth"})
     seed: int = 0
     load: LoadOptions = field(default_factory=LoadOptions)
     stages: StageConfig = field(default_factory=StageConfig)
@@ -78,6 +83,12 @@ def resolve_model_id(model: str | None) -> str:
     from evotool.world import default_model_path
 
     return str(default_model_path())
+
+
+def _world_shapes() -> list[str]:
+    from evotool.world import SHAPES
+
+    return list(SHAPES)
 
 
 def resolve_samples(cfg: AnalyzeConfig) -> list[Sample]:
@@ -174,19 +185,24 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
     result = detect(traces, cfg.stages)
     curves = summary_curves(traces)
     write_token_table(cfg.out / "tokens.parquet", records, traces, result)
+    boundaries = result.to_dict()
+    vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
+    points = find_divergence(records, traces, boundaries["stages"], vocab, ending_token_ids(tokenizer))
+    commits = divergence_by_sample(points)
     with (cfg.out / "texts.jsonl").open("w") as fh:
         for record, trace in zip(records, traces):
             depth = decision_depth(trace.layers["top1"], trace.token_ids)
             fh.write(json.dumps({"id": record["id"], "prompt": record["prompt"], "text": record["text"],
-                                 "objects": record["objects"], "decision_depth": depth.tolist()}) + "\n")
-    boundaries = result.to_dict()
+                                 "objects": record["objects"], "decision_depth": depth.tolist(),
+                                 "divergence": commits.get(record["id"], [])}) + "\n")
     payload = {
         "model": run_info["model"],
         "fingerprint": run_info["fingerprint"],
         "lens": cfg.lens,
         "js_unit": cfg.js_unit,
         **boundaries,
-        "hallucination": hallucination_link(records, traces, boundaries["stages"]),
+        "hallucination": hallucination_link(records, traces, boundaries["stages"], vocab),
+        "divergence": divergence_summary(points, boundaries["stages"]) if points else None,
         "samples": len(records),
         "tokens": int(sum(len(t.token_ids) for t in traces)),
         "curves": curves,
@@ -219,6 +235,8 @@ def make_figures(fig_dir: Path, records: list[dict[str, Any]], traces: list, pay
         "mutation_histogram": figures.mutation_histogram(payload["mutation_stats"]["histogram"], n,
                                                          fig_dir / "mutation_histogram.png"),
     }
+    if payload["divergence"]:
+        figs["divergence"] = figures.divergence_chart(payload["divergence"], n, fig_dir / "divergence.png")
     deep_from = payload["critical_layer"] if payload["critical_layer"] is not None else (2 * n) // 3
     for step in _interesting_steps(shown_trace, payload):
         figs[f"token_probability_step{step}"] = figures.token_probability_chart(
