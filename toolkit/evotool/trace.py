@@ -11,6 +11,7 @@ exists for a sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,25 +32,33 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class LayerCapture:
-    """Context manager: forward hooks recording the last-position state of layers 0..L.
+def last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] -> [B, H]: the state at the last position."""
+    return hidden[:, -1, :]
 
-    ``stacked()`` after a forward pass returns [L+1, B, H] in the model's dtype.
+
+class LayerCapture:
+    """Context manager: forward hooks recording a selection of each layer's state, layers 0..L.
+
+    ``select`` maps a layer's hidden states [B, S, H] to what is kept (default: the last position,
+    [B, H]); ``stacked()`` after a forward pass returns the selections stacked, e.g. [L+1, B, H], in
+    the model's dtype.
     """
 
-    def __init__(self, parts: DecoderParts) -> None:
+    def __init__(self, parts: DecoderParts, select: Callable[[torch.Tensor], torch.Tensor] = last_position) -> None:
         self.parts = parts
+        self.select = select
         self.states: list[torch.Tensor | None] = [None] * (parts.num_layers + 1)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> LayerCapture:
         def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.states[0] = hidden[:, -1, :].detach()
+            self.states[0] = self.select(hidden).detach()
 
         def make_hook(index: int):
             def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-                self.states[index] = _hidden(output)[:, -1, :].detach()
+                self.states[index] = self.select(_hidden(output)).detach()
 
             return hook
 
@@ -65,7 +74,7 @@ class LayerCapture:
         self._handles.clear()
 
     def stacked(self) -> torch.Tensor:
-        """[L+1, B, H] states of the latest forward pass."""
+        """[L+1, ...] selected states of the latest forward pass ([L+1, B, H] by default)."""
         return torch.stack(self.states, dim=0)  # type: ignore[arg-type]
 
 
