@@ -11,7 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from evotool.patch_lens import PatchLens  # noqa: E402
 from evotool.trace import SampleTrace  # noqa: E402
 
 STAGE_COLOURS = {"rapid_evolution": "#4C72B0", "stabilization": "#55A868", "mutation": "#C44E52"}
@@ -184,4 +186,41 @@ def divergence_chart(summary: dict[str, Any], num_layers: int, path: Path) -> Pa
     right.set_ylabel("overturned tokens")
     right.set_title("layer that overturned the stable stage's top-1")
     right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def patch_layers(num_layers: int, boundaries: dict[str, Any], panels: int = 5) -> list[int]:
+    """Layers to show side by side: evenly spaced from 0 to L, plus the critical and first mutation layer."""
+    layers = set(np.linspace(0, num_layers, panels).round().astype(int).tolist())
+    layers.update(x for x in (boundaries["critical_layer"], *boundaries["mutation_layers"][:1]) if x is not None)
+    return sorted(layers)
+
+
+def patch_lens_grid(patches: PatchLens, image: Path | None, boundaries: dict[str, Any], decode: Callable[[int], str],
+                    path: Path, title: str) -> Path:
+    """"What each patch reads as at layer l": the image under its patch grid, each cell labelled with the
+    patch's top-1 lens token and shaded by its probability, at a few layers side by side (a strip of
+    cells without the image when the model's patch grid is unknown)."""
+    rows, cols = patches.grid
+    layers = patch_layers(patches.top1.shape[0] - 1, boundaries)
+    stage = stage_of_layer(boundaries["stages"], patches.top1.shape[0] - 1)
+    picture = np.asarray(Image.open(image).convert("RGB")) if image is not None and patches.spatial else None
+    width = 3.2 if patches.spatial else max(3.2, 0.6 * cols)
+    fig, axes = plt.subplots(1, len(layers), figsize=(width * len(layers), 3.4 * (1 if patches.spatial else 0.4) + 0.6),
+                             squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        if picture is not None:
+            ax.imshow(picture, extent=(0, cols, rows, 0), interpolation="nearest")
+        ax.imshow(patches.prob[layer].reshape(rows, cols), extent=(0, cols, rows, 0), cmap="Greys", vmin=0, vmax=1,
+                  alpha=0.45 if picture is not None else 0.8)
+        for p, (tok, prob) in enumerate(zip(patches.top1[layer], patches.prob[layer])):
+            r, c = divmod(p, cols)
+            ax.text(c + 0.5, r + 0.5, f"{decode(int(tok)).strip()[:8]}\n{prob:.2f}", ha="center", va="center",
+                    fontsize=7, color="white" if prob > 0.5 else "black")
+        ax.set_xticks(np.arange(cols + 1), [])
+        ax.set_yticks(np.arange(rows + 1), [])
+        ax.grid(True, color="white", lw=0.6)
+        ax.set_title(f"layer {layer} ({stage[layer].replace('_', ' ')})", fontsize=9,
+                     color=STAGE_COLOURS[stage[layer]])
+    fig.suptitle(f"patch lens, step 0: top-1 token per image patch ({title}; {patches.note})", fontsize=9)
     return _save(fig, path)

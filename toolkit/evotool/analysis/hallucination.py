@@ -61,6 +61,16 @@ def object_vocabulary(records: Sequence[dict[str, Any]], words: Sequence[str] | 
     return {w.lower() for w in words} if words else {o.lower() for r in records for o in (r.get("objects") or [])}
 
 
+def object_tokens(record: dict[str, Any], vocab: set[str]) -> list[tuple[int, bool]]:
+    """(step, hallucinated) of each generated token whose word is in ``vocab``: hallucinated when the record's
+    own ground truth lacks it. Empty when the record has no ground truth."""
+    if record.get("objects") is None:
+        return []
+    truth = {o.lower() for o in record["objects"]}
+    words = (token_word(token) for token in record["tokens"])
+    return [(step, word not in truth) for step, word in enumerate(words) if word in vocab]
+
+
 def hallucination_link(records: Sequence[dict[str, Any]], traces: Sequence[SampleTrace],
                        stages: dict[str, list[int] | None], vocab: set[str]) -> dict[str, Any] | None:
     """Object tokens (words in ``vocab``), hallucinated vs grounded: count, share decided per stage, median
@@ -73,13 +83,10 @@ def hallucination_link(records: Sequence[dict[str, Any]], traces: Sequence[Sampl
     for record, trace in zip(records, traces):
         if record.get("objects") is None:
             continue
-        truth = {o.lower() for o in record["objects"]}
         depth = decision_depth(trace.layers["top1"], trace.token_ids)
-        for step, token in enumerate(record["tokens"]):
-            word = token_word(token)
-            if word in vocab:
-                overturned = stable is not None and trace.layers["top1"][step, stable[1]] != trace.token_ids[step]
-                groups["grounded" if word in truth else "hallucinated"].append((int(depth[step]), bool(overturned)))
+        for step, hallucinated in object_tokens(record, vocab):
+            overturned = stable is not None and trace.layers["top1"][step, stable[1]] != trace.token_ids[step]
+            groups["hallucinated" if hallucinated else "grounded"].append((int(depth[step]), bool(overturned)))
     out: dict[str, Any] = {}
     for name, items in groups.items():
         depths = [d for d, _ in items]
@@ -132,12 +139,10 @@ def find_divergence(records: Sequence[dict[str, Any]], traces: Sequence[SampleTr
     for record, trace in zip(records, traces):
         if record.get("objects") is None:
             continue
-        truth = {o.lower() for o in record["objects"]}
         words = [token_word(t) for t in record["tokens"]]
         depth = decision_depth(trace.layers["top1"], trace.token_ids)
-        for step, word in enumerate(words):
-            if word not in vocab or word in truth:
-                continue
+        for step in (step for step, hallucinated in object_tokens(record, vocab) if hallucinated):
+            word = words[step]
             for kind, s in commit_steps(words, step).items():
                 emitted = int(trace.token_ids[s])
                 top1 = int(trace.layers["top1"][s, stable[1]]) if stable else None

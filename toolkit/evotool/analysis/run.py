@@ -18,6 +18,7 @@ from evotool.analysis import figures
 from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
 from evotool.analysis.hallucination import (divergence_by_sample, divergence_summary, ending_token_ids, find_divergence,
                                             hallucination_link, object_vocabulary)
+from evotool.analysis.html import ReportConfig, write_html_report
 from evotool.analysis.report import write_report
 from evotool.analysis.schema import write_stages
 from evotool.io import atomic_write_text
@@ -29,6 +30,7 @@ from evotool.generation import build_inputs, context_length, decode
 from evotool.lens import LENSES, Lens, make_lens
 from evotool.models.loading import LoadOptions, fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
+from evotool.patch_lens import patch_lens
 from evotool.stages import StageConfig
 from evotool.tracking import Tracker
 from evotool.trace import trace_batch
@@ -53,6 +55,8 @@ class AnalyzeConfig:
     topk: int = 5
     keep_features: bool = True
     figures: bool = field(default=True, metadata={"help": "draw the PNG figures (t-SNE is the slow part)"})
+    patch_lens: bool = field(default=False, metadata={
+        "help": "also read the lens at every image-token position and layer at step 0 (samples/<id>.patch.npz)"})
     js_unit: str = field(default="nats", metadata={"help": "nats (natural log) or bits"})
     on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
     wandb: bool = True
@@ -63,6 +67,7 @@ class AnalyzeConfig:
     seed: int = 0
     load: LoadOptions = field(default_factory=LoadOptions)
     stages: StageConfig = field(default_factory=StageConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         if self.lens not in LENSES:
@@ -132,6 +137,16 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index)
             bar.update(len(batch))
     state.wait_for_everyone()
+    if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
+        todo = [s for s in samples if store.is_done(s.id) and not store.has_patch_lens(s.id)]
+        todo = todo[state.process_index :: state.num_processes]
+        for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"patch lens[{state.process_index}]",
+                          disable=not todo, unit="batch"):
+            batch = todo[start : start + cfg.batch_size]
+            inputs = _inputs(batch, [s.load_image() for s in batch], processor, model)
+            for sample, patches in zip(batch, patch_lens(model, parts, lens, inputs)):
+                store.save_patch_lens(sample.id, patches)
+        state.wait_for_everyone()
     if not state.is_main_process:
         return cfg.out / STAGES_FILE
     return finalize(cfg, store, run_info, getattr(processor, "tokenizer", processor))
@@ -150,8 +165,7 @@ def _analyse_batch(batch: list[Sample], cfg: AnalyzeConfig, store: RunStore, mod
     if not ready:
         return
     try:
-        inputs = build_inputs(processor, images, [s.prompt for s in ready], model.device, model.dtype,
-                              context_length(model))
+        inputs = _inputs(ready, images, processor, model)
     except InputError as err:
         for sample in ready:
             _fail(store, cfg, sample, err)
@@ -160,12 +174,18 @@ def _analyse_batch(batch: list[Sample], cfg: AnalyzeConfig, store: RunStore, mod
     traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base)
     texts = decode(processor, [t.token_ids.tolist() for t in traces])
     tokenizer = getattr(processor, "tokenizer", processor)
-    for sample, trace, text in zip(ready, traces, texts):
+    for sample, image, trace, text in zip(ready, images, traces, texts):
+        if not isinstance(sample.image, Path):  # an in-memory image: keep it for the HTML report
+            store.save_image(sample.id, image)
         record = {"id": sample.id, "index": index[sample.id], "prompt": sample.prompt, "text": text,
                   "tokens": tokenizer.convert_ids_to_tokens(trace.token_ids.tolist()),
                   "objects": sample.objects, "answer": sample.answer,
                   "image": str(sample.image) if isinstance(sample.image, Path) else None, "meta": sample.meta}
         store.save(sample.id, trace, record)
+
+
+def _inputs(batch: list[Sample], images: list[Any], processor: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    return build_inputs(processor, images, [s.prompt for s in batch], model.device, model.dtype, context_length(model))
 
 
 def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError) -> None:
@@ -201,6 +221,7 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         "lens": cfg.lens,
         "js_unit": cfg.js_unit,
         **boundaries,
+        "object_vocab": sorted(vocab),
         "hallucination": hallucination_link(records, traces, boundaries["stages"], vocab),
         "divergence": divergence_summary(points, boundaries["stages"]) if points else None,
         "samples": len(records),
@@ -210,9 +231,13 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         "environment": environment(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    store.write_token_strings(_token_strings(store, records, traces, tokenizer))
     figs = make_figures(cfg.out / "figures", records, traces, payload, tokenizer) if cfg.figures else {}
+    if cfg.figures and cfg.patch_lens:
+        figs.update(_patch_figure(cfg.out / "figures", store, records, payload, tokenizer))
     write_stages(cfg.out / STAGES_FILE, payload)
     write_report(cfg.out / "report.md", payload, figs, records)
+    write_html_report(cfg.out / "report.html", [cfg.out], cfg.report)
     _track(cfg, payload, figs)
     return cfg.out / STAGES_FILE
 
@@ -251,6 +276,30 @@ def make_figures(fig_dir: Path, records: list[dict[str, Any]], traces: list, pay
             first_tok, layer_stage, fig_dir / "features_multi_image.png", "first answer token across images",
             groups=np.arange(len(traces)))
     return figs
+
+
+def _token_strings(store: RunStore, records: list[dict[str, Any]], traces: list, tokenizer: Any) -> dict[int, str]:
+    """Decoded string of every token id in the run's traces (emitted, top-k) and patch lenses."""
+    ids: set[int] = set()
+    for record, trace in zip(records, traces):
+        ids.update(np.unique(trace.topk_ids).tolist(), trace.token_ids.tolist())
+        patches = store.load_patch_lens(record["id"])
+        if patches is not None:
+            ids.update(np.unique(patches.top1).tolist())
+    return {i: tokenizer.decode([i]) for i in sorted(ids)}
+
+
+def _patch_figure(fig_dir: Path, store: RunStore, records: list[dict[str, Any]], payload: dict[str, Any],
+                  tokenizer: Any) -> dict[str, Path]:
+    """The patch lens of the first sample that has one, at a few layers (none if no sample has one)."""
+    for record in records:
+        patches = store.load_patch_lens(record["id"])
+        if patches is not None:
+            path = figures.patch_lens_grid(patches, store.image_file(record), payload,
+                                           lambda i: tokenizer.decode([i]), fig_dir / "patch_lens.png",
+                                           f"sample {record['id']}")
+            return {"patch_lens": path}
+    return {}
 
 
 def _interesting_steps(trace: Any, payload: dict[str, Any], limit: int = 3) -> list[int]:

@@ -5,8 +5,11 @@ Layout::
     DIR/run.json              model, fingerprint, lens, max_new_tokens (a resumed run must match)
     DIR/samples/<id>.npz      per-token x per-layer arrays of one sample (see SampleTrace)
     DIR/samples/<id>.json     text, prompt, tokens, ground truth; written last = the sample is done
+    DIR/samples/<id>.png      the image, for samples given as images rather than files (max side 256 px)
+    DIR/samples/<id>.patch.npz  the patch lens of the sample (``--patch-lens``, see PatchLens)
     DIR/errors.jsonl          samples that failed (skipped with --on-error skip)
-    DIR/stages.json, DIR/tokens.parquet, DIR/texts.jsonl, DIR/figures/*.png, DIR/report.md
+    DIR/token_strings.json    token id -> decoded string, for every id the run's arrays hold
+    DIR/stages.json, DIR/tokens.parquet, DIR/texts.jsonl, DIR/figures/*.png, DIR/report.md, DIR/report.html
 """
 
 from __future__ import annotations
@@ -14,16 +17,21 @@ from __future__ import annotations
 import io
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from evotool.io import atomic_write_text
-from evotool.errors import StageFileError
+from evotool.errors import InputError, StageFileError
+from evotool.io import atomic_write_text, read_json
+from evotool.patch_lens import PatchLens
 from evotool.trace import METRICS, SampleTrace
 
 RUN_KEYS = ("model", "fingerprint", "lens", "max_new_tokens", "js_unit")
+TOKEN_STRINGS_SCHEMA = "1.0"
+THUMBNAIL = 256
 
 
 def safe_name(sample_id: str) -> str:
@@ -63,30 +71,87 @@ class RunStore:
         arrays.update(token_ids=trace.token_ids, topk_ids=trace.topk_ids, topk_p=trace.topk_p)
         if trace.features is not None:
             arrays["features"] = trace.features
+        self._write_npz(f"{name}.npz", arrays)
+        atomic_write_text(self.samples_dir / f"{name}.json", json.dumps(record) + "\n")
+
+    def _write_npz(self, file_name: str, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        tmp = self.samples_dir / f".{name}.npz.tmp"
+        tmp = self.samples_dir / f".{file_name}.tmp"
         tmp.write_bytes(buf.getvalue())
-        tmp.replace(self.samples_dir / f"{name}.npz")
-        atomic_write_text(self.samples_dir / f"{name}.json", json.dumps(record) + "\n")
+        tmp.replace(self.samples_dir / file_name)
+
+    def save_image(self, sample_id: str, image: Image.Image) -> None:
+        """Keep a sample's image (shrunk to at most 256 px a side) for the HTML report."""
+        image = image.copy()
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        tmp = self.samples_dir / f".{safe_name(sample_id)}.png.tmp"
+        image.save(tmp, format="PNG")
+        tmp.replace(self.samples_dir / f"{safe_name(sample_id)}.png")
+
+    def image_file(self, record: dict[str, Any]) -> Path | None:
+        """The kept image of a sample, else its source file if that still exists."""
+        kept = self.samples_dir / f"{safe_name(record['id'])}.png"
+        if kept.is_file():
+            return kept
+        source = Path(record["image"]) if record.get("image") else None
+        return source if source is not None and source.is_file() else None
+
+    def has_patch_lens(self, sample_id: str) -> bool:
+        return (self.samples_dir / f"{safe_name(sample_id)}.patch.npz").is_file()
+
+    def save_patch_lens(self, sample_id: str, patches: PatchLens) -> None:
+        self._write_npz(f"{safe_name(sample_id)}.patch.npz",
+                        {"top1": patches.top1, "prob": patches.prob, "grid": np.asarray(patches.grid),
+                         "spatial": np.asarray(patches.spatial), "note": np.asarray(patches.note)})
+
+    def load_patch_lens(self, sample_id: str) -> PatchLens | None:
+        """The sample's patch lens, or None when it was not computed."""
+        if not self.has_patch_lens(sample_id):
+            return None
+        with self._open_npz(self.samples_dir / f"{safe_name(sample_id)}.patch.npz") as z:
+            return PatchLens(z["top1"], z["prob"], (int(z["grid"][0]), int(z["grid"][1])), bool(z["spatial"]),
+                             str(z["note"]))
+
+    def write_token_strings(self, tokens: dict[int, str]) -> None:
+        """``token_strings.json``: the decoded string of every token id the run's arrays hold."""
+        payload = {"schema_version": TOKEN_STRINGS_SCHEMA, "tokens": {str(i): t for i, t in sorted(tokens.items())}}
+        atomic_write_text(self.root / "token_strings.json", json.dumps(payload) + "\n")
+
+    def read_token_strings(self) -> dict[int, str] | None:
+        """Token id -> string from ``token_strings.json``; None for runs finished before it existed."""
+        path = self.root / "token_strings.json"
+        if not path.is_file():
+            return None
+        return {int(i): t for i, t in read_json(path, InputError, "token strings file")["tokens"].items()}
 
     def log_error(self, sample_id: str, message: str) -> None:
         with (self.root / "errors.jsonl").open("a") as fh:
             fh.write(json.dumps({"id": sample_id, "error": message}) + "\n")
 
+    def records(self) -> list[dict[str, Any]]:
+        """The records of every finished sample, in sample order."""
+        records = [json.loads(path.read_text()) for path in self.samples_dir.glob("*.json")]
+        return sorted(records, key=lambda record: record["index"])
+
+    def load_trace(self, sample_id: str, features: bool = True) -> SampleTrace:
+        """One finished sample's arrays (``features`` False leaves the hidden states on disk)."""
+        with self._open_npz(self.samples_dir / f"{safe_name(sample_id)}.npz") as z:
+            return SampleTrace(
+                token_ids=z["token_ids"],
+                layers={k: z[f"layer_{k}"] for k in METRICS},
+                topk_ids=z["topk_ids"],
+                topk_p=z["topk_p"],
+                features=z["features"] if features and "features" in z else None,
+            )
+
     def load_all(self) -> list[tuple[dict[str, Any], SampleTrace]]:
         """Every finished sample as (record, trace), in sample order."""
-        out = []
-        for path in sorted(self.samples_dir.glob("*.json")):
-            record = json.loads(path.read_text())
-            with np.load(path.with_suffix(".npz")) as z:
-                trace = SampleTrace(
-                    token_ids=z["token_ids"],
-                    layers={k: z[f"layer_{k}"] for k in METRICS},
-                    topk_ids=z["topk_ids"],
-                    topk_p=z["topk_p"],
-                    features=z["features"] if "features" in z else None,
-                )
-            out.append((record, trace))
-        out.sort(key=lambda item: item[0]["index"])
-        return out
+        return [(record, self.load_trace(record["id"])) for record in self.records()]
+
+    @staticmethod
+    def _open_npz(path: Path) -> Any:
+        try:
+            return np.load(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise InputError(f"unreadable sample file {path}: {err}") from err

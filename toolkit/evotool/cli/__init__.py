@@ -37,6 +37,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("prune", "prune"),
     ("mitigate", "mitigate"),
     ("eval", "eval"),
+    ("report", "report"),
 )
 
 for _module_name, _command_name in SUBCOMMANDS:

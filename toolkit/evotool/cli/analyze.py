@@ -33,6 +33,7 @@ def command(
     out: Annotated[Path, typer.Option(help="Run directory (re-running resumes).")] = Path("runs/analyze"),
     no_wandb: NoWandb = False,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
+    patch_lens: Annotated[bool, typer.Option("--patch-lens", help="Also read the lens at every image patch and layer at step 0.")] = False,
     on_error: Annotated[str, typer.Option(help="skip: report a bad sample and go on; fail: stop.")] = "skip",
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 4,
     limit: Annotated[Optional[int], typer.Option(help="Analyse at most this many samples.")] = None,
@@ -53,7 +54,7 @@ def command(
 
     cfg = AnalyzeConfig(
         model=model, data=data, split=split, columns=parse_mapping(columns), prompt=prompt, max_new_tokens=max_new_tokens, lens=lens, out=out,
-        batch_size=batch_size, limit=limit, js_unit=js_unit, figures=not no_figures, on_error=on_error, wandb=not no_wandb,
+        batch_size=batch_size, limit=limit, js_unit=js_unit, figures=not no_figures, patch_lens=patch_lens, on_error=on_error, wandb=not no_wandb,
         world_samples=world_samples,
         load=LoadOptions(dtype=dtype, device=device, device_map=device_map, quantization=quantization,
                          trust_remote_code=trust_remote_code),
@@ -66,4 +67,4 @@ def command(
         st = json.loads(path.read_text())
         typer.echo(f"critical layer {st['critical_layer']}, mutation layers {st['mutation_layers']}, "
                    f"stages {st['stages']}")
-        typer.echo(f"wrote {path} and {path.parent / 'report.md'}")
+        typer.echo(f"wrote {path}, {path.parent / 'report.md'} and {path.parent / 'report.html'}")
