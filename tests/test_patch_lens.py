@@ -94,3 +94,40 @@ def test_patch_lens_refuses_inputs_without_image_tokens_and_configs_without_an_i
         patch_lens(model, parts, make_lens("normed", parts), text_only)
     with pytest.raises(ModelError, match="'text_vlm' names no image_token_id"):
         image_token_id(SimpleNamespace(model_type="text_vlm", image_token_id=None))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava_next"])
+def test_analyze_adds_the_patch_lens_to_a_finished_run(model_type: str, tmp_path) -> None:
+    """A run made without the patch lens gains it on a second run (traces untouched), with grids from the
+    processor's real outputs and layer L equal to the model's own logits at the image positions."""
+    from dataclasses import replace
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from evotool.analysis.run import AnalyzeConfig, run_analysis
+    from evotool.analysis.store import RunStore
+    from evotool.data import DEFAULT_PROMPT
+    from evotool.generation import build_inputs
+    from tiny_checkpoints import MANUAL, ManualProcessor, save_tiny, write_images
+
+    model_dir = save_tiny(model_type, tmp_path / "model")
+    images = write_images(tmp_path / "images", 2)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = ManualProcessor(model_type) if model_type in MANUAL else AutoProcessor.from_pretrained(model_dir)
+    run = tmp_path / "run"
+    cfg = AnalyzeConfig(model=str(model_dir), data=str(tmp_path / "images"), max_new_tokens=2, out=run, wandb=False,
+                        figures=False)
+    run_analysis(cfg, loaded=(model, processor))
+    traced = {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("*.npz")}
+    run_analysis(replace(cfg, patch_lens=True), loaded=(model, processor))
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("img?.npz")} == traced
+
+    inputs = build_inputs(processor, [Image.open(p).convert("RGB") for p in images], [DEFAULT_PROMPT] * 2)
+    ids, probs = reference(model, inputs)
+    store = RunStore(run)
+    stored = [store.load_patch_lens(p.stem) for p in images]
+    assert torch.equal(torch.cat([torch.from_numpy(s.top1) for s in stored], dim=1), ids)
+    torch.testing.assert_close(torch.cat([torch.from_numpy(s.prob) for s in stored], dim=1), probs, atol=1e-5, rtol=1e-4)
+    expected = {"qwen2_vl": ((4, 4), True), "llava_next": ((1, ids.shape[1] // 2), False)}[model_type]
+    assert [(s.grid, s.spatial) for s in stored] == [expected] * 2

@@ -223,6 +223,8 @@ def browser() -> Any:
 
     binary = find_chromium()
     if binary is None:
+        if os.environ.get("EVOTOOL_REQUIRE_BROWSER"):
+            pytest.fail("EVOTOOL_REQUIRE_BROWSER is set but no chromium is on PATH")
         pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it)")
     chromium = Chromium(binary).start()
     yield chromium
