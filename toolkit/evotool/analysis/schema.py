@@ -4,7 +4,8 @@ Required keys (extend, never rename): ``schema_version``, ``model``, ``fingerpri
 ``critical_layer`` (int, or null when no stable stage exists), ``mutation_layers`` (list of ints,
 may be empty), ``stages`` (``rapid_evolution`` / ``stabilization`` / ``mutation`` -> inclusive
 ``[first, last]`` or null). Also written: ``lens``, ``critical_spread``, ``mutation_stats``,
-``curves`` (per-layer median / quartiles of each metric), ``config``, ``environment``, ``created``.
+``curves`` (per-layer median / quartiles of each metric), ``object_vocab`` (the words counted as object
+names), ``config``, ``environment``, ``created``.
 """
 
 from __future__ import annotations
