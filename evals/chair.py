@@ -1,8 +1,25 @@
 """CHAIR (Rohrbach et al., 2018): object hallucination in image captions, over the 80 COCO categories.
 
-A caption's objects are found by matching words and two/three-word phrases against each
-category's synonyms (after singularising the phrase's last word); a mentioned object is
-hallucinated when it is not in the image's ground truth.
+Two protocols (``CHAIR_PROTOCOLS``); both use the reference synonym table
+(``data/coco_synonyms.txt``, byte-identical to ``data/synonyms.txt`` of LisaAnne/Hallucination and to
+the table inlined in shikiw/OPERA's ``chair.py``) and the reference's hard-coded rules (double words,
+"baby"/"adult" animal and "passenger" vehicle qualifiers, "toilet seat", "seat" dropped next to
+"toilet"), and count every mention (CHAIR_i = hallucinated mentions / all mentions).
+
+- ``official`` reproduces the ``chair.py`` used by OPERA / VCD / LLaVA hallucination papers: lower
+  case, nltk's ``word_tokenize`` (Punkt sentences, then Treebank words), nltk's POS tag mapped to a
+  WordNet POS (noun when unknown), WordNet lemmatisation (shortest lemma) and the table's entries as
+  parsed (" motor bike" and " cheesecake" keep a leading space and "iPhone" an upper-case letter, so
+  they never match; "men" lemmatises to "men", which is no person; "tied" as a verb is "tie", a tie).
+  nltk's data cannot be downloaded here, so: Punkt runs with the English abbreviation list
+  (``data/punkt_english_abbrevs.txt``, from nltk_data ``punkt_tab/english``) and without its
+  orthographic statistics; WordNet's lemma index is shipped for the forms that can decide a COCO
+  word (``data/wordnet_coco_subset.json``, built by ``data/build_wordnet_subset.py`` from WordNet 3.0);
+  the averaged-perceptron tagger is approximated by :func:`approximate_pos` (only "-ing"/"-ed" words
+  change their COCO reading with the POS). See docs/evals.md for the residual differences.
+- ``strict`` reads words as ``[a-z]+`` runs of the lower-cased text (so "hot-dogs" is "hot dogs"),
+  singularises nouns by rule (never verbs: "tied" is no tie, "skiing" no skis), and uses the table's
+  entries stripped and lower-cased (so "motor bike" and "iPhone" count).
 """
 
 from __future__ import annotations
@@ -10,11 +27,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache, cached_property
 from pathlib import Path
 
 from evotool.data.inputs import DEFAULT_PROMPT
 from evotool.errors import InputError
 from evotool.io import read_json
+
+CHAIR_PROTOCOLS = ("official", "strict")
+DATA_DIR = Path(__file__).parent / "data"
+SYNONYMS_FILE = DATA_DIR / "coco_synonyms.txt"
 
 # Locked generation protocol for CHAIR numbers that can be compared across runs.
 CHAIR_PROTOCOL = {
@@ -26,140 +49,196 @@ CHAIR_PROTOCOL = {
     "image_ids": "fixed file, read with load_chair_image_ids",
 }
 
-# COCO category -> synonyms (the category name itself included), after Rohrbach et al.'s list.
-COCO_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": (
-        "person", "girl", "boy", "man", "woman", "kid", "child", "chef", "baker", "people", "adult",
-        "rider", "children", "baby", "worker", "passenger", "sister", "biker", "policeman", "cop",
-        "officer", "lady", "cowboy", "bride", "groom", "male", "female", "guy", "traveler", "mother",
-        "father", "gentleman", "pitcher", "player", "skier", "snowboarder", "skater", "skateboarder",
-        "foreigner", "caller", "offender", "coworker", "trespasser", "patient", "politician",
-        "soldier", "grandchild", "serviceman", "walker", "drinker", "doctor", "bicyclist", "thief",
-        "buyer", "teenager", "student", "camper", "driver", "solider", "hunter", "shopper", "villager",
-    ),
-    "bicycle": ("bicycle", "bike", "unicycle", "minibike", "trike"),
-    "car": (
-        "car", "automobile", "van", "minivan", "sedan", "suv", "hatchback", "cab", "jeep", "coupe",
-        "taxicab", "limo", "taxi",
-    ),
-    "motorcycle": ("motorcycle", "scooter", "motor bike", "motor cycle", "motorbike", "moped"),
-    "airplane": (
-        "airplane", "jetliner", "plane", "air plane", "monoplane", "aircraft", "jet", "airbus",
-        "biplane", "seaplane",
-    ),
-    "bus": ("bus", "minibus", "trolley"),
-    "train": ("train", "locomotive", "tramway", "caboose"),
-    "truck": ("truck", "pickup", "lorry", "hauler", "firetruck"),
-    "boat": (
-        "boat", "ship", "liner", "sailboat", "motorboat", "dinghy", "powerboat", "speedboat", "canoe",
-        "skiff", "yacht", "kayak", "catamaran", "pontoon", "houseboat", "vessel", "rowboat", "trawler",
-        "ferryboat", "watercraft", "tugboat", "schooner", "barge", "ferry", "sailboard", "paddleboat",
-        "lifeboat", "freighter", "steamboat", "riverboat", "battleship", "steamship",
-    ),
-    "traffic light": (
-        "traffic light", "street light", "traffic signal", "stop light", "streetlight", "stoplight",
-    ),
-    "fire hydrant": ("fire hydrant", "hydrant"),
-    "stop sign": ("stop sign",),
-    "parking meter": ("parking meter", "meter"),
-    "bench": ("bench", "pew"),
-    "bird": (
-        "bird", "ostrich", "owl", "seagull", "goose", "duck", "parakeet", "falcon", "robin", "pelican",
-        "waterfowl", "heron", "hummingbird", "mallard", "finch", "pigeon", "sparrow", "seabird",
-        "osprey", "blackbird", "fowl", "shorebird", "woodpecker", "egret", "chickadee", "quail",
-        "bluebird", "kingfisher", "buzzard", "willet", "gull", "swan", "bluejay", "flamingo",
-        "cormorant", "parrot", "loon", "gosling", "waterbird", "pheasant", "rooster", "sandpiper",
-        "crow", "raven", "turkey", "oriole", "cowbird", "warbler", "magpie", "peacock", "cockatiel",
-        "lorikeet", "puffin", "vulture", "condor", "macaw", "peafowl", "cockatoo", "songbird",
-    ),
-    "cat": ("cat", "kitten", "feline", "tabby"),
-    "dog": (
-        "dog", "puppy", "beagle", "pup", "chihuahua", "schnauzer", "dachshund", "rottweiler", "canine",
-        "pitbull", "collie", "pug", "terrier", "poodle", "labrador", "doggie", "doberman", "mutt",
-        "doggy", "spaniel", "bulldog", "sheepdog", "weimaraner", "corgi", "cocker", "greyhound",
-        "retriever", "brindle", "hound", "whippet", "husky",
-    ),
-    "horse": (
-        "horse", "colt", "pony", "racehorse", "stallion", "equine", "mare", "foal", "palomino",
-        "mustang", "clydesdale", "bronc", "bronco",
-    ),
-    "sheep": ("sheep", "lamb", "ram", "goat", "ewe"),
-    "cow": ("cow", "cattle", "oxen", "ox", "calf", "holstein", "heifer", "buffalo", "bull", "zebu", "bison"),
-    "elephant": ("elephant",),
-    "bear": ("bear", "grizzly"),
-    "zebra": ("zebra",),
-    "giraffe": ("giraffe",),
-    "backpack": ("backpack", "knapsack"),
-    "umbrella": ("umbrella",),
-    "handbag": ("handbag", "wallet", "purse", "briefcase"),
-    "tie": ("tie", "bow", "bow tie"),
-    "suitcase": ("suitcase", "suit case", "luggage"),
-    "frisbee": ("frisbee",),
-    "skis": ("skis", "ski"),
-    "snowboard": ("snowboard",),
-    "sports ball": ("sports ball", "ball"),
-    "kite": ("kite",),
-    "baseball bat": ("baseball bat",),
-    "baseball glove": ("baseball glove",),
-    "skateboard": ("skateboard",),
-    "surfboard": ("surfboard", "longboard", "skimboard", "shortboard", "wakeboard"),
-    "tennis racket": ("tennis racket", "racket"),
-    "bottle": ("bottle",),
-    "wine glass": ("wine glass",),
-    "cup": ("cup",),
-    "fork": ("fork",),
-    "knife": ("knife", "pocketknife"),
-    "spoon": ("spoon",),
-    "bowl": ("bowl", "container"),
-    "banana": ("banana",),
-    "apple": ("apple",),
-    "sandwich": ("sandwich", "burger", "sub", "cheeseburger", "hamburger"),
-    "orange": ("orange",),
-    "broccoli": ("broccoli",),
-    "carrot": ("carrot",),
-    "hot dog": ("hot dog",),
-    "pizza": ("pizza",),
-    "donut": ("donut", "doughnut", "bagel"),
-    "cake": ("cake", "cheesecake", "cupcake", "shortcake", "coffeecake", "pancake"),
-    "chair": ("chair", "seat", "stool"),
-    "couch": ("couch", "sofa", "recliner", "futon", "loveseat", "settee", "chesterfield"),
-    "potted plant": ("potted plant", "houseplant"),
-    "bed": ("bed",),
-    "dining table": ("dining table", "table", "desk"),
-    "toilet": ("toilet", "urinal", "commode", "lavatory", "potty"),
-    "tv": ("tv", "monitor", "televison", "television"),
-    "laptop": ("laptop", "computer", "notebook", "netbook", "lenovo", "macbook", "laptop computer"),
-    "mouse": ("mouse",),
-    "remote": ("remote",),
-    "keyboard": ("keyboard",),
-    "cell phone": (
-        "cell phone", "mobile phone", "phone", "cellphone", "telephone", "phon", "smartphone", "iphone",
-    ),
-    "microwave": ("microwave",),
-    "oven": ("oven", "stovetop", "stove", "stove top oven"),
-    "toaster": ("toaster",),
-    "sink": ("sink",),
-    "refrigerator": ("refrigerator", "fridge", "freezer"),
-    "book": ("book", "novel", "minicomic"),
-    "clock": ("clock",),
-    "vase": ("vase",),
-    "scissors": ("scissors",),
-    "teddy bear": ("teddy bear", "teddybear"),
-    "hair drier": (
-        "hair drier", "hairdryer", "hair dryer", "blow dryer", "blowdryer", "blow drier", "blowdrier",
-    ),
-    "toothbrush": ("toothbrush",),
-}
+# The reference's hard-coded rules (Rohrbach et al.'s chair.py, kept as-is by OPERA).
+DOUBLE_WORDS = (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
+    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
+    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
+    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
+    "stove top oven", "home plate", "train track",
+)
+# "baby"/"adult" before these is a qualifier, not a person ("baby bird" -> "bird").
+ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
+# "passenger" before these is a qualifier ("passenger jet" -> "jet").
+VEHICLE_WORDS = ("jet", "train")
 
-ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
 
-# Phrases whose words alone would name another category ("baby" and "adult" are persons).
-SPECIAL_PHRASES: dict[str, str] = {
-    "toilet seat": "toilet",
-    "passenger jet": "airplane",
-    "passenger train": "train",
-    **{f"{age} {animal}": animal for age in ("baby", "adult") for animal in ANIMALS},
+def double_word_table() -> dict[str, str]:
+    """Two-word phrase -> the single word it is read as (the reference's ``double_word_dict``).
+
+    A phrase mapped to itself counts only if it is a table entry: "home plate" and "train track"
+    are thereby no objects (and no "train").
+    """
+    table = {w: w for w in DOUBLE_WORDS}
+    for animal in ANIMAL_WORDS:
+        table[f"baby {animal}"] = animal
+        table[f"adult {animal}"] = animal
+    for vehicle in VEHICLE_WORDS:
+        table[f"passenger {vehicle}"] = vehicle
+    table |= {"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"}
+    return table
+
+
+@dataclass(frozen=True)
+class SynonymTable:
+    """COCO categories and their synonyms: ``objects`` (every entry) and ``node`` (entry -> category)."""
+
+    objects: frozenset[str]
+    node: Mapping[str, str]
+
+    @classmethod
+    def load(cls, path: Path = SYNONYMS_FILE, normalise: bool = False) -> SynonymTable:
+        """Parse like the reference: one category per line, entries split on ", ", the line's first
+        entry is the category, a later line wins for an entry listed twice. ``normalise`` strips and
+        lower-cases each entry (the strict protocol)."""
+        node: dict[str, str] = {}
+        for line in path.read_text().splitlines():
+            entries = line.strip().split(", ")
+            if normalise:
+                entries = [e.strip().lower() for e in entries]
+            for entry in entries:
+                node[entry] = entries[0]
+        return cls(frozenset(node), node)
+
+    @cached_property
+    def words(self) -> frozenset[str]:
+        """Single words whose reading decides a mention: one-word entries and the double words' parts."""
+        parts = {p for phrase in double_word_table() for p in phrase.split()}
+        return frozenset(e for e in self.objects if e and " " not in e) | parts
+
+
+def merge_objects(lemmas: Sequence[str], table: SynonymTable) -> tuple[list[str], list[str]]:
+    """The reference's object reading of a caption's word forms.
+
+    Returns ``(categories, merged)``: the category of every mention in order (repeats kept) and
+    the word list after double words are merged (its length is the reference's caption length).
+    """
+    doubles = double_word_table()
+    merged: list[str] = []
+    i = 0
+    while i < len(lemmas):
+        pair = " ".join(lemmas[i : i + 2])
+        if pair in doubles:
+            merged.append(doubles[pair])
+            i += 2
+        else:
+            merged.append(lemmas[i])
+            i += 1
+    words = [w for w in merged if w != "seat"] if "toilet" in merged and "seat" in merged else merged
+    return [table.node[w] for w in words if w in table.objects], merged
+
+
+# ----------------------------------------------------------------------------- official reading
+
+# nltk's WordNet morphology (``WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS``): suffix -> replacement.
+MORPHY_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "n": (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+          ("shes", "sh"), ("men", "man"), ("ies", "y")),
+    "v": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"), ("ing", "")),
+    "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
+    "r": (),
 }
+WORDNET_SUBSET_FILE = DATA_DIR / "wordnet_coco_subset.json"
+
+
+def apply_morphy_rules(forms: Sequence[str], pos: str) -> list[str]:
+    """One application of every suffix rule of ``pos`` to every form, in nltk's order."""
+    return [f[: -len(old)] + new for f in forms for old, new in MORPHY_RULES[pos] if f.endswith(old)]
+
+
+@dataclass(frozen=True)
+class WordNetLemmatizer:
+    """nltk's ``WordNetLemmatizer.lemmatize`` (nltk 3.8: exception list, else the rules applied
+    until some form is a WordNet lemma; the shortest such form, the word itself when none).
+
+    ``lemmas[pos]`` and ``exceptions[pos]`` may be the subset of WordNet that can decide a COCO
+    word (see :func:`load_wordnet_subset`).
+    """
+
+    lemmas: Mapping[str, frozenset[str]]
+    exceptions: Mapping[str, Mapping[str, tuple[str, ...]]]
+
+    def morphy(self, word: str, pos: str) -> list[str]:
+        """WordNet lemmas of ``word`` as ``pos`` ('n', 'v', 'a' or 'r'), in nltk's order."""
+        known = self.lemmas[pos]
+
+        def found(forms: Sequence[str]) -> list[str]:
+            return [f for f in dict.fromkeys(forms) if f in known]
+
+        if word in self.exceptions[pos]:
+            return found([word, *self.exceptions[pos][word]])
+        forms = apply_morphy_rules([word], pos)
+        result = found([word, *forms])
+        while not result and forms:
+            forms = apply_morphy_rules(forms, pos)
+            result = found(forms)
+        return result
+
+    def lemmatize(self, word: str, pos: str = "n") -> str:
+        lemmas = self.morphy(word, pos)
+        return min(lemmas, key=len) if lemmas else word
+
+
+@cache
+def load_wordnet_subset(path: Path = WORDNET_SUBSET_FILE) -> WordNetLemmatizer:
+    """The shipped WordNet 3.0 subset as a :class:`WordNetLemmatizer`."""
+    data = json.loads(path.read_text())
+    return WordNetLemmatizer(
+        {pos: frozenset(words) for pos, words in data["lemmas"].items()},
+        {pos: {k: tuple(v) for k, v in exc.items()} for pos, exc in data["exceptions"].items()},
+    )
+
+
+DETERMINERS = frozenset(
+    {"a", "an", "the", "this", "that", "these", "those", "his", "her", "their", "its", "our", "my", "your", "some"}
+)
+
+
+def approximate_pos(tokens: Sequence[str], lemmatizer: WordNetLemmatizer) -> list[str]:
+    """WordNet POS per token, standing in for nltk's perceptron tagger + the reference's mapping.
+
+    Only "-ing" / "-ed" words change their COCO reading with the POS ("skiing" as a verb is "ski",
+    skis; as a noun "skiing"). They are verbs, except right after a determiner ("the skiing
+    slope", "a seated man") or as the first word of a double word ("parking meter", "potted
+    plant"), where they are a noun / adjective. Every other token is a noun.
+    """
+    doubles = double_word_table()
+    pos = []
+    for i, tok in enumerate(tokens):
+        if not (tok.isalpha() and (tok.endswith("ing") and len(tok) > 4 or tok.endswith("ed") and len(tok) > 3)):
+            pos.append("n")
+            continue
+        nxt = lemmatizer.lemmatize(tokens[i + 1]) if i + 1 < len(tokens) else ""
+        modifier = (i > 0 and tokens[i - 1] in DETERMINERS) or f"{tok} {nxt}" in doubles
+        pos.append(("n" if tok.endswith("ing") else "a") if modifier else "v")
+    return pos
+
+
+@cache
+def _punkt():  # the nltk sentence splitter with English abbreviations, no trained statistics
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    params = PunktParameters()
+    params.abbrev_types = {w for w in (DATA_DIR / "punkt_english_abbrevs.txt").read_text().splitlines() if w}
+    return PunktSentenceTokenizer(params)
+
+
+def official_tokens(text: str) -> list[str]:
+    """nltk's ``word_tokenize(text.lower())``: Punkt sentences, then Treebank words per sentence."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    words = NLTKWordTokenizer()
+    return [tok for sentence in _punkt().tokenize(text.lower()) for tok in words.tokenize(sentence)]
+
+
+def official_lemmas(text: str) -> list[str]:
+    """The reference's word forms of a caption: tokens lemmatised with their (approximate) POS."""
+    lemmatizer = load_wordnet_subset()
+    tokens = official_tokens(text)
+    return [lemmatizer.lemmatize(t, p) for t, p in zip(tokens, approximate_pos(tokens, lemmatizer))]
+
+
+# ----------------------------------------------------------------------------- strict reading
 
 IRREGULAR_PLURALS: dict[str, str] = {
     "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
@@ -189,6 +268,11 @@ def singular_candidates(word: str) -> list[str]:
 def words(text: str) -> list[str]:
     """Lower-case alphabetic words of ``text`` ("air-conditioning" -> ["air", "conditioning"])."""
     return _WORD.findall(text.lower())
+
+
+def singularise(tokens: Sequence[str], vocabulary: frozenset[str] | set[str]) -> list[str]:
+    """Each token as the first of its :func:`singular_candidates` in ``vocabulary`` (else itself)."""
+    return [next((c for c in singular_candidates(t) if c in vocabulary), t) for t in tokens]
 
 
 class PhraseMatcher:
@@ -233,34 +317,59 @@ class PhraseMatcher:
         return set(self.mentions(text))
 
 
-class CocoObjects(PhraseMatcher):
-    """Maps caption words and phrases to the 80 COCO category names."""
+# ----------------------------------------------------------------------------- COCO objects
 
-    def __init__(self) -> None:
-        super().__init__(
-            {syn: cat for cat, syns in COCO_SYNONYMS.items() for syn in syns} | SPECIAL_PHRASES
-        )
+
+class CocoObjects:
+    """Maps captions to COCO categories under a CHAIR protocol (``official`` or ``strict``)."""
+
+    def __init__(self, protocol: str = "official") -> None:
+        if protocol not in CHAIR_PROTOCOLS:
+            raise InputError(f"unknown CHAIR protocol {protocol!r} (expected one of {', '.join(CHAIR_PROTOCOLS)})")
+        self.protocol = protocol
+        self.table = SynonymTable.load(normalise=protocol == "strict")
+
+    def read(self, text: str) -> tuple[list[str], list[str]]:
+        """``(categories of every mention, the merged word list)`` of ``text``."""
+        if self.protocol == "official":
+            lemmas = official_lemmas(text)
+        else:
+            lemmas = singularise(words(text), self.table.words)
+        return merge_objects(lemmas, self.table)
+
+    def mentions(self, text: str) -> list[str]:
+        """The category of every object mention in ``text``, in order, repeats kept."""
+        return self.read(text)[0]
+
+    def extract(self, text: str) -> set[str]:
+        """The set of categories mentioned in ``text``."""
+        return set(self.mentions(text))
+
+    def num_words(self, text: str) -> int:
+        """Caption length as the reference counts it (tokens, punctuation included, double words as one)."""
+        return len(self.read(text)[1])
 
 
 def chair_metrics(
-    mentioned: Sequence[set[str]], truth: Sequence[set[str]], lengths: Sequence[int]
+    mentions: Sequence[Sequence[str]], truth: Sequence[set[str]], lengths: Sequence[int]
 ) -> dict[str, float]:
-    """CHAIR_s, CHAIR_i, object recall and mean caption length.
+    """CHAIR_s, CHAIR_i, object recall and mean caption length, as the reference computes them.
 
-    Each caption's objects are counted once (``mentioned`` holds unique categories).
-    CHAIR_i is 0.0 when no object is mentioned; recall is 0.0 without ground-truth objects.
+    ``mentions[k]`` lists caption k's object mentions, repeats kept: CHAIR_i is hallucinated
+    mentions / all mentions (0.0 without mentions). Recall is the ground-truth objects mentioned
+    at least once over all ground-truth objects (0.0 without any).
     """
-    if not len(mentioned) == len(truth) == len(lengths):
-        raise InputError(f"{len(mentioned)} captions, {len(truth)} ground truths, {len(lengths)} lengths")
-    if not mentioned:
+    if not len(mentions) == len(truth) == len(lengths):
+        raise InputError(f"{len(mentions)} captions, {len(truth)} ground truths, {len(lengths)} lengths")
+    if not mentions:
         raise InputError("no captions to score")
-    hallucinated = [len(m - t) for m, t in zip(mentioned, truth)]
-    n_mentions = sum(len(m) for m in mentioned)
+    hallucinated = [sum(m not in t for m in ms) for ms, t in zip(mentions, truth)]
+    n_mentions = sum(len(m) for m in mentions)
     n_truth = sum(len(t) for t in truth)
     return {
-        "chair_s": sum(h > 0 for h in hallucinated) / len(mentioned),
+        "chair_s": sum(h > 0 for h in hallucinated) / len(mentions),
         "chair_i": sum(hallucinated) / n_mentions if n_mentions else 0.0,
-        "recall": sum(len(m & t) for m, t in zip(mentioned, truth)) / n_truth if n_truth else 0.0,
+        "recall": sum(len(set(m) & t) for m, t in zip(mentions, truth)) / n_truth if n_truth else 0.0,
         "mean_length": sum(lengths) / len(lengths),
     }
 
@@ -271,8 +380,8 @@ def load_coco_instances(
     """Ground-truth COCO categories per image id from instances and/or captions files.
 
     Instance annotations give their category names; reference captions (as in Rohrbach
-    et al.) add the objects :meth:`CocoObjects.extract` finds in them. Several files are
-    merged; every listed image appears, possibly with an empty set.
+    et al.) add the objects ``objects`` finds in them. Several files are merged; every
+    listed image appears, possibly with an empty set.
     """
     paths = [annotations_json] if isinstance(annotations_json, (str, Path)) else list(annotations_json)
     objects = objects or CocoObjects()
@@ -289,7 +398,8 @@ def load_coco_instances(
             if "category_id" in ann:
                 if ann["category_id"] not in names:
                     raise InputError(f"{path}: annotation with unknown category_id {ann['category_id']}")
-                found.add(names[ann["category_id"]])
+                name = names[ann["category_id"]]
+                found.add(objects.table.node.get(name, name))
             if "caption" in ann:
                 found |= objects.extract(ann["caption"])
     if not truth:

@@ -129,9 +129,9 @@ def score_pope(samples: Sequence[Sample], texts: Sequence[str]) -> dict[str, flo
 
 
 def score_chair(samples: Sequence[Sample], gens: Generations, objects: CocoObjects | None = None) -> dict[str, float]:
-    """CHAIR_s, CHAIR_i, recall, mean length (tokens) of captions against ``Sample.objects``."""
+    """CHAIR_s, CHAIR_i (every mention), recall, mean length (tokens) of captions against ``Sample.objects``."""
     objects = objects or CocoObjects()
-    return chair_metrics([objects.extract(t) for t in gens.texts], [set(s.objects or ()) for s in samples],
+    return chair_metrics([objects.mentions(t) for t in gens.texts], [set(s.objects or ()) for s in samples],
                          [len(i) for i in gens.ids])
 
 

@@ -59,9 +59,10 @@ def _generate(
 
 
 def caption_scores(captions: Sequence[str], records: Sequence[dict[str, Any]], lengths: Sequence[int]) -> dict[str, float]:
-    """CHAIR_s, CHAIR_i, object recall, mean length, plus ``description_recall``: colour+shape pairs named."""
+    """CHAIR_s, CHAIR_i (every mention counted, as in the reference CHAIR), object recall, mean length,
+    plus ``description_recall``: colour+shape pairs named."""
     scores = chair_metrics(
-        [mentioned_objects(c) for c in captions], [set(r["objects"]) for r in records], lengths
+        [[shape for _, shape in caption_mentions(c)] for c in captions], [set(r["objects"]) for r in records], lengths
     )
     named = [{f"{c} {s}" for c, s in caption_mentions(cap) if c} for cap in captions]
     n_truth = sum(len(set(r["descriptions"])) for r in records)
