@@ -11,10 +11,13 @@ Released files (github.com/junyangwang0410/AMBER, ``data/``):
 - ``relation.json``: object -> associated words (synonyms, parts); its keys and values form
   the object vocabulary. ``safe_words.txt``: words never counted as hallucinated.
 
-Differences from the official script, which needs nltk POS tagging and spaCy vectors: objects
-are vocabulary words found by :class:`~evotool.evals.chair.PhraseMatcher` with rule-based
+Scoring follows the official ``inference.py`` (protocol ``official``: Cover / Cog credit the first
+match only, yes/no answers must be exactly "Yes" / "No"); ``strict`` credits every related object
+and parses free-form answers. Differences from the official script in both protocols, which needs
+nltk POS tagging and spaCy vectors: objects are vocabulary words (phrases included) found by
+:class:`~evotool.evals.chair.PhraseMatcher` in the lower-cased text with rule-based
 singularisation, verb-like words ("can", "watch"...) count only after a determiner, and no
-embedding-similarity matching is done. Duplicate truth objects are counted once.
+embedding-similarity matching (spaCy ``en_core_web_lg``, threshold 0.8) is done.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from evotool.io import read_json
 from evotool.evals.pope import parse_yes_no, yes_no_metrics
 
 # Annotation type -> the dimension AMBER reports it under.
+AMBER_PROTOCOLS = ("official", "strict")
 DISCRIMINATIVE_DIMENSIONS = {
     "discriminative-hallucination": "existence",
     "discriminative-attribute-state": "attribute",
@@ -92,11 +96,29 @@ class AmberVocabulary:
         return {obj, *self.association.get(obj, ())}
 
 
+def first_match_credit(mentions: Sequence[str], objects: Sequence[str], vocabulary: AmberVocabulary) -> list[bool]:
+    """Which of ``objects`` the mentions credit, as AMBER's ``inference.py`` does.
+
+    The official loop searches each mention in one list: every object's associated words (objects
+    in order), then the objects themselves; only the first entry equal to the mention credits its
+    object. A repeated object is a separate slot (only its first copy can be credited).
+    """
+    entries = [(w, k) for k, o in enumerate(objects) for w in vocabulary.association.get(o, ())]
+    entries += [(o, k) for k, o in enumerate(objects)]
+    credited = [False] * len(objects)
+    for mention in mentions:
+        k = next((k for word, k in entries if word == mention), None)
+        if k is not None:
+            credited[k] = True
+    return credited
+
+
 def amber_generative_metrics(
     responses: Sequence[str],
-    truth: Sequence[Collection[str]],
-    targets: Sequence[Collection[str]],
+    truth: Sequence[Sequence[str]],
+    targets: Sequence[Sequence[str]],
     vocabulary: AmberVocabulary,
+    protocol: str = "official",
 ) -> dict[str, float]:
     """AMBER's generative metrics, pooled over responses.
 
@@ -104,11 +126,16 @@ def amber_generative_metrics(
     one; otherwise it is hallucinated.
 
     - ``chair``: hallucinated object mentions / object mentions;
-    - ``cover``: truth objects mentioned (themselves or an associated word) / truth objects;
+    - ``cover``: truth objects credited / truth objects;
     - ``hal``: fraction of responses with at least one hallucinated object;
-    - ``cog``: hallucination targets hallucinated (themselves or an associated word) /
-      hallucination targets, as computed by AMBER's official script.
+    - ``cog``: hallucination targets credited by hallucinated mentions / hallucination targets.
+
+    ``official`` credits as :func:`first_match_credit` (each non-safe-word mention credits one
+    object, repeated objects count twice); ``strict`` credits every object one of whose words is
+    mentioned, and counts repeated objects once.
     """
+    if protocol not in AMBER_PROTOCOLS:
+        raise InputError(f"unknown AMBER protocol {protocol!r} (expected one of {', '.join(AMBER_PROTOCOLS)})")
     if not len(responses) == len(truth) == len(targets):
         raise InputError(f"{len(responses)} responses, {len(truth)} truths, {len(targets)} target lists")
     if not responses:
@@ -117,15 +144,22 @@ def amber_generative_metrics(
     n_truth = n_covered = n_targets = n_hit = 0
     for response, objects, hallu in zip(responses, truth, targets):
         mentioned = vocabulary.mentions(response)
-        safe = set(vocabulary.safe_words).union(*(vocabulary.related(o) for o in objects))
-        hallucinated = [m for m in mentioned if m not in safe]
+        safe = set().union(*(vocabulary.related(o) for o in objects))
+        hallucinated = [m for m in mentioned if m not in safe and m not in vocabulary.safe_words]
         n_mentions += len(mentioned)
         n_hallucinated += len(hallucinated)
         n_hal_responses += bool(hallucinated)
-        n_truth += len(set(objects))
-        n_covered += sum(bool(vocabulary.related(o) & set(mentioned)) for o in set(objects))
-        n_targets += len(set(hallu))
-        n_hit += sum(bool(vocabulary.related(h) & set(hallucinated)) for h in set(hallu))
+        if protocol == "official":
+            unsafe = [m for m in mentioned if m not in vocabulary.safe_words]
+            covered = first_match_credit(unsafe, list(objects), vocabulary)
+            hit = first_match_credit(hallucinated, list(hallu), vocabulary)
+        else:
+            covered = [bool(vocabulary.related(o) & set(mentioned)) for o in set(objects)]
+            hit = [bool(vocabulary.related(h) & set(hallucinated)) for h in set(hallu)]
+        n_truth += len(covered)
+        n_covered += sum(covered)
+        n_targets += len(hit)
+        n_hit += sum(hit)
     return {
         "chair": n_hallucinated / n_mentions if n_mentions else 0.0,
         "cover": n_covered / n_truth if n_truth else 0.0,
@@ -134,17 +168,29 @@ def amber_generative_metrics(
     }
 
 
+def parse_amber_answer(text: str, protocol: str = "official") -> str:
+    """"yes", "no" or "other": ``official`` accepts exactly "Yes" / "No" (AMBER's ``inference.py``),
+    ``strict`` parses like :func:`~evotool.evals.pope.parse_yes_no` (strict)."""
+    if protocol == "official":
+        return {"Yes": "yes", "No": "no"}.get(text, "other")
+    if protocol != "strict":
+        raise InputError(f"unknown AMBER protocol {protocol!r} (expected one of {', '.join(AMBER_PROTOCOLS)})")
+    return parse_yes_no(text, "strict")
+
+
 def amber_discriminative_metrics(
-    predictions: Sequence[str], labels: Sequence[str], dimensions: Sequence[str] | None = None
+    predictions: Sequence[str], labels: Sequence[str], dimensions: Sequence[str] | None = None,
+    protocol: str = "official",
 ) -> dict[str, float]:
     """Accuracy, precision, recall and F1 of yes/no answers with "no" as the positive class.
 
     As in AMBER, precision and recall are those of answering "no" (spotting the absent
-    object, attribute or relation). Raw answers are parsed with
-    :func:`~evotool.evals.pope.parse_yes_no`; an empty answer is wrong. With ``dimensions``
-    (e.g. from :data:`DISCRIMINATIVE_DIMENSIONS`), ``<dimension>_<metric>`` keys are added.
+    object, attribute or relation). Raw answers are parsed with :func:`parse_amber_answer`;
+    an answer that is neither is wrong. With ``dimensions`` (e.g. from
+    :data:`DISCRIMINATIVE_DIMENSIONS`), ``<dimension>_<metric>`` keys are added. Unlike
+    ``inference.py``, values are not rounded to 0.1% before F1 and F1 has no +0.0001 term.
     """
-    answers = [parse_yes_no(p) for p in predictions]
+    answers = [parse_amber_answer(p, protocol) for p in predictions]
     out = {
         k: v for k, v in yes_no_metrics(answers, labels, positive="no").items() if k != "yes_ratio"
     }

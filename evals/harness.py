@@ -115,13 +115,13 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_pope(samples: Sequence[Sample], texts: Sequence[str]) -> dict[str, float]:
+def score_pope(samples: Sequence[Sample], texts: Sequence[str], protocol: str = "official") -> dict[str, float]:
     """``pope_<split>_<metric>`` per split found in ``meta["split"]`` (``pope_all_*`` when unsplit), plus ``pope_f1`` (mean)."""
     out: dict[str, float] = {}
     splits = [s.meta.get("split") or "all" for s in samples]
     for split in dict.fromkeys(splits):
         idx = [i for i, sp in enumerate(splits) if sp == split]
-        scores = pope_metrics([texts[i] for i in idx], [samples[i].answer or "" for i in idx])
+        scores = pope_metrics([texts[i] for i in idx], [samples[i].answer or "" for i in idx], protocol)
         out |= {f"pope_{split}_{k}": v for k, v in scores.items()}
     f1s = [out[f"pope_{s}_f1"] for s in dict.fromkeys(splits)]
     out["pope_f1"] = sum(f1s) / len(f1s)
@@ -135,18 +135,19 @@ def score_chair(samples: Sequence[Sample], gens: Generations, objects: CocoObjec
                          [len(i) for i in gens.ids])
 
 
-def score_amber(samples: Sequence[Sample], texts: Sequence[str], vocabulary: AmberVocabulary) -> dict[str, float]:
+def score_amber(samples: Sequence[Sample], texts: Sequence[str], vocabulary: AmberVocabulary,
+                protocol: str = "official") -> dict[str, float]:
     """``amber_chair/cover/hal/cog`` on generative samples, ``amber_<metric>`` (+ per dimension) on discriminative ones."""
     gen = [i for i, s in enumerate(samples) if s.meta.get("type") == "generative"]
     dis = [i for i, s in enumerate(samples) if s.meta.get("type") != "generative"]
     out: dict[str, float] = {}
     if gen:
         scores = amber_generative_metrics([texts[i] for i in gen], [samples[i].objects or [] for i in gen],
-                                          [samples[i].meta.get("hallu", []) for i in gen], vocabulary)
+                                          [samples[i].meta.get("hallu", []) for i in gen], vocabulary, protocol)
         out |= {f"amber_{k}": v for k, v in scores.items()}
     if dis:
         scores = amber_discriminative_metrics([texts[i] for i in dis], [samples[i].answer or "" for i in dis],
-                                              [samples[i].meta.get("dimension", "existence") for i in dis])
+                                              [samples[i].meta.get("dimension", "existence") for i in dis], protocol)
         out |= {f"amber_{k}": v for k, v in scores.items()}
     if not out:
         raise InputError("no AMBER samples to score")

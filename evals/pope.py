@@ -6,7 +6,8 @@ The released files (``coco_pope_random.json``, ``coco_pope_popular.json``,
     {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
      "text": "Is there a snowboard in the image?", "label": "yes"}
 
-The positive class is "yes", as in POPE's official evaluation script.
+The positive class is "yes", as in POPE's official evaluation script; answers are parsed as in
+LLaVA's ``llava/eval/eval_pope.py`` (protocol ``official``) or by :func:`parse_yes_no`'s ``strict`` rules.
 """
 
 from __future__ import annotations
@@ -22,17 +23,26 @@ from evotool.errors import InputError
 from evotool.io import iter_jsonl
 
 POPE_SPLITS = ("random", "popular", "adversarial")
+POPE_PROTOCOLS = ("official", "strict")
 NEGATIONS = frozenset({"no", "not"})
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
-def parse_yes_no(text: str) -> str:
-    """Map a free-form answer to "yes", "no" or "other" (no words at all).
+def parse_yes_no(text: str, protocol: str = "official") -> str:
+    """Map a free-form answer to "yes", "no" or (strict only) "other".
 
-    As in POPE's official script only the first sentence is read and a "no"/"not" in it
-    means "no", any other sentence "yes"; in addition a first word "yes"/"no" decides
-    ("Yes, but not..." is "yes") and an "n't" contraction counts as a negation.
+    ``official`` is LLaVA's ``eval_pope.py``: the text before the first "." is read, commas
+    removed, split on single spaces; a word exactly "No", "no" or "not" means "no", anything
+    else "yes" (so "" -> yes, "NO" -> yes, "No!" -> yes, "isn't" -> yes, "Yes, but not" -> no).
+    ``strict`` reads lower-cased words of the first sentence: an empty answer is "other"; a
+    first word "yes"/"no" decides ("Yes, but not..." is "yes"); otherwise "no"/"not" or an "n't"
+    contraction means "no".
     """
+    if protocol == "official":
+        words = text.split(".")[0].replace(",", "").split(" ")
+        return "no" if {"No", "no", "not"} & set(words) else "yes"
+    if protocol != "strict":
+        raise InputError(f"unknown POPE protocol {protocol!r} (expected one of {', '.join(POPE_PROTOCOLS)})")
     tokens = _WORD.findall(text.lower().split(".")[0])
     if not tokens:
         return "other"
@@ -73,12 +83,14 @@ def yes_no_metrics(answers: Sequence[str], labels: Sequence[str], positive: str 
     }
 
 
-def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str], protocol: str = "official") -> dict[str, float]:
     """POPE metrics of raw model answers against "yes"/"no" labels, "yes" being positive.
 
-    Answers are parsed with :func:`parse_yes_no`; an unparseable answer counts as "no".
+    Answers are parsed with :func:`parse_yes_no` under ``protocol``; a strict "other" counts as
+    "no", as LLaVA's script counts every non-"yes" answer. LLaVA's script divides by zero where
+    nothing is answered (labelled) "yes"; precision (recall) is then 0.0 here.
     """
-    answers = ["yes" if parse_yes_no(p) == "yes" else "no" for p in predictions]
+    answers = ["yes" if parse_yes_no(p, protocol) == "yes" else "no" for p in predictions]
     return yes_no_metrics(answers, labels)
 
 

@@ -42,8 +42,8 @@ from evotool.evals.results import RESULTS_SCHEMA_VERSION, read_results, write_re
         ("", "other"),
     ],
 )
-def test_parse_yes_no(text: str, expected: str) -> None:
-    assert parse_yes_no(text) == expected
+def test_parse_yes_no_strict(text: str, expected: str) -> None:
+    assert parse_yes_no(text, "strict") == expected
 
 
 def test_pope_metrics_known_confusion_matrix() -> None:
@@ -52,7 +52,7 @@ def test_pope_metrics_known_confusion_matrix() -> None:
     # TP=3 FN=1 FP=1 TN=5 (the empty answer on a "no" label is a TN)
     preds = ["Yes.", "yes", "Yes, there is.", "No", "Yes", "no", "No, there is not.", "not really", "No", ""]
     labels = ["yes"] * 4 + ["no"] * 6
-    m = pope_metrics(preds, labels)
+    m = pope_metrics(preds, labels, protocol="strict")
     assert m["accuracy"] == pytest.approx(8 / 10)  # (TP+TN)/N = (3+5)/10
     assert m["precision"] == pytest.approx(3 / 4)  # TP/(TP+FP) = 3/(3+1)
     assert m["recall"] == pytest.approx(3 / 4)  # TP/(TP+FN) = 3/(3+1)
@@ -292,7 +292,7 @@ def test_amber_discriminative_uses_no_as_positive() -> None:
     preds = ["No", "no, there is not", "Yes", "No.", "yes", ""]
     labels = ["no", "no", "no", "yes", "yes", "yes"]
     dims = ["existence", "existence", "attribute", "attribute", "relation", "relation"]
-    m = amber_discriminative_metrics(preds, labels, dims)
+    m = amber_discriminative_metrics(preds, labels, dims, protocol="strict")
     assert m["accuracy"] == pytest.approx(3 / 6)  # correct: 1st, 2nd, 5th
     assert m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(2 / 3)

@@ -10,6 +10,7 @@ import hashlib
 
 import pytest
 
+from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, amber_generative_metrics
 from evotool.evals.chair import (
     SYNONYMS_FILE,
     CocoObjects,
@@ -18,6 +19,7 @@ from evotool.evals.chair import (
     load_wordnet_subset,
     official_tokens,
 )
+from evotool.evals.pope import parse_yes_no, pope_metrics
 
 OFFICIAL = CocoObjects("official")
 STRICT = CocoObjects("strict")
@@ -138,3 +140,87 @@ def test_chair_official_metrics_by_hand() -> None:
     # tokens: 12 (two men and a dog on a bench . a frisbee .) / 9 (a, baby elephant, near, a,
     # toilet seat, and, a, seat, .) / 7 (a man skiing past a bus .)
     assert m["mean_length"] == pytest.approx((12 + 9 + 7) / 3)
+
+
+# ---------------------------------------------------------------- POPE (LLaVA eval_pope.py)
+
+
+@pytest.mark.parametrize(
+    ("answer", "official", "strict"),
+    [
+        ("Yes", "yes", "yes"),
+        ("No", "no", "no"),
+        ("no.", "no", "no"),
+        ("", "yes", "other"),  # official: no negation word -> yes
+        ("Yes, but the dog is not brown.", "no", "yes"),  # official: "not" anywhere in sentence 1
+        ("There isn't a dog.", "yes", "no"),  # official: "isn't" is no negation word
+        ("NO", "yes", "no"),  # official: case-sensitive "No" / "no"
+        ("No!", "yes", "no"),  # official: "No!" is not the word "No"
+        ("No, there is no dog.", "no", "no"),  # official: comma removed -> "No"
+        ("Not sure.", "yes", "no"),  # official: "Not" is not "not"
+        ("I don't know.", "yes", "no"),
+        ("A dog. It is not brown.", "yes", "yes"),  # first sentence only
+        ("No\nthere is none", "yes", "no"),  # official splits on " " only: "No\nthere"
+    ],
+)
+def test_pope_parsing_cases(answer: str, official: str, strict: str) -> None:
+    assert parse_yes_no(answer, "official") == official
+    assert parse_yes_no(answer, "strict") == strict
+
+
+def test_pope_official_metrics_by_hand() -> None:
+    answers = ["Yes", "", "NO", "No", "no.", "Yes, but not here"]
+    labels = ["yes", "yes", "no", "no", "yes", "no"]
+    # official reads: yes, yes, yes, no, no, no -> TP=2 (1,2) FP=1 (3) TN=2 (4,6) FN=1 (5)
+    m = pope_metrics(answers, labels)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["yes_ratio"] == pytest.approx(3 / 6)
+
+
+# ---------------------------------------------------------------- AMBER (inference.py)
+
+AMBER_VOCAB = AmberVocabulary(
+    {"bench": ("chair",), "chair": (), "dog": ("puppy",), "cat": (), "car": ("tire",)},
+    safe_words=frozenset({"sign"}),
+)
+
+
+def test_amber_cover_credits_the_first_match_only() -> None:
+    # "chair" is first found among bench's associated words: official credits bench, not chair
+    responses = ["A chair and a sign.", "A dog and a puppy near a car.", "A cat."]
+    truth = [["bench", "chair"], ["dog", "dog"], ["cat"]]
+    hallu = [["dog"], ["cat"], ["car", "dog"]]
+    official = amber_generative_metrics(responses, truth, hallu, AMBER_VOCAB)
+    # official: bench (1 of 2), dog first copy only (1 of 2: "dog" and "puppy" both -> slot 0), cat 1/1
+    assert official["cover"] == pytest.approx(3 / 5)
+    # mentions ("sign" is no vocabulary word, so no mention): chair | dog, puppy, car | cat
+    # -> hallucinated: car -> 1 of 5
+    assert official["chair"] == pytest.approx(1 / 5)
+    assert official["hal"] == pytest.approx(1 / 3)
+    # cog: response 2 targets [cat]: car is no target -> 0; others 0 -> 0 of 4
+    assert official["cog"] == 0.0
+    strict = amber_generative_metrics(responses, truth, hallu, AMBER_VOCAB, protocol="strict")
+    # strict: bench and chair (2/2), dog once (1/1), cat (1/1)
+    assert strict["cover"] == pytest.approx(4 / 4)
+
+
+def test_amber_cog_first_match() -> None:
+    # hallucinated "tire" is car's associated word; with targets [car, car] only the first copy counts
+    m = amber_generative_metrics(["A tire and a cat."], [["cat"]], [["car", "car"]], AMBER_VOCAB)
+    assert m["cog"] == pytest.approx(1 / 2)
+    assert amber_generative_metrics(["A tire."], [["cat"]], [["car", "car"]], AMBER_VOCAB,
+                                    protocol="strict")["cog"] == 1.0
+
+
+def test_amber_official_answers_are_exact() -> None:
+    preds = ["Yes", "No", "No.", "no", "yes", "No"]
+    labels = ["yes", "no", "no", "no", "yes", "yes"]
+    # official: Yes, No, other, other, other, No -> correct: 1, 2 -> 2/6
+    m = amber_discriminative_metrics(preds, labels)
+    assert m["accuracy"] == pytest.approx(2 / 6)
+    assert m["precision"] == pytest.approx(1 / 2)  # answered exactly "No": 2, of which label no: 1
+    assert m["recall"] == pytest.approx(1 / 3)  # label no: 3, answered "No": 1
+    assert m["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
