@@ -374,6 +374,14 @@ def chair_metrics(
     }
 
 
+def score_captions(texts: Sequence[str], truth: Sequence[set[str]], objects: CocoObjects,
+                   lengths: Sequence[int] | None = None) -> dict[str, float]:
+    """:func:`chair_metrics` of captions; ``lengths`` default to the reference's word counts."""
+    reads = [objects.read(t) for t in texts]
+    lengths = list(lengths) if lengths is not None else [len(merged) for _, merged in reads]
+    return chair_metrics([mentions for mentions, _ in reads], truth, lengths)
+
+
 def load_coco_instances(
     annotations_json: str | Path | Sequence[str | Path], objects: CocoObjects | None = None
 ) -> dict[int, set[str]]:
@@ -410,6 +418,14 @@ def load_coco_instances(
 _IMAGE_ID = re.compile(r"(\d+)(?:\.\w+)?$")
 
 
+def parse_image_id(value: object, where: str) -> int:
+    """A COCO image id from an int, a numeric string or a file name (``COCO_val2014_000000310196.jpg``)."""
+    match = _IMAGE_ID.search(str(value))
+    if isinstance(value, bool) or match is None:
+        raise InputError(f"{where}: cannot read an image id from {value!r}")
+    return int(match.group(1))
+
+
 def load_chair_image_ids(path: str | Path) -> list[int]:
     """The fixed image ids of a CHAIR run, in file order.
 
@@ -426,13 +442,7 @@ def load_chair_image_ids(path: str | Path) -> list[int]:
         entries = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(entries, list):
         raise InputError(f"{path}: expected a list of image ids")
-    ids = []
-    for entry in entries:
-        value = entry.get("image_id") if isinstance(entry, dict) else entry
-        match = _IMAGE_ID.search(str(value))
-        if isinstance(value, bool) or match is None:
-            raise InputError(f"{path}: cannot read an image id from {entry!r}")
-        ids.append(int(match.group(1)))
+    ids = [parse_image_id(e.get("image_id") if isinstance(e, dict) else e, str(path)) for e in entries]
     if not ids:
         raise InputError(f"no image ids in {path}")
     if len(set(ids)) != len(ids):

@@ -26,8 +26,8 @@ from PIL import Image
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
 from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, amber_generative_metrics
-from evotool.evals.chair import CocoObjects, chair_metrics
-from evotool.evals.pope import POPE_SPLITS, pope_metrics
+from evotool.evals.chair import CocoObjects, score_captions
+from evotool.evals.pope import POPE_SPLITS
 from evotool.generation import build_inputs, context_length, decode
 from evotool.mitigate.methods import Method
 from evotool.models.loading import synchronize
@@ -115,24 +115,10 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_pope(samples: Sequence[Sample], texts: Sequence[str], protocol: str = "official") -> dict[str, float]:
-    """``pope_<split>_<metric>`` per split found in ``meta["split"]`` (``pope_all_*`` when unsplit), plus ``pope_f1`` (mean)."""
-    out: dict[str, float] = {}
-    splits = [s.meta.get("split") or "all" for s in samples]
-    for split in dict.fromkeys(splits):
-        idx = [i for i, sp in enumerate(splits) if sp == split]
-        scores = pope_metrics([texts[i] for i in idx], [samples[i].answer or "" for i in idx], protocol)
-        out |= {f"pope_{split}_{k}": v for k, v in scores.items()}
-    f1s = [out[f"pope_{s}_f1"] for s in dict.fromkeys(splits)]
-    out["pope_f1"] = sum(f1s) / len(f1s)
-    return out
-
-
 def score_chair(samples: Sequence[Sample], gens: Generations, objects: CocoObjects | None = None) -> dict[str, float]:
     """CHAIR_s, CHAIR_i (every mention), recall, mean length (tokens) of captions against ``Sample.objects``."""
-    objects = objects or CocoObjects()
-    return chair_metrics([objects.mentions(t) for t in gens.texts], [set(s.objects or ()) for s in samples],
-                         [len(i) for i in gens.ids])
+    return score_captions(gens.texts, [set(s.objects or ()) for s in samples], objects or CocoObjects(),
+                          [len(i) for i in gens.ids])
 
 
 def score_amber(samples: Sequence[Sample], texts: Sequence[str], vocabulary: AmberVocabulary,

@@ -94,6 +94,19 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str], protocol: st
     return yes_no_metrics(answers, labels)
 
 
+def score_pope(samples: Sequence[Sample], texts: Sequence[str], protocol: str = "official") -> dict[str, float]:
+    """``pope_<split>_<metric>`` per split found in ``meta["split"]`` (``pope_all_*`` when unsplit), plus ``pope_f1`` (mean)."""
+    out: dict[str, float] = {}
+    splits = [s.meta.get("split") or "all" for s in samples]
+    for split in dict.fromkeys(splits):
+        idx = [i for i, sp in enumerate(splits) if sp == split]
+        scores = pope_metrics([texts[i] for i in idx], [samples[i].answer or "" for i in idx], protocol)
+        out |= {f"pope_{split}_{k}": v for k, v in scores.items()}
+    f1s = [out[f"pope_{s}_f1"] for s in dict.fromkeys(splits)]
+    out["pope_f1"] = sum(f1s) / len(f1s)
+    return out
+
+
 def _split_of(path: Path) -> str | None:
     return next((s for s in POPE_SPLITS if path.stem.endswith(s)), None)
 

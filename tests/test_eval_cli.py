@@ -12,7 +12,8 @@ from conftest import tiny_world_llava
 from evotool.analysis.schema import write_stages
 from evotool.cli import main
 from evotool.data.inputs import Sample
-from evotool.evals.harness import evaluate_world_methods, score_pope, world_flat
+from evotool.evals.harness import evaluate_world_methods, world_flat
+from evotool.evals.pope import score_pope
 from evotool.evals.results import read_results
 from evotool.evals.world import evaluate_world
 from evotool.mitigate.methods import build_method
