@@ -45,8 +45,8 @@ _QWEN_VISION = dict(depth=2, hidden_size=32, num_heads=4, patch_size=4, spatial_
                     temporal_patch_size=2, in_channels=3)
 
 
-def tiny_config(model_type: str, layers: int = 4):
-    """A transformers config of ``model_type`` with a ``layers``-deep 32-wide decoder."""
+def tiny_config(model_type: str, layers: int = 4, text: dict | None = None):
+    """A transformers config of ``model_type`` with a ``layers``-deep 32-wide decoder (``text``: text-config overrides)."""
     specs = {
         "llava": dict(text_config=_text("llama", layers), vision_config=_vision("clip_vision_model", projection_dim=32),
                       image_token_index=IMAGE_TOKEN, vision_feature_layer=-1),
@@ -75,16 +75,26 @@ def tiny_config(model_type: str, layers: int = 4):
                                             head_dim=8),
                          image_token_index=IMAGE_TOKEN, spatial_merge_size=2),
     }
-    return AutoConfig.for_model(model_type, **specs[model_type])
+    spec = specs[model_type]
+    if text:
+        spec = dict(spec, text_config=dict(spec["text_config"], **text))
+    return AutoConfig.for_model(model_type, **spec)
 
 
 ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3", "mistral3")
 
+# Checkpoint families that differ from ARCHS' tiny config in their text decoder: name -> (model_type, text overrides).
+# PaliGemma 2 runs a Gemma 2 decoder whose real checkpoints soft-cap the final logits at 30.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "paligemma2": ("paligemma", dict(model_type="gemma2", final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                     query_pre_attn_scalar=8, sliding_window=16, hidden_activation="gelu_pytorch_tanh")),
+}
 
-def build_tiny(model_type: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
+
+def build_tiny(model_type: str, layers: int = 4, seed: int = 0, text: dict | None = None) -> torch.nn.Module:
     """A random tiny model in eval mode; EOS never forced, so generation runs to max_new_tokens."""
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(model_type, layers)).eval()
+    model = AutoModelForImageTextToText.from_config(tiny_config(model_type, layers, text)).eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return model

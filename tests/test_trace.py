@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import build_tiny, make_inputs
+import pytest
+
+from conftest import ARCHS, VARIANTS, build_tiny, make_inputs
 from evotool.lens import NormedLens, ReferenceLens
 from evotool.models.registry import decoder_parts
 from evotool.trace import LayerCapture, trace_batch
@@ -38,6 +40,29 @@ def test_lens_at_last_layer_is_model_output(arch: str) -> None:
             torch.testing.assert_close(lens.log_probs(states)[-1], model_logp, atol=1e-5, rtol=1e-5)
         # the reference lens differs from the normed one below the last layer (raw states into the head)
         assert not torch.allclose(NormedLens(parts).log_probs(states)[1], ReferenceLens(parts).log_probs(states)[1])
+
+
+@pytest.mark.parametrize("name", [*ARCHS, *VARIANTS])
+def test_lens_softcap_is_where_the_model_applies_it(name: str) -> None:
+    """Layer L's lens equals the model's logits with large logits, where soft-capping (or its absence) shows.
+
+    Configs as the real checkpoints: PaliGemma 2 (Gemma 2 decoder) caps at 30; the tiny Gemma 3 config
+    carries final_logit_softcapping=30 in its text config, which Gemma3ForConditionalGeneration ignores.
+    """
+    arch, text = VARIANTS.get(name, (name, None))
+    model = build_tiny(arch, text=text)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(300.0)  # logits of size ~100: a cap at 30 changes them
+    parts = decoder_parts(model)
+    inputs = make_inputs(model, arch)
+    with torch.no_grad(), LayerCapture(parts) as cap:
+        logits = model(**inputs).logits[:, -1, :].float()
+        states = cap.stacked()
+        raw = parts.lm_head(parts.norm(states[-1])).float()
+    assert raw.abs().max() > 60  # uncapped head logits are large
+    capped = model.config.get_text_config().model_type == "gemma2"
+    assert (logits.abs().max() <= 30.0) == capped
+    torch.testing.assert_close(NormedLens(parts).logits(states)[-1], logits, atol=1e-3, rtol=1e-4)
 
 
 def test_trace_matches_generate_and_per_step_forward() -> None:

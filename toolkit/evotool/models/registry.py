@@ -24,10 +24,14 @@ class ArchSpec:
     layers: str = "layers"  # relative to decoder
     norm: str = "norm"  # relative to decoder
     lm_head: str = "lm_head"
-    softcap: str | None = None  # text-config attribute with the final-logit soft-cap value
+    # text-config attribute with the final-logit soft-cap value, set only where the model's forward applies it
+    softcap: str | None = None
 
 
 _LM = "model.language_model"
+# Soft-capping as transformers' ...ForConditionalGeneration.forward applies it: PaliGemma caps with its text
+# config's value (PaliGemma 2's Gemma 2 decoder: 30; PaliGemma 1's Gemma decoder has none); Gemma 3 never
+# caps (only Gemma3ForCausalLM does); the other architectures have no final-logit soft-capping.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llava": ArchSpec(_LM),
     "llava_next": ArchSpec(_LM),
@@ -38,8 +42,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_vl": ArchSpec(_LM),
     "idefics3": ArchSpec("model.text_model"),
     "smolvlm": ArchSpec("model.text_model"),
-    "paligemma": ArchSpec(_LM),
-    "gemma3": ArchSpec(_LM, softcap="final_logit_softcapping"),
+    "paligemma": ArchSpec(_LM, softcap="final_logit_softcapping"),
+    "gemma3": ArchSpec(_LM),
     "mistral3": ArchSpec(_LM),
     "internvl": ArchSpec(_LM),
     "aya_vision": ArchSpec(_LM),
@@ -91,6 +95,7 @@ def discover(model: nn.Module) -> ArchSpec:
             f"unknown architecture {model.config.model_type!r}: no decoder with layers, a final norm and an "
             "LM head was found; add an ArchSpec to evotool.models.registry.ARCHITECTURES"
         )
+    # as the text-only ...ForCausalLM models that have the attribute (Gemma 2 / 3) apply it
     return ArchSpec(decoder=best[1], softcap="final_logit_softcapping")
 
 
