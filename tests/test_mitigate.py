@@ -67,23 +67,48 @@ def rep_penalty(ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torc
     return scores
 
 
-def dola_reference(model, candidates, alpha, penalty):
-    """DoLa's released selection: JS (mean over vocab of the two KL terms) of each candidate against the
-    final layer, argmax per sample, relative-top filter, contrast, repetition penalty."""
+def relative_top_contrast(final: torch.Tensor, prem: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log p_final - log p_premature where p_final >= alpha * max p_final, -inf elsewhere (one row, log-probs)."""
+    keep = final >= final.max() + math.log(alpha)
+    return torch.where(keep, final - prem, torch.tensor(-math.inf))
+
+
+def dola_reference(model, candidates, alpha, penalty, chosen: list | None = None):
+    """transformers 4.4x ``_dola_decoding``: premature logits = LM head on the raw hidden state; layer score =
+    batch mean of (KL(m||p_final) + KL(m||p_premature)) / 2 with each KL averaged over the vocabulary; one
+    layer for the batch; relative-top filter, contrast, repetition penalty. ``chosen`` collects the layers."""
+
+    def choose(out, ids):
+        final = torch.log_softmax(out.logits[:, -1].float(), -1)
+        prem = {c: torch.log_softmax(model.lm_head(out.hidden_states[c][:, -1]).float(), -1) for c in candidates}
+        scores = {}
+        for c, q in prem.items():
+            m = 0.5 * (final.exp() + q.exp())
+            kl1 = (m * (m.log() - final)).mean(-1)
+            kl2 = (m * (m.log() - q)).mean(-1)
+            scores[c] = (0.5 * (kl1 + kl2)).mean().item()
+        best = max(candidates, key=lambda c: scores[c]) if len(candidates) > 1 else candidates[0]
+        if chosen is not None:
+            chosen.append(best)
+        rows = [relative_top_contrast(final[b], prem[best][b], alpha) for b in range(final.shape[0])]
+        return rep_penalty(ids, torch.stack(rows), penalty)
+
+    return choose
+
+
+def dola_js_reference(model, candidates, alpha, penalty):
+    """evotool's variant: premature layers through the final norm, per row the largest Jensen-Shannon divergence."""
 
     def choose(out, ids):
         final = torch.log_softmax(out.logits[:, -1].float(), -1)
         rows = []
         for b in range(final.shape[0]):
-            best, best_js = None, -1.0
-            for c in candidates:
-                prem = layer_logp(model, out.hidden_states[c], c)[b]
-                m = 0.5 * (final[b].exp() + prem.exp())
-                js = 0.5 * (F.kl_div(final[b], m, reduction="none").mean() + F.kl_div(prem, m, reduction="none").mean())
-                if js > best_js:
-                    best, best_js = prem, js
-            keep = final[b] >= final[b].max() + math.log(alpha)
-            rows.append(torch.where(keep, final[b] - best, torch.tensor(-math.inf)))
+            def js(c):
+                q = layer_logp(model, out.hidden_states[c], c)[b]
+                m = 0.5 * (final[b].exp() + q.exp())
+                return 0.5 * (final[b].exp() * (final[b] - m.log())).sum() + 0.5 * (q.exp() * (q - m.log())).sum()
+            best = max(candidates, key=lambda c: js(c).item())
+            rows.append(relative_top_contrast(final[b], layer_logp(model, out.hidden_states[best], best)[b], alpha))
         return rep_penalty(ids, torch.stack(rows), penalty)
 
     return choose
@@ -102,13 +127,58 @@ def test_dola_candidates_follow_released_buckets():
     assert dola_candidates(2, "low", True) == [1]
 
 
-def test_dola_matches_reference(tiny):
+def test_dola_matches_reference(tiny, monkeypatch):
     model, inputs = tiny
-    method = build_method("dola", model)
+    method = build_method("dola", model)  # defaults: lens raw, selection reference (transformers 4.4x)
+    made = []
+    original = method.processors
+    monkeypatch.setattr(method, "processors", lambda capture: made.extend(original(capture)) or made)
     ids = method.generate_ids(dict(inputs), STEPS)
     cand = dola_candidates(LAYERS, "high", False)
-    assert ids == manual_decode(model, inputs, dola_reference(model, cand, 0.1, 1.2))
+    chosen: list[int] = []
+    assert ids == manual_decode(model, inputs, dola_reference(model, cand, 0.1, 1.2, chosen))
+    # one premature layer per step for the whole batch, the one the reference picks
+    assert [c.tolist() for c in made[0].chosen] == [[layer] * 3 for layer in chosen]
     assert ids != generate_ids(model, dict(inputs), STEPS)  # the contrast changes this model's choices
+
+
+def test_dola_scores_equal_reference_recomputation(tiny):
+    from evotool.mitigate.methods import LayerContrast
+    from evotool.models.registry import decoder_parts
+    from evotool.trace import LayerCapture
+
+    model, inputs = tiny
+    parts = decoder_parts(model)
+    with torch.no_grad(), LayerCapture(parts) as cap:
+        out = model(**inputs, output_hidden_states=True)
+        got = LayerContrast(cap, [0, 2, 4], 0.1, lens="raw", selection="reference")(inputs["input_ids"], out.logits[:, -1])
+    want = dola_reference(model, [0, 2, 4], 0.1, 1.0)(out, inputs["input_ids"])
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+
+
+def test_dola_js_normed_variant(tiny):
+    model, inputs = tiny
+    method = build_method("dola", model, {"lens": "normed", "selection": "js", "layers": "1,3,5"})
+    assert method.candidates() == [1, 3, 5]
+    ids = method.generate_ids(dict(inputs), STEPS)
+    assert ids == manual_decode(model, inputs, dola_js_reference(model, [1, 3, 5], 0.1, 1.2))
+
+
+def test_dola_layer_lists_and_tied_embeddings(tiny):
+    model, _ = tiny
+    assert build_method("dola", model, {"layers": "2,9"}).candidates() == [2]  # >= L dropped, as the reference
+    assert build_method("dola", model, {"layers": "4"}).candidates() == [4]
+    with pytest.raises(ConfigError):
+        build_method("dola", model, {"layers": "7,9"}).candidates()
+    with pytest.raises(ConfigError):
+        make_config("dola", {"layers": "middle"})
+    # tying is read from the top-level config, as transformers 4.4x: tied -> layer 0 skipped
+    tied = copy.deepcopy(model)
+    tied.config.tie_word_embeddings = True
+    assert tied.config.get_text_config().tie_word_embeddings is False
+    assert build_method("dola", tied, {"layers": "low"}).candidates() == [2]
+    assert build_method("dola", model, {"layers": "low"}).candidates() == [0, 2]
 
 
 def test_stage_contrast_uses_the_critical_layer(tiny):
@@ -116,7 +186,7 @@ def test_stage_contrast_uses_the_critical_layer(tiny):
     method = build_method("stage_contrast", model, {"premature": "last_stable"}, stages(critical=2, mutation=[5]))
     assert method.premature_layer() == 4
     ids = method.generate_ids(dict(inputs), STEPS)
-    assert ids == manual_decode(model, inputs, dola_reference(model, [4], 0.1, 1.0))
+    assert ids == manual_decode(model, inputs, dola_js_reference(model, [4], 0.1, 1.0))  # normed lens, one layer
 
 
 def test_smoothing_equals_blended_layer_forward(tiny):
@@ -168,7 +238,38 @@ def test_vcd_pairs_emit_one_token_and_match_manual_contrast(tiny):
         return torch.where(keep, 2 * c - n, torch.tensor(-math.inf))
 
     assert all_ids[:rows] == manual_decode(model, inputs, choose)
-    assert method.generate_ids(dict(inputs), STEPS) == all_ids[:rows]
+    assert build_method("vcd", model).generate_ids(dict(inputs), STEPS) == all_ids[:rows]  # same seed, same noise
+    assert method.describe()["layers"] == {"decoding": "greedy"}
+
+
+def test_vcd_noise_is_drawn_once_per_run_not_per_call(tiny):
+    model, inputs = tiny
+    method = build_method("vcd", model)
+    first, second = (method.prepare(dict(inputs))["pixel_values"] for _ in range(2))
+    assert not torch.equal(first, second)  # each batch gets fresh noise
+    assert torch.equal(build_method("vcd", model).prepare(dict(inputs))["pixel_values"], first)
+
+
+def test_vcd_sampling_matches_manual_sampling(tiny):
+    model, inputs = tiny
+    method = build_method("vcd", model, {"sample": "true", "seed": "5"})
+    assert method.describe()["layers"] == {"decoding": "sample"}
+    rows = inputs["input_ids"].shape[0]
+    noised = diffusion_noise(inputs["pixel_values"], 500, torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(6)  # the sampling generator: seed + 1
+
+    def choose(out_clean, ids):  # VCD's released sampling: contrast, cut-off, softmax (T=1, top-p=1), multinomial
+        with torch.no_grad():
+            out_noise = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=noised)
+        c, n = out_clean.logits[:, -1].float(), out_noise.logits[:, -1].float()
+        keep = c.softmax(-1) >= 0.1 * c.softmax(-1).max(-1, keepdim=True).values
+        probs = torch.where(keep, 2 * c - n, torch.tensor(-math.inf)).softmax(-1)
+        return F.one_hot(torch.multinomial(probs, 1, generator=draws)[:, 0], probs.shape[-1]).float()
+
+    ids = method.generate_ids(dict(inputs), STEPS)
+    assert len(ids) == rows
+    assert ids == manual_decode(model, inputs, choose)
+    assert ids != build_method("vcd", model, {"seed": "5"}).generate_ids(dict(inputs), STEPS)  # sampling != greedy
 
 
 def test_diffusion_noise_schedule():

@@ -9,9 +9,10 @@ current step from :class:`~evotool.trace.LayerCapture` (its hooks run during the
 Layer numbering as everywhere in evotool: 0 = embedding output, ``i`` = output of decoder layer ``i``
 (``parts.layers[i - 1]``), ``L`` = the model's own output.
 
-Methods (``METHODS``): ``greedy``; baselines ``dola`` (Chuang et al. 2024) and ``vcd`` (Leng et al.
-2024) with their published defaults; stage-aware ``stable_readout``, ``smoothing`` and
-``stage_contrast``, which read the model's ``stages.json``.
+Methods (``METHODS``): ``greedy``; baselines ``dola`` (Chuang et al. 2024; defaults = transformers
+4.4x's ``_dola_decoding``, greedy) and ``vcd`` (Leng et al. 2024; the published contrast settings,
+greedy unless ``sample=true``, which samples as the released scripts do); stage-aware
+``stable_readout``, ``smoothing`` and ``stage_contrast``, which read the model's ``stages.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from evotool import metrics
 from evotool.errors import ConfigError, StageFileError
@@ -55,14 +62,20 @@ def contrast_scores(
     return torch.where(keep, final - weight * premature, torch.full_like(final, -math.inf))
 
 
-def dola_candidates(num_layers: int, bucket: str, tied_embeddings: bool) -> list[int]:
+def dola_candidates(num_layers: int, bucket: str | Sequence[int], tied_embeddings: bool) -> list[int]:
     """DoLa's premature-layer candidates for an ``L``-layer model, as in its released code / transformers 4.4x.
 
     ``low``: even layers of the first half, ``high``: even layers of the second half (for ``L > 40`` the
     first / last 20 layers). With tied embeddings layer 0 is skipped (its lens is an identity readout).
+    A list of layers is kept as given, less those ``>= L``.
     """
+    if not isinstance(bucket, str):
+        layers = [int(i) for i in bucket if int(i) < num_layers]
+        if not layers or min(layers) < 0:
+            raise ConfigError(f"dola layers {list(bucket)} leave no premature layer in 0..{num_layers - 1}")
+        return layers
     if bucket not in ("low", "high"):
-        raise ConfigError(f"dola layers must be 'low' or 'high', not {bucket!r}")
+        raise ConfigError(f"dola layers must be 'low', 'high' or a list of layers, not {bucket!r}")
     start = 0 if not tied_embeddings else (2 if num_layers > 2 else (1 if num_layers == 2 else 0))
     if bucket == "high":
         return list(range(num_layers // 2, num_layers, 2) if num_layers <= 40 else range(num_layers - 20, num_layers, 2))
@@ -71,34 +84,61 @@ def dola_candidates(num_layers: int, bucket: str, tied_embeddings: bool) -> list
     return list(range(start, num_layers // 2, 2) if num_layers <= 40 else range(start, 20, 2))
 
 
+def dola_reference_divergence(final: torch.Tensor, premature: torch.Tensor) -> torch.Tensor:
+    """transformers 4.4x ``_dola_select_contrast``'s layer score: logits [B, V] and [K, B, V] -> [K].
+
+    With ``m = (p_final + p_premature) / 2``: ``(KL(m || p_final) + KL(m || p_premature)) / 2``, each KL
+    averaged (not summed) over the vocabulary by ``F.kl_div(..., reduction="none").mean(-1)``, then averaged
+    over the batch: one score per layer, so one premature layer for the whole batch.
+    """
+    final_logp = torch.log_softmax(final.float(), -1)
+    prem_logp = torch.log_softmax(premature.float(), -1)
+    avg = 0.5 * (final_logp.exp()[None] + prem_logp.exp())
+    kl1 = nn.functional.kl_div(final_logp[None].expand_as(avg), avg, reduction="none").mean(-1)
+    kl2 = nn.functional.kl_div(prem_logp, avg, reduction="none").mean(-1)
+    return (0.5 * (kl1 + kl2)).mean(-1)
+
+
 class LayerContrast(LogitsProcessor):
     """Scores [B, V] -> DoLa-style contrast of the final layer against a premature layer.
 
-    With several ``candidates`` the premature layer of each row is the one with the largest JS divergence
-    from the final distribution (DoLa's dynamic selection, per sample); with one it is fixed. The final
-    distribution is the model's own output (``scores``), premature ones are read through the normed lens.
+    The final distribution is the model's own output (``scores``); premature ones are read through the
+    ``lens``: ``raw`` (the LM head on the layer's state, as DoLa's published code) or ``normed`` (final norm
+    and soft-capping first, evotool's lens). With several ``candidates`` the premature layer is chosen per
+    step by ``selection``: ``reference`` (one layer for the batch by :func:`dola_reference_divergence`, as
+    transformers 4.4x) or ``js`` (per row, the largest Jensen-Shannon divergence); with one it is fixed.
     A repetition penalty (``> 1``) is applied to the contrasted scores, as DoLa recommends.
     """
 
     def __init__(self, capture: LayerCapture, candidates: Sequence[int], alpha: float, weight: float = 1.0,
-                 repetition_penalty: float = 1.0) -> None:
+                 repetition_penalty: float = 1.0, lens: str = "normed", selection: str = "js") -> None:
         self.capture = capture
-        self.lens = NormedLens(capture.parts)
+        self.lens = NormedLens(capture.parts) if lens == "normed" else None
         self.candidates = list(candidates)
         self.alpha = alpha
         self.weight = weight
+        self.selection = selection
         self.penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
         self.chosen: list[torch.Tensor] = []  # premature layer per step, [B] each (for inspection)
 
+    def premature_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """States [K, B, H] -> float32 logits [K, B, V] through the configured lens."""
+        if self.lens is not None:
+            return self.lens.logits(states)
+        head = self.capture.parts.lm_head
+        return head(states.to(head.weight.dtype)).float()
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         states = torch.stack([self.capture.states[i] for i in self.candidates])  # [K, B, H]
-        premature = self.lens.log_probs(states)  # [K, B, V]
+        premature = torch.log_softmax(self.premature_logits(states), -1)  # [K, B, V]
         final = torch.log_softmax(scores.float(), -1)
-        if len(self.candidates) > 1:
-            js = metrics.js_divergence(final.unsqueeze(0).expand_as(premature), premature)  # [K, B]
-            pick = js.argmax(0)
+        rows = scores.shape[0]
+        if len(self.candidates) > 1 and self.selection == "js":
+            pick = metrics.js_divergence(final.unsqueeze(0).expand_as(premature), premature).argmax(0)  # [B]
+        elif len(self.candidates) > 1:
+            pick = dola_reference_divergence(final, premature).argmax().expand(rows)
         else:
-            pick = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+            pick = torch.zeros(rows, dtype=torch.long, device=scores.device)
         self.chosen.append(torch.tensor(self.candidates, device=pick.device)[pick])
         base = premature[pick, torch.arange(scores.shape[0], device=scores.device)]
         out = contrast_scores(final, base, self.alpha, self.weight)
@@ -138,11 +178,16 @@ class StableReadout(LogitsProcessor):
 
 class PairContrast(LogitsProcessor):
     """VCD over a doubled batch: rows ``b`` (original image) and ``b + B`` (noised image) get the same scores,
-    ``(1 + alpha) l_b - alpha l_{b+B}`` where ``l_b >= log(beta) + max l_b``, -inf elsewhere, so both emit one token."""
+    ``(1 + alpha) l_b - alpha l_{b+B}`` where ``l_b >= log(beta) + max l_b``, -inf elsewhere, so both emit one token.
 
-    def __init__(self, alpha: float, beta: float) -> None:
+    With a ``sampler`` (VCD's released sampling), the token of each pair is drawn here from the warped
+    contrast scores and both rows get 0 at it, -inf elsewhere, so greedy ``generate`` emits the drawn token.
+    """
+
+    def __init__(self, alpha: float, beta: float, sampler: tuple[LogitsProcessorList, torch.Generator] | None = None) -> None:
         self.alpha = alpha
         self.beta = beta
+        self.sampler = sampler
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         half = scores.shape[0] // 2
@@ -150,6 +195,11 @@ class PairContrast(LogitsProcessor):
         cutoff = math.log(self.beta) + clean.max(-1, keepdim=True).values
         out = torch.where(clean >= cutoff, (1 + self.alpha) * clean - self.alpha * noised,
                           torch.full_like(clean, -math.inf))
+        if self.sampler is not None:
+            warpers, generator = self.sampler
+            probs = torch.softmax(warpers(input_ids[:half], out), -1)
+            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(out.device)  # [B, 1]
+            out = torch.full_like(out, -math.inf).scatter_(1, drawn, 0.0)
         return torch.cat([out, out], 0)
 
 
@@ -225,35 +275,57 @@ class GreedyConfig:
 
 @dataclass
 class DolaConfig:
-    """DoLa defaults from the paper / its released code."""
+    """DoLa as transformers 4.4x's ``generate(dola_layers=...)`` (greedy); ``lens`` / ``selection`` switch to evotool's variants."""
 
-    layers: str = field(default="high", metadata={"help": "candidate premature bucket: low or high half of the even layers"})
+    layers: str = field(default="high", metadata={"help": "candidate premature layers: low, high (halves of the even layers) or a comma-separated list, e.g. 2,4"})
+    lens: str = field(default="raw", metadata={"help": "premature readout: raw (LM head on the state, as published) or normed (final norm first)"})
+    selection: str = field(default="reference", metadata={"help": "premature layer choice: reference (one per batch, transformers' kl_div score) or js (per row, Jensen-Shannon)"})
     alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint (relative top)"})
     repetition_penalty: float = field(default=1.2, metadata={"help": "applied to the contrasted scores (DoLa recommends 1.2)"})
 
     def __post_init__(self) -> None:
-        if self.layers not in ("low", "high"):
-            raise ConfigError(f"dola layers must be low or high, not {self.layers!r}")
+        if isinstance(self.layers, (int, list, tuple)):  # one layer or a YAML list
+            self.layers = ",".join(str(i) for i in ([self.layers] if isinstance(self.layers, int) else self.layers))
+        if self.layers not in ("low", "high") and not all(p.strip().isdigit() for p in self.layers.split(",")):
+            raise ConfigError(f"dola layers must be low, high or a comma-separated list of layers, not {self.layers!r}")
+        if self.lens not in ("raw", "normed"):
+            raise ConfigError(f"dola lens must be raw or normed, not {self.lens!r}")
+        if self.selection not in ("reference", "js"):
+            raise ConfigError(f"dola selection must be reference or js, not {self.selection!r}")
         _check_unit(self, "alpha")
         if self.repetition_penalty <= 0:
             raise ConfigError("repetition_penalty must be > 0")
 
+    @property
+    def layer_spec(self) -> str | list[int]:
+        """``"low"`` / ``"high"`` or the list of layers."""
+        return self.layers if self.layers in ("low", "high") else [int(p) for p in self.layers.split(",")]
+
 
 @dataclass
 class VcdConfig:
-    """VCD defaults (greedy variant): contrast with a diffusion-noised copy of the image."""
+    """VCD: contrast with a diffusion-noised copy of the image (released defaults: alpha 1, beta 0.1, step 500).
+
+    Greedy unless ``sample``: then tokens are drawn as VCD's released scripts do (``do_sample=True``,
+    temperature 1, top-p 1, no top-k, after the contrast and the plausibility cut-off).
+    """
 
     alpha: float = field(default=1.0, metadata={"help": "contrast strength: (1+a) l(v) - a l(v')"})
     beta: float = field(default=0.1, metadata={"help": "adaptive plausibility: keep tokens with p >= beta * max p"})
     noise_step: int = field(default=500, metadata={"help": "diffusion step of the noised image (0..999)"})
-    seed: int = field(default=0, metadata={"help": "seed of the image noise"})
+    sample: bool = field(default=False, metadata={"help": "sample as the released scripts (true) or decode greedily (false)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (released: 1.0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (released: 1.0, i.e. off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the image noise and of sampling (one generator each per run)"})
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ConfigError("alpha must be >= 0")
-        _check_unit(self, "beta")
+        _check_unit(self, "beta", "top_p")
         if not 0 <= self.noise_step < 1000:
             raise ConfigError(f"noise_step must be in 0..999, got {self.noise_step}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0")
 
 
 @dataclass
@@ -398,11 +470,13 @@ class Dola(Method):
     uses_capture = True
 
     def candidates(self) -> list[int]:
-        tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
-        return dola_candidates(self.parts.num_layers, self.config.layers, tied)
+        # as transformers 4.4x: the top-level config's flag (PretrainedConfig's default True when absent)
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", True))
+        return dola_candidates(self.parts.num_layers, self.config.layer_spec, tied)
 
     def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
-        return [LayerContrast(capture, self.candidates(), self.config.alpha, 1.0, self.config.repetition_penalty)]
+        cfg = self.config
+        return [LayerContrast(capture, self.candidates(), cfg.alpha, 1.0, cfg.repetition_penalty, cfg.lens, cfg.selection)]
 
     def layers_used(self) -> dict[str, Any]:
         return {"candidates": self.candidates()}
@@ -426,14 +500,22 @@ class StageContrast(Method):
 
 
 class Vcd(Method):
+    """VCD; the noise and sampling generators are seeded once per method instance (one run), so every
+    batch gets fresh noise."""
+
     name = "vcd"
     config_cls = VcdConfig
+
+    def __init__(self, model: nn.Module, config: Any = None, stages: dict[str, Any] | None = None) -> None:
+        super().__init__(model, config, stages)
+        self.noise_generator = torch.Generator().manual_seed(self.config.seed)
+        self.sample_generator = torch.Generator().manual_seed(self.config.seed + 1)
 
     def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inputs [B, ...] -> [2B, ...]: the batch, then the batch with ``pixel_values`` diffusion-noised."""
         if "pixel_values" not in inputs:
             raise ConfigError("vcd needs image inputs (pixel_values)")
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = self.noise_generator
         out = {}
         for key, value in inputs.items():
             if not isinstance(value, torch.Tensor):
@@ -444,7 +526,15 @@ class Vcd(Method):
         return out
 
     def processors(self, capture: LayerCapture | None) -> list[LogitsProcessor]:
-        return [PairContrast(self.config.alpha, self.config.beta)]
+        cfg = self.config
+        sampler = None
+        if cfg.sample:
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(cfg.temperature), TopPLogitsWarper(cfg.top_p)])
+            sampler = (warpers, self.sample_generator)
+        return [PairContrast(cfg.alpha, cfg.beta, sampler)]
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"decoding": "sample" if self.config.sample else "greedy"}
 
 
 class Readout(Method):
