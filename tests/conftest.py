@@ -8,6 +8,7 @@ lens are exercised on every architecture's real forward pass.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,17 @@ def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0) ->
 @pytest.fixture(params=ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run ``evotool ARGS`` in-process: (exit code, stdout, stderr)."""
+    from evotool.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["evotool", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import tiny_world_llava
+from conftest import run_cli, tiny_world_llava
 
 from evotool.analysis.schema import write_stages
-from evotool.cli import main
 from evotool.data.inputs import Sample
 from evotool.evals.harness import evaluate_world_methods, world_flat
 from evotool.evals.pope import score_pope
@@ -37,15 +35,7 @@ def world_model(tmp_path_factory):
     return root
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["evotool", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+cli = run_cli
 
 
 WORLD = ("--n", "2", "--batch-size", "4", "--max-new-tokens", "6", "--no-wandb")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from evotool.cli import main
+from conftest import run_cli
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
 from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_manifest
@@ -18,14 +17,7 @@ from evotool.evals.results import read_results
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["evotool", *args, "--no-wandb"])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(monkeypatch, capsys, *args, "--no-wandb")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
