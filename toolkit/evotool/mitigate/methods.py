@@ -277,17 +277,22 @@ class GreedyConfig:
 class DolaConfig:
     """DoLa as transformers 4.4x's ``generate(dola_layers=...)`` (greedy); ``lens`` / ``selection`` switch to evotool's variants."""
 
-    layers: str = field(default="high", metadata={"help": "candidate premature layers: low, high (halves of the even layers) or a comma-separated list, e.g. 2,4"})
+    layers: str | list[int] = field(default="high", metadata={"help": "candidate premature layers: low, high (halves of the even layers) or a list, e.g. 2,4"})
     lens: str = field(default="raw", metadata={"help": "premature readout: raw (LM head on the state, as published) or normed (final norm first)"})
     selection: str = field(default="reference", metadata={"help": "premature layer choice: reference (one per batch, transformers' kl_div score) or js (per row, Jensen-Shannon)"})
     alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint (relative top)"})
     repetition_penalty: float = field(default=1.2, metadata={"help": "applied to the contrasted scores (DoLa recommends 1.2)"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (int, list, tuple)):  # one layer or a YAML list
-            self.layers = ",".join(str(i) for i in ([self.layers] if isinstance(self.layers, int) else self.layers))
-        if self.layers not in ("low", "high") and not all(p.strip().isdigit() for p in self.layers.split(",")):
-            raise ConfigError(f"dola layers must be low, high or a comma-separated list of layers, not {self.layers!r}")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        elif isinstance(self.layers, str) and self.layers not in ("low", "high"):
+            parts = [p.strip() for p in self.layers.split(",")]
+            if not all(p.isdigit() for p in parts):
+                raise ConfigError(f"dola layers must be low, high or a list of layers, not {self.layers!r}")
+            self.layers = [int(p) for p in parts]
+        elif not isinstance(self.layers, str):
+            self.layers = [int(i) for i in self.layers]
         if self.lens not in ("raw", "normed"):
             raise ConfigError(f"dola lens must be raw or normed, not {self.lens!r}")
         if self.selection not in ("reference", "js"):
@@ -295,11 +300,6 @@ class DolaConfig:
         _check_unit(self, "alpha")
         if self.repetition_penalty <= 0:
             raise ConfigError("repetition_penalty must be > 0")
-
-    @property
-    def layer_spec(self) -> str | list[int]:
-        """``"low"`` / ``"high"`` or the list of layers."""
-        return self.layers if self.layers in ("low", "high") else [int(p) for p in self.layers.split(",")]
 
 
 @dataclass
@@ -472,7 +472,7 @@ class Dola(Method):
     def candidates(self) -> list[int]:
         # as transformers 4.4x: the top-level config's flag (PretrainedConfig's default True when absent)
         tied = bool(getattr(self.model.config, "tie_word_embeddings", True))
-        return dola_candidates(self.parts.num_layers, self.config.layer_spec, tied)
+        return dola_candidates(self.parts.num_layers, self.config.layers, tied)
 
     def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
         cfg = self.config
