@@ -38,6 +38,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("mitigate", "mitigate"),
     ("eval", "eval"),
     ("report", "report"),
+    ("generate", "generate"),
 )
 
 for _module_name, _command_name in SUBCOMMANDS:

@@ -8,8 +8,9 @@ KV cache (the choice, documented in docs/prune.md):
 * Fixed skips (:func:`skip_layers`, the paper's named modes in :data:`MODES`, :func:`exit_after`):
   a skipped layer is skipped for every position of prompt and answer, so nothing ever reads its cache
   slot; the slot stays empty and the cache of the run layers keeps its original indices. The output is
-  exactly that of the statically pruned model (tested). Layer 1 cannot be skipped at runtime: the cache
-  length and the masks are read from its slot (remove it statically instead).
+  exactly that of the statically pruned model (tested). Layer 1 and the first layer of each attention
+  type (:func:`cache_reference_layers`) cannot be skipped at runtime: the cache length and the masks are
+  read from their slots (remove them statically instead).
 * Per-token dynamic exit (:class:`DynamicExit`): a token that exits at layer e still needs keys/values
   in layers e+1..L for later tokens. They are filled CALM-style by *state propagation*: each deeper
   layer runs only its attention sub-block (input norm + self-attention, which writes the cache) on the
@@ -34,19 +35,30 @@ from evotool.models.registry import decoder_parts
 from evotool.prune.static import check_layers
 
 
-def _check_runtime(layers: Iterable[int], num_layers: int) -> list[int]:
-    out = check_layers(layers, num_layers)
-    if 1 in out:
-        raise ConfigError("decoder layer 1 cannot be skipped at runtime (the KV cache length is read from it); "
-                          "remove it statically with `evotool prune` instead")
+def cache_reference_layers(model: nn.Module) -> list[int]:
+    """Decoder layers (1..L) whose KV-cache slot transformers reads for the cache length and the attention
+    masks: layer 1 and the first layer of each attention type (text config ``layer_types``, e.g. Gemma 3's
+    first full-attention layer)."""
+    types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    return sorted({1} | {types.index(t) + 1 for t in set(types)})
+
+
+def check_runtime_skip(model: nn.Module, layers: Iterable[int]) -> list[int]:
+    """Sorted layers (1..L) that can be skipped at runtime; :class:`ConfigError` for a cache-reference layer."""
+    out = check_layers(layers, decoder_parts(model).num_layers)
+    fixed = sorted(set(out) & set(cache_reference_layers(model)))
+    if fixed:
+        raise ConfigError(f"decoder layer(s) {fixed} cannot be skipped at runtime (the KV cache length and the "
+                          "attention masks are read from their cache slots); remove them statically with "
+                          "`evotool prune` instead")
     return out
 
 
 @contextmanager
 def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[list[int]]:
-    """Run ``model`` with decoder layers ``layers`` (1..L, not 1) replaced by the identity."""
+    """Run ``model`` with decoder layers ``layers`` (1..L, no cache-reference layer) replaced by the identity."""
     parts = decoder_parts(model)
-    chosen = _check_runtime(layers, parts.num_layers)
+    chosen = check_runtime_skip(model, layers)
     modules = [parts.layers[i - 1] for i in chosen]
     for module in modules:
         module.forward = lambda hidden_states, *args, **kwargs: hidden_states

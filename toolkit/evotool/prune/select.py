@@ -114,8 +114,9 @@ def _budget_error(k: int, available: int, what: str) -> ConfigError:
     return ConfigError(f"cannot remove {k} layers: only {available} {what}")
 
 
-def select_stage(k: int, ctx: SelectionContext) -> Selection:
-    """The k most redundant layers of the stabilization stage (see module docstring)."""
+def rank_stage(ctx: SelectionContext) -> tuple[list[int], dict[int, float], str]:
+    """The stage selector's candidates, most redundant first, with each one's score (lower = more
+    redundant) and the reason format (see module docstring)."""
     if ctx.stages is None:
         raise ConfigError("the stage selector needs a stages.json (or the on-the-fly analysis)")
     ranges = ctx.stages["stages"]
@@ -127,9 +128,6 @@ def select_stage(k: int, ctx: SelectionContext) -> Selection:
     if not ctx.keep_mutation and ranges["mutation"] is not None:
         pool += list(range(ranges["mutation"][0], ranges["mutation"][1] + 1))
     pool = ctx.free([i for i in pool if i >= 1])
-    if k > len(pool):
-        where = "stabilization" + ("" if ctx.keep_mutation else " + mutation")
-        raise _budget_error(k, len(pool), f"removable layers in the {where} stage {pool}")
     if ctx.redundancy == "influence":
         score = {i: float(ctx.need_stats().block_influence[i]) for i in pool}
         label = "block influence {:.4f}"
@@ -143,7 +141,16 @@ def select_stage(k: int, ctx: SelectionContext) -> Selection:
         label = "median adjacent JS {:.4g}" if ctx.redundancy == "js" else "median adjacent cosine {:.4f} (negated)"
     else:
         raise ConfigError(f"unknown redundancy {ctx.redundancy!r}; choose influence, js or cosine")
-    chosen = sorted(sorted(pool, key=lambda i: score[i])[:k])
+    return sorted(pool, key=lambda i: score[i]), score, label
+
+
+def select_stage(k: int, ctx: SelectionContext) -> Selection:
+    """The k most redundant layers of the stabilization stage (see module docstring)."""
+    ranked, score, label = rank_stage(ctx)
+    if k > len(ranked):
+        where = "stabilization" + ("" if ctx.keep_mutation else " + mutation")
+        raise _budget_error(k, len(ranked), f"removable layers in the {where} stage {sorted(ranked)}")
+    chosen = sorted(ranked[:k])
     return Selection(chosen, {i: f"stabilization stage, {label.format(score[i])}" for i in chosen}, "stage")
 
 

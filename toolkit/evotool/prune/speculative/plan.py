@@ -1,0 +1,241 @@
+"""Which layers the draft skips and how far it drafts: validation, the stage-guided ranking, and ``auto``.
+
+* :func:`check_skip` refuses a skip set with layers outside 1..L, a cache-reference layer (layer 1, the first
+  layer of each attention type: :func:`evotool.prune.runtime.cache_reference_layers`) or the critical layer.
+* :func:`skip_ranking`: the stage selector's ranking (:func:`evotool.prune.select.rank_stage`) of the
+  stabilization stage, most redundant first, cache-reference layers and the critical layer excluded;
+  ``skip=N`` takes its first N layers.
+* :func:`calibrate_draft` (``skip=auto``): measures tokens per second of plain greedy and of candidate
+  plans on calibration batches and keeps the fastest; when no plan beats plain greedy the plan is plain
+  greedy (an empty skip set). Search, all measured: every skip size N (the first N ranked layers) at the
+  middle of ``draft_lengths``, then the fastest size at the other draft lengths, then a fresh measurement
+  of the winner against plain greedy that decides; each pass interleaves its candidates with plain greedy
+  (rotating order, ``repeats`` times, median). Clock: wall time on CUDA, this process's CPU time on CPU
+  (:data:`evotool.prune.speed.CLOCKS`; the CPU here is shared).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from evotool.data.inputs import Sample, load_samples
+from evotool.errors import ConfigError
+from evotool.generation import generate_ids
+from evotool.models.loading import synchronize
+from evotool.models.registry import decoder_parts
+from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
+from evotool.prune.select import CalibrationStats, SelectionContext, calibrate, rank_stage
+from evotool.prune.speculative.decoding import SpeculativeStats, speculative_decoding
+from evotool.prune.speed import CLOCKS
+
+REDUNDANCY = ("cosine", "js", "influence")
+SUMMARY = ("acceptance_rate", "tokens_per_step", "forward_equivalents")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Options of the ``stage_speculative`` decoding method (``--set key=value``)."""
+
+    skip: str = field(default="auto", metadata={"help": "draft skip set: auto (calibrated by measured tokens/s) or N (the N most redundant stable-stage layers)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "explicit draft skip set (1..L); overrides skip"})
+    max_draft: int = field(default=4, metadata={"help": "draft tokens per verify step (auto: calibrated)"})
+    threshold: float = field(default=0.0, metadata={"help": "stop drafting when the draft's top-1 probability falls below this"})
+    reuse_prefix: bool = field(default=True, metadata={"help": "verify from the draft's state at the first skipped layer (exact)"})
+    redundancy: str = field(default="cosine", metadata={"help": "stable-stage ranking: cosine or js (from stages.json) or influence (calibration pass)"})
+    calibration_data: str | None = field(default=None, metadata={"help": "auto / influence: manifest, image folder or dataset; default: synthetic-world training samples"})
+    calibration_samples: int = field(default=8, metadata={"help": "auto / influence: calibration samples"})
+    calibration_tokens: int = field(default=32, metadata={"help": "auto: new tokens per calibration sample"})
+
+    def __post_init__(self) -> None:
+        if self.skip != "auto" and not (str(self.skip).isdigit() and int(self.skip) >= 1):
+            raise ConfigError(f"skip must be auto or a number >= 1, got {self.skip!r}")
+        self.skip = str(self.skip)
+        if self.max_draft < 1 or self.calibration_samples < 1 or self.calibration_tokens < 2:
+            raise ConfigError("max_draft and calibration_samples must be >= 1, calibration_tokens >= 2")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.redundancy not in REDUNDANCY:
+            raise ConfigError(f"unknown redundancy {self.redundancy!r}; choose one of {', '.join(REDUNDANCY)}")
+
+
+@dataclass
+class DraftPlan:
+    """A draft: the layers it skips (1..L; empty = plain greedy), draft length, stop threshold, prefix reuse."""
+
+    skip: list[int]
+    max_draft: int = 4
+    threshold: float = 0.0
+    reuse_prefix: bool = True
+
+    def generate_kwargs(self, stats: SpeculativeStats | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` (none for plain greedy)."""
+        if not self.skip:
+            return {}
+        return {"custom_generate": speculative_decoding, "draft_skip": list(self.skip), "max_draft": self.max_draft,
+                "draft_threshold": self.threshold, "reuse_prefix": self.reuse_prefix, "speculative_stats": stats}
+
+
+def _critical(stages: dict[str, Any] | None) -> int | None:
+    """The stage file's critical layer (the one accessor of the stage payload here)."""
+    return stages.get("critical_layer") if stages else None
+
+
+def check_skip(model: nn.Module, layers: Sequence[int], stages: dict[str, Any] | None = None) -> list[int]:
+    """Sorted skip set; :class:`ConfigError` naming the problem for a bad one (see module docstring)."""
+    if not layers:
+        raise ConfigError("the draft must skip at least one layer")
+    chosen = check_runtime_skip(model, layers)
+    critical = _critical(stages)
+    if critical in chosen:
+        raise ConfigError(f"layer {critical} is the critical layer: a draft without it cannot predict the model's tokens")
+    return chosen
+
+
+def skip_ranking(model: nn.Module, stages: dict[str, Any], redundancy: str = "cosine",
+                 stats: CalibrationStats | None = None) -> list[int]:
+    """Skippable stabilization-stage layers, most redundant first (the stage selector's ranking)."""
+    n = decoder_parts(model).num_layers
+    protected = set(cache_reference_layers(model)) | ({_critical(stages)} - {None})
+    ctx = SelectionContext(num_layers=n, stages=stages, stats=stats, protected=protected, redundancy=redundancy)
+    ranked = rank_stage(ctx)[0]
+    if not ranked:
+        raise ConfigError("the stabilization stage has no layer the draft can skip")
+    return ranked
+
+
+def skip_first(ranking: Sequence[int], n: int) -> list[int]:
+    """The first ``n`` ranked layers, sorted; :class:`ConfigError` when fewer are available."""
+    if n > len(ranking):
+        raise ConfigError(f"cannot skip {n} layers: only {len(ranking)} skippable stable-stage layers {sorted(ranking)}")
+    return sorted(ranking[:n])
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`calibrate_draft`: the chosen plan and every measured candidate.
+
+    ``rows``: one dict per candidate (``skip``, ``max_draft``, ``tokens_per_s``, ``speedup`` over plain
+    greedy timed in the same interleaved pass, ``acceptance_rate``, ``tokens_per_step``,
+    ``forward_equivalents``); ``greedy_tokens_per_s`` (first pass); ``confirmed_speedup``: the fastest
+    candidate re-measured against plain greedy (the plan is plain greedy when it is <= 1);
+    ``seconds``: total calibration time; ``clock``: wall or cpu.
+    """
+
+    plan: DraftPlan
+    rows: list[dict[str, Any]]
+    greedy_tokens_per_s: float
+    confirmed_speedup: float
+    seconds: float
+    clock: str
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready record."""
+        return {"plan": asdict(self.plan), "greedy_tokens_per_s": self.greedy_tokens_per_s,
+                "confirmed_speedup": self.confirmed_speedup, "seconds": self.seconds, "clock": self.clock,
+                "candidates": self.rows}
+
+
+def _timed(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: DraftPlan, max_new_tokens: int,
+           clock: Any) -> tuple[float, int, SpeculativeStats]:
+    """Seconds and emitted tokens (cut after EOS) of generating every batch with ``plan``, and its counters."""
+    stats = SpeculativeStats()
+    synchronize(model.device)
+    start = clock()
+    tokens = sum(len(row) for batch in batches
+                 for row in generate_ids(model, dict(batch), max_new_tokens, **plan.generate_kwargs(stats)))
+    synchronize(model.device)
+    return clock() - start, tokens, stats
+
+
+def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], ranking: Sequence[int],
+                    max_new_tokens: int = 32, draft_lengths: Sequence[int] = (2, 4, 8), threshold: float = 0.0,
+                    reuse_prefix: bool = True, repeats: int = 2, clock: str | None = None) -> Calibration:
+    """Pick the fastest plan on ``batches`` (prepared ``generate`` inputs) by measured tokens/s (module docstring)."""
+    if not batches or not ranking or repeats < 1:
+        raise ConfigError("calibration needs at least one batch, one skippable layer and repeats >= 1")
+    if not draft_lengths or min(draft_lengths) < 1:
+        raise ConfigError("draft_lengths must hold at least one length >= 1")
+    clock = clock or ("wall" if model.device.type == "cuda" else "cpu")
+    tick = CLOCKS[clock]
+    begin = tick()
+
+    def measure(plans: list[DraftPlan]) -> tuple[list[dict[str, Any]], float]:
+        """Rows of ``plans`` with speedups over plain greedy timed alongside (interleaved, rotating order)."""
+        plans = [DraftPlan([])] + plans
+        times: list[list[float]] = [[] for _ in plans]
+        runs: dict[int, tuple[float, int, SpeculativeStats]] = {}
+        for r in range(repeats):
+            order = list(range(len(plans)))
+            for i in order[r % len(order):] + order[: r % len(order)]:
+                runs[i] = _timed(model, batches, plans[i], max_new_tokens, tick)
+                times[i].append(runs[i][0])
+        rate = [runs[i][1] / statistics.median(times[i]) for i in range(len(plans))]
+        rows = [{"skip": p.skip, "max_draft": p.max_draft, "tokens_per_s": rate[i], "speedup": rate[i] / rate[0],
+                 **{k: v for k, v in runs[i][2].summary().items() if k in SUMMARY}}
+                for i, p in enumerate(plans) if i > 0]
+        return rows, rate[0]
+
+    _timed(model, batches[:1], DraftPlan(skip_first(ranking, 1), 2, threshold, reuse_prefix), 2, tick)  # warm-up
+    middle = sorted(draft_lengths)[len(draft_lengths) // 2]
+    rows, base = measure([DraftPlan(skip_first(ranking, n), middle, threshold, reuse_prefix)
+                          for n in range(1, len(ranking) + 1)])
+    fastest = max(rows, key=lambda row: row["speedup"])["skip"]
+    more = [DraftPlan(fastest, d, threshold, reuse_prefix) for d in draft_lengths if d != middle]
+    if more:
+        rows += measure(more)[0]
+    best = max(rows, key=lambda row: row["speedup"])
+    plan = DraftPlan(best["skip"], best["max_draft"], threshold, reuse_prefix)
+    confirm = measure([plan])[0][0]  # a fresh measurement of the winner: the maximum of noisy rows is biased upwards
+    confirmed = confirm["speedup"] > 1.0
+    return Calibration(plan if confirmed else DraftPlan([]), rows, base, confirm["speedup"], tick() - begin, clock)
+
+
+def calibration_inputs(processor: Any, samples: Sequence[Sample], batch_size: int,
+                       device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """``samples`` as prepared ``generate`` batches of ``batch_size``."""
+    from evotool.generation import build_inputs
+
+    return [build_inputs(processor, [s.load_image() for s in samples[i : i + batch_size]],
+                         [s.prompt for s in samples[i : i + batch_size]], device)
+            for i in range(0, len(samples), batch_size)]
+
+
+def resolve_plan(model: nn.Module, stages: dict[str, Any], config: SpeculativeConfig, processor: Any = None,
+                 samples: Sequence[Sample] | None = None, batch_size: int = 1) -> tuple[DraftPlan, Calibration | None]:
+    """The draft plan of ``config`` for ``model``: explicit ``layers``, the first N ranked layers, or ``auto``.
+
+    ``auto`` and ``redundancy=influence`` run on ``samples`` (default: ``config.calibration_data`` or
+    synthetic-world training samples, never the world's test split) through ``processor``, in batches of
+    ``batch_size`` (use the batch size you will generate with: acceptance of a batch is its worst row's).
+    """
+    opts = dict(max_draft=config.max_draft, threshold=config.threshold, reuse_prefix=config.reuse_prefix)
+    if config.layers is not None:
+        return DraftPlan(check_skip(model, config.layers, stages), **opts), None
+    needs_data = config.skip == "auto" or config.redundancy == "influence"
+    if needs_data and processor is None:
+        raise ConfigError("stage_speculative with skip=auto or redundancy=influence needs the model's processor "
+                          "(call Method.generate, or pass skip=N with redundancy cosine or js)")
+    if needs_data and samples is None:
+        samples = _calibration_samples(config)
+    stats = calibrate(model, processor, samples) if config.redundancy == "influence" else None
+    ranking = skip_ranking(model, stages, config.redundancy, stats)
+    if config.skip != "auto":
+        return DraftPlan(check_skip(model, skip_first(ranking, int(config.skip)), stages), **opts), None
+    batches = calibration_inputs(processor, samples, min(batch_size, len(samples)), model.device)
+    cal = calibrate_draft(model, batches, ranking, config.calibration_tokens, threshold=config.threshold,
+                          reuse_prefix=config.reuse_prefix)
+    return cal.plan, cal
+
+
+def _calibration_samples(config: SpeculativeConfig) -> list[Sample]:
+    if config.calibration_data is not None:
+        return load_samples(config.calibration_data, limit=config.calibration_samples)
+    from evotool.finetune import world_samples
+
+    return world_samples(config.calibration_samples)
