@@ -8,7 +8,8 @@
 * :func:`calibrate_draft` (``skip=auto``): measures tokens per second of plain greedy and of candidate
   plans on calibration batches and keeps the fastest; when no plan beats plain greedy the plan is plain
   greedy (an empty skip set). Search, all measured: every skip size N (the first N ranked layers) at the
-  middle of ``draft_lengths``, then the fastest size at the other draft lengths, then a fresh measurement
+  middle of ``draft_lengths``, then the fastest size at the other draft lengths and with ``reuse_prefix``
+  flipped (it saves verifier compute but costs one more forward call per round), then a fresh measurement
   of the winner against plain greedy that decides; each pass interleaves its candidates with plain greedy
   (rotating order, ``repeats`` times, median). Clock: wall time on CUDA, this process's CPU time on CPU
   (:data:`evotool.prune.speed.CLOCKS`; the CPU here is shared).
@@ -46,7 +47,7 @@ class SpeculativeConfig:
     layers: list[int] | None = field(default=None, metadata={"help": "explicit draft skip set (1..L); overrides skip"})
     max_draft: int = field(default=4, metadata={"help": "draft tokens per verify step (auto: calibrated)"})
     threshold: float = field(default=0.0, metadata={"help": "stop drafting when the draft's top-1 probability falls below this"})
-    reuse_prefix: bool = field(default=True, metadata={"help": "verify from the draft's state at the first skipped layer (exact)"})
+    reuse_prefix: bool = field(default=False, metadata={"help": "verify from the draft's state at the first skipped layer (exact; saves compute, costs a forward call; auto: calibrated)"})
     redundancy: str = field(default="cosine", metadata={"help": "stable-stage ranking: cosine or js (from stages.json) or influence (calibration pass)"})
     calibration_data: str | None = field(default=None, metadata={"help": "auto / influence: manifest, image folder or dataset; default: synthetic-world training samples"})
     calibration_samples: int = field(default=8, metadata={"help": "auto / influence: calibration samples"})
@@ -71,7 +72,7 @@ class DraftPlan:
     skip: list[int]
     max_draft: int = 4
     threshold: float = 0.0
-    reuse_prefix: bool = True
+    reuse_prefix: bool = False
 
     def generate_kwargs(self, stats: SpeculativeStats | None = None) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` (none for plain greedy)."""
@@ -120,7 +121,7 @@ def skip_first(ranking: Sequence[int], n: int) -> list[int]:
 class Calibration:
     """Result of :func:`calibrate_draft`: the chosen plan and every measured candidate.
 
-    ``rows``: one dict per candidate (``skip``, ``max_draft``, ``tokens_per_s``, ``speedup`` over plain
+    ``rows``: one dict per candidate (``skip``, ``max_draft``, ``reuse_prefix``, ``tokens_per_s``, ``speedup`` over plain
     greedy timed in the same interleaved pass, ``acceptance_rate``, ``tokens_per_step``,
     ``forward_equivalents``); ``greedy_tokens_per_s`` (first pass); ``confirmed_speedup``: the fastest
     candidate re-measured against plain greedy (the plan is plain greedy when it is <= 1);
@@ -155,7 +156,7 @@ def _timed(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: D
 
 def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], ranking: Sequence[int],
                     max_new_tokens: int = 32, draft_lengths: Sequence[int] = (2, 4, 8), threshold: float = 0.0,
-                    reuse_prefix: bool = True, repeats: int = 2, clock: str | None = None) -> Calibration:
+                    reuse_prefix: bool = False, repeats: int = 2, clock: str | None = None) -> Calibration:
     """Pick the fastest plan on ``batches`` (prepared ``generate`` inputs) by measured tokens/s (module docstring)."""
     if not batches or not ranking or repeats < 1:
         raise ConfigError("calibration needs at least one batch, one skippable layer and repeats >= 1")
@@ -176,7 +177,8 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                 runs[i] = _timed(model, batches, plans[i], max_new_tokens, tick)
                 times[i].append(runs[i][0])
         rate = [runs[i][1] / statistics.median(times[i]) for i in range(len(plans))]
-        rows = [{"skip": p.skip, "max_draft": p.max_draft, "tokens_per_s": rate[i], "speedup": rate[i] / rate[0],
+        rows = [{"skip": p.skip, "max_draft": p.max_draft, "reuse_prefix": p.reuse_prefix, "tokens_per_s": rate[i],
+                 "speedup": rate[i] / rate[0],
                  **{k: v for k, v in runs[i][2].summary().items() if k in SUMMARY}}
                 for i, p in enumerate(plans) if i > 0]
         return rows, rate[0]
@@ -187,10 +189,9 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                           for n in range(1, len(ranking) + 1)])
     fastest = max(rows, key=lambda row: row["speedup"])["skip"]
     more = [DraftPlan(fastest, d, threshold, reuse_prefix) for d in draft_lengths if d != middle]
-    if more:
-        rows += measure(more)[0]
+    rows += measure(more + [DraftPlan(fastest, middle, threshold, not reuse_prefix)])[0]
     best = max(rows, key=lambda row: row["speedup"])
-    plan = DraftPlan(best["skip"], best["max_draft"], threshold, reuse_prefix)
+    plan = DraftPlan(best["skip"], best["max_draft"], threshold, best["reuse_prefix"])
     confirm = measure([plan])[0][0]  # a fresh measurement of the winner: the maximum of noisy rows is biased upwards
     confirmed = confirm["speedup"] > 1.0
     return Calibration(plan if confirmed else DraftPlan([]), rows, base, confirm["speedup"], tick() - begin, clock)
