@@ -258,3 +258,18 @@ def test_cli_bad_skip_sets_exit_with_one_line(demo_stages, monkeypatch, capsys, 
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_cli_eval_world_with_auto_gives_greedy_metrics(demo_stages, tmp_path, monkeypatch, capsys):
+    """``auto`` calibrates (processor loaded from the model's folder) in the untimed warm-up of the harness;
+    every quality metric equals greedy's, only the latency differs."""
+    code, _, err = cli(monkeypatch, capsys, "eval", "world", "--method", "stage_speculative", "--stages", str(demo_stages),
+                       "--set", "calibration_samples=2", "--set", "calibration_tokens=4", "--n", "2",
+                       "--batch-size", "4", "--max-new-tokens", "6", "--no-wandb", "--out", str(tmp_path))
+    assert code == 0, err
+    record = json.loads((tmp_path / "results.json").read_text())
+    method, baseline = record["metrics"], record["meta"]["baseline"]
+    assert {k: v for k, v in method.items() if not k.startswith("latency")} == \
+        {k: v for k, v in baseline.items() if not k.startswith("latency")}
+    layers = record["meta"]["method"]["layers"]
+    assert layers["calibration"]["candidates"] and isinstance(layers["skip"], list)

@@ -212,7 +212,8 @@ def resolve_plan(model: nn.Module, stages: dict[str, Any], config: SpeculativeCo
     """The draft plan of ``config`` for ``model``: explicit ``layers``, the first N ranked layers, or ``auto``.
 
     ``auto`` and ``redundancy=influence`` run on ``samples`` (default: ``config.calibration_data`` or
-    synthetic-world training samples, never the world's test split) through ``processor``, in batches of
+    synthetic-world training samples, never the world's test split) through ``processor`` (default: the one
+    saved with the model), in batches of
     ``batch_size`` (use the batch size you will generate with: acceptance of a batch is its worst row's).
     """
     opts = dict(max_draft=config.max_draft, threshold=config.threshold, reuse_prefix=config.reuse_prefix)
@@ -220,8 +221,7 @@ def resolve_plan(model: nn.Module, stages: dict[str, Any], config: SpeculativeCo
         return DraftPlan(check_skip(model, config.layers, stages), **opts), None
     needs_data = config.skip == "auto" or config.redundancy == "influence"
     if needs_data and processor is None:
-        raise ConfigError("stage_speculative with skip=auto or redundancy=influence needs the model's processor "
-                          "(call Method.generate, or pass skip=N with redundancy cosine or js)")
+        processor = saved_processor(model)
     if needs_data and samples is None:
         samples = _calibration_samples(config)
     stats = calibrate(model, processor, samples) if config.redundancy == "influence" else None
@@ -232,6 +232,18 @@ def resolve_plan(model: nn.Module, stages: dict[str, Any], config: SpeculativeCo
     cal = calibrate_draft(model, batches, ranking, config.calibration_tokens, threshold=config.threshold,
                           reuse_prefix=config.reuse_prefix)
     return cal.plan, cal
+
+
+def saved_processor(model: nn.Module) -> Any:
+    """The processor saved beside ``model``'s weights (``model.name_or_path``); :class:`ConfigError` if none loads."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model.name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"skip=auto and redundancy=influence calibrate on images and need the model's processor, "
+                          f"which does not load from {model.name_or_path!r}; pass it (Method.generate) or use "
+                          "skip=N with redundancy cosine or js") from err
 
 
 def _calibration_samples(config: SpeculativeConfig) -> list[Sample]:
