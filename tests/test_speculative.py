@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import build_tiny, make_inputs, tiny_config
-from test_eval_cli import cli
+from conftest import build_tiny, make_inputs, run_cli as cli, tiny_config
 from evotool.analysis.schema import write_stages
 from evotool.errors import ConfigError
 from evotool.generation import GREEDY, build_inputs, generate_ids

@@ -18,7 +18,7 @@ from evotool.cli.options import Device, Model, NoWandb
 
 app = typer.Typer(help="Evaluate a decoding method on POPE, CHAIR, AMBER or the synthetic world.", no_args_is_help=True)
 
-MethodOpt = Annotated[str, typer.Option("--method", help="greedy, dola, vcd, stable_readout, smoothing, stage_contrast, or a mitigate run dir.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="greedy, dola, vcd, stable_readout, smoothing, stage_contrast, stage_speculative (lossless speed-up), or a mitigate run dir.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable).")]
 Stages = Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")]
 Out = Annotated[Path, typer.Option(help="Output directory for results.json.")]
