@@ -20,7 +20,6 @@ import torch
 import typer
 
 from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
-from evotool.analysis.schema import read_stages
 from evotool.io import atomic_write_text
 from evotool.errors import ConfigError, StageFileError
 from evotool.evals.harness import BASELINE, evaluate_world_methods
@@ -30,6 +29,7 @@ from evotool.finetune import LoraSettings
 from evotool.mitigate.run import TRAINED, MitigateConfig, Selection, resolve_spec, run_mitigate
 from evotool.models.loading import LoadOptions, fingerprint, load_model
 from evotool.recipes.train_demo import load_config
+from evotool.stages import StageFile
 from evotool.tracking import Tracker
 from evotool.world import WorldConfig
 
@@ -68,7 +68,7 @@ def markdown_table(metrics: dict[str, dict[str, float]], options: dict[str, dict
     return "\n".join(lines) + "\n"
 
 
-def _prepare(name: str, cfg: dict[str, Any], model: Any, processor: Any, model_id: str, stages: dict[str, Any],
+def _prepare(name: str, cfg: dict[str, Any], model: Any, processor: Any, model_id: str, stages: StageFile,
              stages_path: Path, out: Path, no_wandb: bool) -> tuple[dict[str, Any], Method]:
     """(options, method) of one eval method: trained, tuned on validation (stage-aware) or fixed (baselines)."""
     if name in TRAINED:
@@ -112,7 +112,7 @@ def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = 
                                              max_new_tokens=an["max_new_tokens"], batch_size=an["batch_size"],
                                              out=out / "analyze", wandb=not no_wandb))
     model, processor = load_model(model_id, LoadOptions())
-    stages = read_stages(stages_path, fingerprint(model))
+    stages = StageFile.for_model(stages_path, model)
 
     methods: dict[str, Method] = {}
     options: dict[str, dict[str, Any]] = {}
@@ -134,8 +134,7 @@ def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = 
     checks = target_check(metrics, cfg["target"])
     table = markdown_table(metrics, options)
     atomic_write_text(out / "table.md", table)
-    summary = {"model": model_id, "fingerprint": fingerprint(model), "critical_layer": stages["critical_layer"],
-               "mutation_layers": stages["mutation_layers"], "stages": stages["stages"], "options": options,
+    summary = {"model": model_id, "fingerprint": fingerprint(model), **stages.boundaries(), "options": options,
                "metrics": metrics, "target": checks, "skipped": skipped}
     path = out / "summary.json"
     atomic_write_text(path, json.dumps(summary, indent=2, default=str) + "\n")

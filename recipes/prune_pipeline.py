@@ -24,18 +24,19 @@ from torch import nn
 
 from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
 from evotool.env import environment
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 from evotool.finetune import FinetuneResult, LoraSettings, lora_finetune, merge_and_save, save_adapter, world_samples
 from evotool.models.loading import LoadOptions, fingerprint, load_model
 from evotool.models.registry import decoder_parts
 from evotool.prune.card import model_card, write_prune_json
 from evotool.prune.config import PruneConfig
 from evotool.prune.evaluate import caption_records, evaluate_variant, greedy_ids
-from evotool.prune.plan import load_stages, plan
+from evotool.prune.plan import plan
 from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
 from evotool.prune.select import SELECTORS, Selection, calibrate, needs_stats
 from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
+from evotool.stages import StageFile
 from evotool.tracking import Tracker
 
 TABLE_COLUMNS = ("variant", "layers", "removed", "agreement", "exact", "recall", "chair_i_pb", "pope_acc", "attribute")
@@ -60,17 +61,17 @@ def config_dict(cfg: PruneConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def resolve_stages(model: nn.Module, model_id: str, cfg: PruneConfig) -> dict[str, Any]:
+def resolve_stages(model: nn.Module, model_id: str, cfg: PruneConfig) -> StageFile:
     """``cfg.stages``, or a fresh analysis of the model on world samples into ``OUT/analysis``."""
     if cfg.stages is not None:
-        return load_stages(cfg.stages, model)
+        return StageFile.for_model(cfg.stages, model)
     path = run_analysis(AnalyzeConfig(model=model_id, out=cfg.out / "analysis", wandb=False,
                                       world_samples=cfg.analysis_samples, max_new_tokens=cfg.analysis_max_new_tokens,
                                       seed=cfg.seed, load=dataclasses.replace(cfg.load)))
-    return load_stages(path, model)
+    return StageFile.for_model(path, model)
 
 
-def save_pruned(model: nn.Module, processor: Any, selection: Selection, stages: dict[str, Any], cfg: PruneConfig,
+def save_pruned(model: nn.Module, processor: Any, selection: Selection, stages: StageFile, cfg: PruneConfig,
                 source: str, source_fp: str) -> dict[str, Any]:
     """Remove the selected layers in place, save checkpoint + processor + prune.json + card; returns the record."""
     n = decoder_parts(model).num_layers
@@ -85,7 +86,7 @@ def save_pruned(model: nn.Module, processor: Any, selection: Selection, stages: 
         "selector": selection.selector, "redundancy": cfg.redundancy,
         "keep_critical": cfg.keep_critical, "keep_mutation": cfg.keep_mutation,
         "ideal_speedup": n / len(kept),
-        "stages": {k: stages[k] for k in ("critical_layer", "mutation_layers", "stages")},
+        "stages": stages.boundaries(),
     }
     write_card(cfg.out, record)
     return record
@@ -197,7 +198,7 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
         stats = calibrate(full, processor, world_samples(cfg.calibration_samples, seed=cfg.seed))
     records = caption_records(cfg.agreement_samples, cfg.seed)
     ref = greedy_ids(full, processor, records, cfg.max_new_tokens)
-    n = stages["num_layers"]
+    n = stages.num_layers
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         return evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)
@@ -207,7 +208,7 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     for sel in selectors:
         try:
             selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
-        except ConfigError as err:
+        except (ConfigError, StageFileError) as err:
             rows[f"static:{sel}"] = {"note": str(err)}
             continue
         pruned = copy.deepcopy(full)
@@ -218,12 +219,12 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     for mode in modes:
         try:
             layers = mode_layers(mode, stages)
-        except ConfigError as err:
+        except (ConfigError, StageFileError) as err:
             rows[f"runtime:{mode}"] = {"note": str(err)}
             continue
         with skip_layers(full, layers):
             rows[f"runtime:{mode}"] = {"layers": n - len(layers), "removed": layers, **evaluate(full)}
-    critical = stages["critical_layer"] or 1
+    critical = stages.critical_layer or 1
     with DynamicExit(full, "js", exit_threshold, min_layer=max(2, critical + 1)) as dyn:
         rows["runtime:dynamic-exit"] = evaluate(full)
     rows["runtime:dynamic-exit"]["layers"] = round(float(sum(dyn.exits) / len(dyn.exits)), 2)
@@ -235,7 +236,7 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     rows[f"static:{heal_selector}+heal"] = {"layers": n - k, "removed": rows[f"static:{heal_selector}"]["removed"], **evaluate(healed)}
     speed_md, speed_rows = speed_table(full, pruned_models[heal_selector], processor, k)
     table = markdown_table(rows)
-    result = {"model": model_id, "stages": {key: stages[key] for key in ("critical_layer", "mutation_layers", "stages")},
+    result = {"model": model_id, "stages": stages.boundaries(),
               "k": k, "rows": rows, "heal": heal_info, "speed": speed_rows, "environment": environment(),
               "config": config_dict(cfg)}
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,15 @@ def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0) ->
     return model, processor
 
 
+def stage_file(num_layers: int, critical: int | None, mutation: list[int], **payload: object):
+    """A validated :class:`~evotool.stages.StageFile` with the detector's stage ranges for these boundaries."""
+    from evotool.stages import StageFile, stage_ranges
+
+    return StageFile.from_payload({"schema_version": "1.1", "model": "test", "fingerprint": "0" * 16,
+                                   "num_layers": num_layers, "critical_layer": critical, "mutation_layers": mutation,
+                                   "stages": stage_ranges(num_layers, critical, mutation), **payload})
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_config
-from evotool.analysis.schema import read_stages
+from evotool.stages import StageFile
 from evotool.cli import main
 from tiny_checkpoints import save_tiny, write_images
 
@@ -68,7 +68,7 @@ def test_resume_skips_finished_samples(llava: Path, tmp_path: Path, monkeypatch,
     code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb", figures=True), monkeypatch, capsys)
     assert code == 0, err
     assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("img0.*")} == done
-    assert read_stages(run)["samples"] == 3
+    assert StageFile.read(run).payload["samples"] == 3
     assert set(token_table(run)["sample"]) == {"img0", "img1", "img2"}
     figures = {p.stem for p in (run / "figures").glob("*.png")}
     assert {"stage_curves", "js_heatmap_raw", "js_heatmap_column", "token_probability_step0",
@@ -106,7 +106,7 @@ def test_corrupt_image_is_skipped(llava: Path, tmp_path: Path, monkeypatch, caps
     assert code == 0, err
     errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
     assert [e["id"] for e in errors] == ["broken"] and "broken.png" in errors[0]["error"]
-    assert read_stages(run)["samples"] == 2
+    assert StageFile.read(run).payload["samples"] == 2
     assert set(token_table(run)["sample"]) == {"img0", "img1"}
 
 
@@ -181,7 +181,7 @@ def test_wandb_offline_run_holds_the_results(llava: Path, tmp_path: Path, monkey
     run = tmp_path / "run"
     code, err = evotool(analyze(llava, tmp_path / "images", run), monkeypatch, capsys)
     assert code == 0, err
-    stages = read_stages(run)
+    stages = StageFile.read(run).payload
     wandb_dir = Path((run / "wandb_run.txt").read_text().strip())
     assert wandb_dir.is_relative_to(run) and wandb_dir.name.startswith("offline-run-")
     history, summary = wandb_records(wandb_dir)
@@ -212,13 +212,13 @@ def test_two_processes_match_one(llava: Path, tmp_path: Path, monkeypatch, capsy
     code, err = evotool(analyze(llava, tmp_path / "images", single, "--no-wandb", "--batch-size", "2"),
                         monkeypatch, capsys)
     assert code == 0, err
-    assert read_stages(multi)["samples"] == 4
+    assert StageFile.read(multi).payload["samples"] == 4
     a, b = token_table(multi), token_table(single)
     assert set(a["sample"]) == {f"img{i}" for i in range(4)}
     assert a[["sample", "step", "layer", "token_id"]].equals(b[["sample", "step", "layer", "token_id"]])
     for col in ("p_token", "entropy", "js_prev", "js_final", "cos_prev"):
         np.testing.assert_allclose(a[col], b[col], rtol=1e-4, atol=1e-6, err_msg=col)
-    stages_multi, stages_single = read_stages(multi), read_stages(single)
+    stages_multi, stages_single = StageFile.read(multi).payload, StageFile.read(single).payload
     for key in ("critical_layer", "mutation_layers", "stages"):
         assert stages_multi[key] == stages_single[key]
     for name, curve in stages_single["curves"].items():

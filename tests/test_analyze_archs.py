@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from typer.testing import CliRunner
 
 from conftest import ARCHS, tiny_config
-from evotool.analysis.schema import read_stages
+from evotool.stages import StageFile
 from evotool.cli import app
 from evotool.data import DEFAULT_PROMPT
 from evotool.generation import build_inputs
@@ -46,7 +46,7 @@ def reference(model: torch.nn.Module, processor: Any, images: list[Path]) -> tup
 def check_run(run: Path, model_type: str, model: torch.nn.Module, processor: Any, images: list[Path]) -> None:
     """stages.json valid and sized for the model; tokens.parquet matches the model's own outputs."""
     n_layers = tiny_config(model_type).get_text_config().num_hidden_layers
-    stages = read_stages(run / "stages.json")
+    stages = StageFile.read(run / "stages.json").payload
     assert stages["num_layers"] == n_layers
     assert stages["samples"] == len(images)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_world_llava
 
-from evotool.analysis.schema import write_stages
+from evotool.stages import write_stages
 from evotool.data.inputs import Sample
 from evotool.evals.harness import evaluate_world_methods, world_flat
 from evotool.evals.pope import score_pope

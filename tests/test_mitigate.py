@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny, make_inputs
+from conftest import build_tiny, make_inputs, stage_file
 
 from evotool.errors import ConfigError, StageFileError
 from evotool.generation import generate_ids
@@ -31,11 +31,8 @@ def tiny():
     return model, inputs
 
 
-def stages(critical: int = 2, mutation: list[int] | None = None) -> dict:
-    mutation = [5] if mutation is None else mutation
-    return {"critical_layer": critical, "mutation_layers": mutation,
-            "stages": {"rapid_evolution": [0, critical], "stabilization": [critical + 1, mutation[0] - 1],
-                       "mutation": [mutation[0], LAYERS]}}
+def stages(critical: int = 2, mutation: list[int] | None = None):
+    return stage_file(LAYERS, critical, [5] if mutation is None else mutation)
 
 
 def layer_logp(model, hidden: torch.Tensor, layer: int) -> torch.Tensor:
@@ -294,7 +291,7 @@ def test_bad_options_and_missing_stages(tiny):
     with pytest.raises(StageFileError):
         build_method("smoothing", model)
     with pytest.raises(StageFileError, match="no mutation"):
-        build_method("smoothing", model, stages=stages() | {"mutation_layers": []}).smoothed_layers()
+        build_method("smoothing", model, stages=stages(mutation=[])).smoothed_layers()
     assert set(METHODS) >= {"greedy", "dola", "vcd", "stable_readout", "smoothing", "stage_contrast"}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import ARCHS, build_tiny, make_inputs, tiny_world_llava
+from conftest import ARCHS, build_tiny, make_inputs, stage_file, tiny_world_llava
 from evotool.errors import EvotoolError
 from evotool.generation import generate_ids
 from evotool.lens import NormedLens
@@ -95,8 +95,7 @@ def test_exit_after_equals_lens_on_hidden_states():
             torch.testing.assert_close(logits, lens.logits(hidden[e][None, :, -1])[0], atol=1e-5, rtol=1e-4)
 
 
-STAGES = {"num_layers": 12, "critical_layer": 4, "mutation_layers": [10],
-          "stages": {"rapid_evolution": [0, 4], "stabilization": [5, 9], "mutation": [10, 12]}}
+STAGES = stage_file(12, 4, [10])  # rapid evolution 0..4, stabilization 5..9, mutation 10..12
 
 
 def test_named_modes():
@@ -105,7 +104,7 @@ def test_named_modes():
     assert mode_layers("critical-to-last5", STAGES) == [5, 6, 7]  # keeps 8..12, the last five
     assert mode_layers("exit-stable-end", STAGES) == [10, 11, 12]
     with pytest.raises(EvotoolError):
-        mode_layers("skip-mutation", {**STAGES, "mutation_layers": []})
+        mode_layers("skip-mutation", stage_file(12, 4, []))
 
 
 def test_runtime_refuses_layer_one():
@@ -157,7 +156,7 @@ def test_selectors_and_budget():
     assert SELECTORS["last"](2, ctx).removed == [11, 12]
     r = SELECTORS["random"](3, ctx).removed
     assert len(r) == 3 and 4 not in r and r == SELECTORS["random"](3, ctx).removed
-    js_ctx = SelectionContext(n, {**STAGES, "curves": {"js_prev": {"median": [0, *range(12, 0, -1)]}}}, redundancy="js")
+    js_ctx = SelectionContext(n, stage_file(12, 4, [10], curves={"js_prev": {"median": [0, *range(12, 0, -1)]}}), redundancy="js")
     assert SELECTORS["stage"](2, js_ctx).removed == [8, 9]  # lowest adjacent JS inside 5..9
     with pytest.raises(EvotoolError, match="only 5"):
         SELECTORS["stage"](6, ctx)  # larger than the stable stage

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conftest import build_tiny, make_inputs, run_cli as cli, tiny_config
-from evotool.analysis.schema import write_stages
+from evotool.stages import StageFile, write_stages
 from evotool.errors import ConfigError
 from evotool.generation import GREEDY, build_inputs, generate_ids
 from evotool.mitigate.methods import build_method
@@ -31,9 +31,10 @@ from evotool.world import default_model_path, default_samples
 # The shipped model's stages as `evotool analyze` finds them (docs/prune.md), with a hand-made cosine curve
 # whose ranking of the stable stage is known: most redundant (highest cosine) first = 9, 5, 7, 6, 4, 8, 10.
 COS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 0.6, 0.7, 0.4, 0.9, 0.35, 0.2, 0.1]
-DEMO_STAGES = {"model": "demo", "num_layers": 12, "critical_layer": 3, "mutation_layers": [11],
-               "stages": {"rapid_evolution": [0, 3], "stabilization": [4, 10], "mutation": [11, 12]},
-               "curves": {"cos_prev": {"median": COS}}}
+DEMO_PAYLOAD = {"model": "demo", "num_layers": 12, "critical_layer": 3, "mutation_layers": [11],
+                "stages": {"rapid_evolution": [0, 3], "stabilization": [4, 10], "mutation": [11, 12]},
+                "curves": {"cos_prev": {"median": COS}}}
+DEMO_STAGES = StageFile.from_payload({"schema_version": "1.1", "fingerprint": "0" * 16, **DEMO_PAYLOAD})
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +230,7 @@ def test_auto_calibration_measures_every_size_and_confirms(demo):
 @pytest.fixture(scope="module")
 def demo_stages(tmp_path_factory, demo):
     path = tmp_path_factory.mktemp("stages") / "stages.json"
-    write_stages(path, dict(DEMO_STAGES, fingerprint=fingerprint(demo[0])))
+    write_stages(path, dict(DEMO_PAYLOAD, fingerprint=fingerprint(demo[0])))
     return path
 
 

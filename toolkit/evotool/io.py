@@ -1,11 +1,16 @@
-"""Small file helpers shared by every writer and reader: atomic writes and JSONL reading."""
+"""Small file helpers shared by every writer and reader: atomic writes, versioned JSON, JSONL reading.
+
+Every JSON artifact (stages.json, results.json, prune.json, method.json, tuning.json, summary.json,
+compare.json, run.json ...) is written by :func:`write_json`: a ``schema_version`` first, then the
+payload, replaced atomically.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_json(path: Path, payload: Mapping[str, Any], schema: str) -> Path:
+    """Atomically write ``{"schema_version": schema, **payload}`` as indented JSON; returns ``path``.
+
+    NumPy scalars / arrays and paths are stored as plain numbers, lists and strings.
+    """
+    body = {"schema_version": schema, **{k: v for k, v in payload.items() if k != "schema_version"}}
+    atomic_write_text(Path(path), json.dumps(body, indent=2, default=_plain) + "\n")
+    return Path(path)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; :class:`InputError` naming the line if it is not JSON."""
     with path.open() as fh:
@@ -37,11 +60,22 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
 
 
-def read_json(path: Path, error: type[EvotoolError] = InputError, what: str = "file") -> Any:
-    """A JSON file's content; ``error`` naming the file (as ``what``) if it is missing or malformed."""
+def read_json(path: Path, error: type[EvotoolError] = InputError, what: str = "file", schema: str | None = None) -> Any:
+    """A JSON file's content; ``error`` naming the file (as ``what``) if it is missing or malformed.
+
+    With ``schema`` (e.g. ``"1.0"``) the content must be an object whose ``schema_version`` has the same
+    major version.
+    """
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON ({err.msg})") from err
+    if schema is not None:
+        if not isinstance(payload, dict):
+            raise error(f"{path}: not a {what} (expected a JSON object)")
+        version = payload.get("schema_version")
+        if str(version).split(".")[0] != schema.split(".")[0]:
+            raise error(f"{path}: {what} schema version {version!r}, this evotool reads {schema!r}")
+    return payload

@@ -42,7 +42,7 @@ from PIL import Image
 
 from evotool.analysis.aggregate import decision_depth
 from evotool.analysis.hallucination import object_tokens, object_vocabulary
-from evotool.analysis.schema import read_stages
+from evotool.stages import StageFile
 from evotool.analysis.store import RunStore
 from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.io import atomic_write_text, iter_jsonl, read_json
@@ -138,7 +138,7 @@ def _figures(fig_dir: Path) -> list[dict[str, str]]:
 
 def run_view(run_dir: Path, name: str, cfg: ReportConfig, samples: int) -> dict[str, Any]:
     """One run's part of the report data, with at most ``samples`` samples."""
-    payload = read_stages(run_dir)
+    payload = StageFile.read(run_dir).payload
     run_info = run_dir / "run.json"
     if run_info.is_file() and read_json(run_info, StageFileError, "run file").get("fingerprint") != payload["fingerprint"]:
         raise StageFileError(f"{run_dir / 'stages.json'} is stale: run.json belongs to another model; "

@@ -20,7 +20,6 @@ from evotool.analysis.hallucination import (divergence_by_sample, divergence_sum
                                             hallucination_link, object_vocabulary)
 from evotool.analysis.html import ReportConfig, write_html_report
 from evotool.analysis.report import write_report
-from evotool.analysis.schema import write_stages
 from evotool.io import atomic_write_text
 from evotool.analysis.store import RunStore
 from evotool.data import DEFAULT_PROMPT, Sample, load_samples
@@ -31,11 +30,9 @@ from evotool.lens import LENSES, Lens, make_lens
 from evotool.models.loading import LoadOptions, fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
-from evotool.stages import StageConfig
+from evotool.stages import STAGES_FILE, StageConfig, write_stages
 from evotool.tracking import Tracker
 from evotool.trace import trace_batch
-
-STAGES_FILE = "stages.json"
 
 
 @dataclass

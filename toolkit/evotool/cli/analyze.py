@@ -62,9 +62,9 @@ def command(
     )
     path = run_analysis(cfg)
     if path.is_file():
-        import json
+        from evotool.stages import StageFile
 
-        st = json.loads(path.read_text())
-        typer.echo(f"critical layer {st['critical_layer']}, mutation layers {st['mutation_layers']}, "
-                   f"stages {st['stages']}")
+        st = StageFile.read(path)
+        typer.echo(f"critical layer {st.critical_layer}, mutation layers {st.mutation_layers}, "
+                   f"stages {st.boundaries()['stages']}")
         typer.echo(f"wrote {path}, {path.parent / 'report.md'} and {path.parent / 'report.html'}")

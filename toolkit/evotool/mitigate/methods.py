@@ -40,6 +40,7 @@ from evotool.generation import build_inputs, context_length, decode, generate_id
 from evotool.lens import NormedLens
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.prune.speculative import SpeculativeConfig, SpeculativeStats, resolve_plan
+from evotool.stages import StageFile
 from evotool.trace import LayerCapture
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -387,7 +388,7 @@ class Method:
     needs_stages: ClassVar[bool] = False
     uses_capture: ClassVar[bool] = False  # processors read LayerCapture states
 
-    def __init__(self, model: nn.Module, config: Any = None, stages: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         self.model = model
         self.config = config if config is not None else self.config_cls()
         self.parts = decoder_parts(model)
@@ -436,29 +437,6 @@ class Method:
     def layers_used(self) -> dict[str, Any]:
         return {}
 
-    # stage-file helpers
-    @property
-    def critical_layer(self) -> int:
-        c = self.stages["critical_layer"] if self.stages else None
-        if c is None:
-            raise StageFileError("the stage file has no critical layer (no stable stage was found)")
-        return c
-
-    @property
-    def mutation_layers(self) -> list[int]:
-        layers = list(self.stages["mutation_layers"]) if self.stages else []
-        if not layers:
-            raise StageFileError("the stage file has no mutation layers")
-        return layers
-
-    @property
-    def last_stable_layer(self) -> int:
-        """End of the stabilization stage; else the layer before the first mutation layer; else the critical layer."""
-        stab = self.stages["stages"].get("stabilization") if self.stages else None
-        if stab:
-            return int(stab[1])
-        muts = self.stages["mutation_layers"] if self.stages else []
-        return max(self.critical_layer, min(muts) - 1) if muts else self.critical_layer
 
 
 class Greedy(Method):
@@ -490,7 +468,7 @@ class StageContrast(Method):
     uses_capture = True
 
     def premature_layer(self) -> int:
-        return self.critical_layer if self.config.premature == "critical" else self.last_stable_layer
+        return self.stages.critical if self.config.premature == "critical" else self.stages.last_stable
 
     def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
         return [LayerContrast(capture, [self.premature_layer()], self.config.alpha, self.config.weight,
@@ -507,7 +485,7 @@ class Vcd(Method):
     name = "vcd"
     config_cls = VcdConfig
 
-    def __init__(self, model: nn.Module, config: Any = None, stages: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         super().__init__(model, config, stages)
         self.noise_generator = torch.Generator().manual_seed(self.config.seed)
         self.sample_generator = torch.Generator().manual_seed(self.config.seed + 1)
@@ -545,17 +523,17 @@ class Readout(Method):
     uses_capture = True
 
     def readout_layer(self) -> int:
-        layer = self.config.layer if self.config.layer is not None else self.last_stable_layer
-        if not self.critical_layer <= layer <= self.parts.num_layers:
-            raise ConfigError(f"readout layer {layer} must lie in {self.critical_layer}..{self.parts.num_layers}")
+        layer = self.config.layer if self.config.layer is not None else self.stages.last_stable
+        if not self.stages.critical <= layer <= self.parts.num_layers:
+            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers}")
         return layer
 
     def processors(self, capture: LayerCapture) -> list[LogitsProcessor]:
         layer = None if self.config.dynamic else self.readout_layer()
-        return [StableReadout(capture, self.critical_layer, layer, self.config.threshold, self.config.mix)]
+        return [StableReadout(capture, self.stages.critical, layer, self.config.threshold, self.config.mix)]
 
     def layers_used(self) -> dict[str, Any]:
-        return {"critical": self.critical_layer, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
+        return {"critical": self.stages.critical, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
 
 
 class Smoothing(Method):
@@ -564,7 +542,9 @@ class Smoothing(Method):
     needs_stages = True
 
     def smoothed_layers(self) -> list[int]:
-        layers = self.config.layers if self.config.layers is not None else self.mutation_layers
+        layers = self.config.layers if self.config.layers is not None else self.stages.mutation_layers
+        if not layers:
+            raise StageFileError(f"{self.stages.source} has no mutation layers")
         bad = [m for m in layers if not 1 <= m <= self.parts.num_layers]
         if bad:
             raise ConfigError(f"layers {bad} outside 1..{self.parts.num_layers}")
@@ -588,7 +568,7 @@ class StageSpeculative(Method):
     config_cls = SpeculativeConfig
     needs_stages = True
 
-    def __init__(self, model: nn.Module, config: Any = None, stages: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         super().__init__(model, config, stages)
         self.processor: Any = None
         self.stats = SpeculativeStats()
@@ -676,7 +656,7 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(name: str, model: nn.Module, options: dict[str, Any] | None = None,
-                 stages: dict[str, Any] | None = None) -> Method:
-    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (see ``read_stages``)."""
+                 stages: StageFile | None = None) -> Method:
+    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (see :meth:`StageFile.for_model`)."""
     cls = method_class(name)
     return cls(model, make_config(name, options), stages)

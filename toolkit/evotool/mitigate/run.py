@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from evotool.analysis.schema import read_stages
 from evotool.io import atomic_write_text
 from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.finetune import LoraSettings
 from evotool.mitigate.methods import Method, build_method, method_class
 from evotool.models.loading import fingerprint
+from evotool.stages import StageFile
 
 METHOD_FILE = "method.json"
 
@@ -62,13 +62,13 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     return MethodSpec(method, dict(options or {}), stages)
 
 
-def load_stages_for(model: nn.Module, spec: MethodSpec) -> dict[str, Any] | None:
+def load_stages_for(model: nn.Module, spec: MethodSpec) -> StageFile | None:
     """The spec's stage file validated against ``model``'s fingerprint; None when the method needs none and none is given."""
     if spec.stages is None:
         if method_class(spec.method).needs_stages:
             raise StageFileError(f"method {spec.method!r} needs a stage file: pass --stages (from `evotool analyze`)")
         return None
-    return read_stages(spec.stages, fingerprint(model))
+    return StageFile.for_model(spec.stages, model)
 
 
 def method_for(model: nn.Module, spec: MethodSpec) -> Method:
@@ -194,10 +194,9 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     if cfg.method == "lora_mutation":
         if cfg.stages is None:
             raise StageFileError("method 'lora_mutation' needs a stage file: pass --stages (from `evotool analyze`)")
-        mutation = read_stages(cfg.stages, base_fingerprint)["stages"]["mutation"]
-        if not mutation:
+        layers = StageFile.for_model(cfg.stages, model).stage_layers("mutation")
+        if not layers:
             raise StageFileError(f"{cfg.stages} has no mutation stage")
-        layers = list(range(mutation[0], mutation[1] + 1))
     settings = replace(cfg.lora, layers_to_transform=layers)
     half = max(1, cfg.train_samples // 2)
     samples = world_samples(half, cfg.train_seed, "test") + world_samples(half, cfg.train_seed, "prior_breaking")

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from evotool import metrics
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 from evotool.lens import NormedLens
 from evotool.models.registry import decoder_parts
 from evotool.prune.static import check_layers
+from evotool.stages import StageFile
 
 
 def cache_reference_layers(model: nn.Module) -> list[int]:
@@ -79,34 +81,28 @@ def exit_after(model: nn.Module, layer: int) -> Iterator[list[int]]:
         yield skipped
 
 
-def _stable_range(stages: dict[str, Any]) -> list[int]:
-    if stages["stages"]["stabilization"] is None:
-        raise ConfigError("stages.json has no stabilization stage")
-    first, last = stages["stages"]["stabilization"]
+def _stable_layers(stages: StageFile) -> list[int]:
+    first, last = stages.stable_range
     return list(range(first, last + 1))
 
 
-def _critical(stages: dict[str, Any]) -> int:
-    if stages["critical_layer"] is None:
-        raise ConfigError("stages.json has no critical layer")
-    return int(stages["critical_layer"])
+def _mutation_layers(stages: StageFile) -> list[int]:
+    if not stages.mutation_layers:
+        raise StageFileError(f"{stages.source} has no mutation layers")
+    return list(stages.mutation_layers)
 
 
 # The paper's three variants (Wang et al. 2025, section 5) and the stage-end exit, as layer sets to skip.
-MODES: dict[str, Any] = {
-    "skip-stable": _stable_range,
-    "skip-mutation": lambda st: [int(i) for i in st["mutation_layers"]] or _no_mutation(),
-    "critical-to-last5": lambda st: list(range(_critical(st) + 1, st["num_layers"] - 4)),
-    "exit-stable-end": lambda st: list(range(_stable_range(st)[-1] + 1, st["num_layers"] + 1)),
+MODES: dict[str, Callable[[StageFile], list[int]]] = {
+    "skip-stable": _stable_layers,
+    "skip-mutation": _mutation_layers,
+    "critical-to-last5": lambda st: list(range(st.critical + 1, st.num_layers - 4)),
+    "exit-stable-end": lambda st: list(range(st.stable_range[1] + 1, st.num_layers + 1)),
 }
 
 
-def _no_mutation() -> list[int]:
-    raise ConfigError("stages.json has no mutation layers")
-
-
-def mode_layers(mode: str, stages: dict[str, Any]) -> list[int]:
-    """The layers (1..L) a named runtime mode skips, from a stages.json payload."""
+def mode_layers(mode: str, stages: StageFile) -> list[int]:
+    """The layers (1..L) a named runtime mode skips, from a stage file."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
     layers = MODES[mode](stages)

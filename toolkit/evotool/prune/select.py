@@ -30,6 +30,7 @@ from torch import nn
 from evotool.data.inputs import Sample
 from evotool.errors import ConfigError
 from evotool.models.registry import decoder_parts
+from evotool.stages import StageFile
 
 
 @dataclass
@@ -85,7 +86,7 @@ class SelectionContext:
     """What the selectors may use."""
 
     num_layers: int
-    stages: dict[str, Any] | None = None
+    stages: StageFile | None = None
     stats: CalibrationStats | None = None
     protected: set[int] = field(default_factory=set)
     redundancy: str = "influence"
@@ -119,20 +120,16 @@ def rank_stage(ctx: SelectionContext) -> tuple[list[int], dict[int, float], str]
     redundant) and the reason format (see module docstring)."""
     if ctx.stages is None:
         raise ConfigError("the stage selector needs a stages.json (or the on-the-fly analysis)")
-    ranges = ctx.stages["stages"]
-    if ranges["stabilization"] is None:
-        raise ConfigError("stages.json has no stabilization stage (no critical layer found): nothing stage-guided to remove; "
-                          "use a baseline selector")
-    first, last = ranges["stabilization"]
+    first, last = ctx.stages.stable_range
     pool = list(range(first, last + 1))
-    if not ctx.keep_mutation and ranges["mutation"] is not None:
-        pool += list(range(ranges["mutation"][0], ranges["mutation"][1] + 1))
+    if not ctx.keep_mutation:
+        pool += ctx.stages.stage_layers("mutation")
     pool = ctx.free([i for i in pool if i >= 1])
     if ctx.redundancy == "influence":
         score = {i: float(ctx.need_stats().block_influence[i]) for i in pool}
         label = "block influence {:.4f}"
     elif ctx.redundancy in ("js", "cosine"):
-        curves = ctx.stages.get("curves") or {}
+        curves = ctx.stages.payload.get("curves") or {}
         key = "js_prev" if ctx.redundancy == "js" else "cos_prev"
         if key not in curves:
             raise ConfigError(f"stages.json has no {key} curve for --redundancy {ctx.redundancy}")

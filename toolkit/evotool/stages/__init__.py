@@ -1,5 +1,7 @@
-"""Stage boundaries: the detector (``detect``)."""
+"""Stage boundaries: the detector (``detect``) and the typed stage file it produces (``file``)."""
 
 from evotool.stages.detect import StageConfig, StageResult, detect_stages, stage_ranges, token_critical_layer, token_mutation_layer
+from evotool.stages.file import STAGES_FILE, StageFile, write_stages
 
-__all__ = ["StageConfig", "StageResult", "detect_stages", "stage_ranges", "token_critical_layer", "token_mutation_layer"]
+__all__ = ["STAGES_FILE", "StageConfig", "StageFile", "StageResult", "detect_stages", "stage_ranges", "token_critical_layer",
+           "token_mutation_layer", "write_stages"]

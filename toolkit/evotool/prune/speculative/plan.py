@@ -33,6 +33,7 @@ from evotool.models.registry import decoder_parts
 from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
 from evotool.prune.select import CalibrationStats, SelectionContext, calibrate, rank_stage
 from evotool.prune.speculative.decoding import SpeculativeStats, speculative_decoding
+from evotool.stages import StageFile
 from evotool.prune.speed import CLOCKS
 
 REDUNDANCY = ("cosine", "js", "influence")
@@ -82,12 +83,12 @@ class DraftPlan:
                 "draft_threshold": self.threshold, "reuse_prefix": self.reuse_prefix, "speculative_stats": stats}
 
 
-def _critical(stages: dict[str, Any] | None) -> int | None:
-    """The stage file's critical layer (the one accessor of the stage payload here)."""
-    return stages.get("critical_layer") if stages else None
+def _critical(stages: StageFile | None) -> int | None:
+    """The stage file's critical layer, if any."""
+    return stages.critical_layer if stages else None
 
 
-def check_skip(model: nn.Module, layers: Sequence[int], stages: dict[str, Any] | None = None) -> list[int]:
+def check_skip(model: nn.Module, layers: Sequence[int], stages: StageFile | None = None) -> list[int]:
     """Sorted skip set; :class:`ConfigError` naming the problem for a bad one (see module docstring)."""
     if not layers:
         raise ConfigError("the draft must skip at least one layer")
@@ -98,7 +99,7 @@ def check_skip(model: nn.Module, layers: Sequence[int], stages: dict[str, Any] |
     return chosen
 
 
-def skip_ranking(model: nn.Module, stages: dict[str, Any], redundancy: str = "cosine",
+def skip_ranking(model: nn.Module, stages: StageFile, redundancy: str = "cosine",
                  stats: CalibrationStats | None = None) -> list[int]:
     """Skippable stabilization-stage layers, most redundant first (the stage selector's ranking)."""
     n = decoder_parts(model).num_layers
@@ -207,7 +208,7 @@ def calibration_inputs(processor: Any, samples: Sequence[Sample], batch_size: in
             for i in range(0, len(samples), batch_size)]
 
 
-def resolve_plan(model: nn.Module, stages: dict[str, Any], config: SpeculativeConfig, processor: Any = None,
+def resolve_plan(model: nn.Module, stages: StageFile, config: SpeculativeConfig, processor: Any = None,
                  samples: Sequence[Sample] | None = None, batch_size: int = 1) -> tuple[DraftPlan, Calibration | None]:
     """The draft plan of ``config`` for ``model``: explicit ``layers``, the first N ranked layers, or ``auto``.
 
