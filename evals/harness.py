@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -29,10 +29,11 @@ from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, a
 from evotool.evals.chair import CocoObjects, score_captions
 from evotool.evals.pope import POPE_SPLITS
 from evotool.generation import build_inputs, context_length, decode
-from evotool.mitigate.methods import Method
+from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import synchronize
 
-BASELINE = "greedy"
+if TYPE_CHECKING:
+    from evotool.mitigate.base import Method
 
 
 @dataclass

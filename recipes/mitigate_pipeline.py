@@ -1,10 +1,7 @@
 """analyze -> mitigate -> eval on the synthetic world, W&B-tracked (config: ``configs/mitigate.yaml``).
 
-1. ``evotool analyze`` on a validation sample of world captions -> ``stages.json``.
-2. ``evotool mitigate`` for every stage-aware method: options picked on the validation split
-   (world seed ``validation_seed``) -> ``mitigate/<method>/method.json``.
-3. Every method (baselines with their published defaults) on the test split (``test_seed``), interleaved
-   on the same batches -> ``eval/<method>/results.json``, ``table.md``, ``summary.json`` (target check).
+Composition of :func:`evotool.mitigate.pipeline.run_pipeline` with the packaged config; see that module
+for the steps.
 
 Run: ``python -m evotool.recipes.mitigate_pipeline --out runs/mitigate-pipeline [--config FILE] [--set key=value]``.
 """
@@ -12,150 +9,26 @@ Run: ``python -m evotool.recipes.mitigate_pipeline --out runs/mitigate-pipeline 
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated
 
-import torch
 import typer
 
-from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
-from evotool.io import atomic_write_text
-from evotool.errors import ConfigError, StageFileError
-from evotool.evals.harness import BASELINE, evaluate_world_methods
-from evotool.evals.results import write_results
-from evotool.mitigate.methods import Method, build_method, method_class
-from evotool.finetune import LoraSettings
-from evotool.mitigate.run import TRAINED, MitigateConfig, Selection, resolve_spec, run_mitigate
-from evotool.models.loading import LoadOptions, fingerprint, load_model
-from evotool.recipes.train_demo import load_config
-from evotool.stages import StageFile
-from evotool.tracking import Tracker
-from evotool.world import WorldConfig
-
-TABLE_KEYS = ("chair_s", "chair_i", "recall", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
-              "latency_ratio")
-
-
-def stage_aware(name: str) -> bool:
-    """Whether a method's choices come from the analysis (stage file)."""
-    return name == "lora_mutation" or (name not in TRAINED and method_class(name).needs_stages)
-
-
-def target_check(metrics: dict[str, dict[str, float]], target: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Per stage-aware method: relative CHAIR_i cut vs greedy, recall loss, latency, and whether it beats DoLa and VCD."""
-    base = metrics[BASELINE]
-    out = {}
-    for name, m in metrics.items():
-        if not stage_aware(name):
-            continue
-        cut = 1 - m["chair_i"] / base["chair_i"] if base["chair_i"] else 0.0
-        loss = 1 - m["recall"] / base["recall"] if base["recall"] else 0.0
-        beats = all(m["chair_i"] < metrics[b]["chair_i"] for b in ("dola", "vcd") if b in metrics)
-        out[name] = {"chair_i_reduction": cut, "recall_loss": loss, "latency_ratio": m["latency_ratio"],
-                     "beats_dola_vcd": beats,
-                     "met": bool(cut >= target["chair_i_reduction"] and loss <= target["max_recall_loss"]
-                                 and m["latency_ratio"] <= target["max_latency_ratio"] and beats)}
-    return out
-
-
-def markdown_table(metrics: dict[str, dict[str, float]], options: dict[str, dict[str, Any]]) -> str:
-    """Method x TABLE_KEYS as a Markdown table (chair/recall on prior-breaking captions, POPE in distribution)."""
-    lines = ["| method | options | " + " | ".join(TABLE_KEYS) + " |", "|" + "---|" * (len(TABLE_KEYS) + 2)]
-    for name, m in metrics.items():
-        opts = ", ".join(f"{k}={v}" for k, v in options.get(name, {}).items()) or "defaults"
-        lines.append(f"| {name} | {opts} | " + " | ".join(f"{m[k]:.3f}" for k in TABLE_KEYS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _prepare(name: str, cfg: dict[str, Any], model: Any, processor: Any, model_id: str, stages: StageFile,
-             stages_path: Path, out: Path, no_wandb: bool) -> tuple[dict[str, Any], Method]:
-    """(options, method) of one eval method: trained, tuned on validation (stage-aware) or fixed (baselines)."""
-    if name in TRAINED:
-        lora = cfg["lora"]
-        path = run_mitigate(
-            MitigateConfig(method=name, model=model_id, stages=str(stages_path), out=out / "mitigate" / name,
-                           wandb=not no_wandb, lora=LoraSettings(**lora["settings"]),
-                           train_samples=lora["samples"], train_seed=lora["seed"]))
-        spec = resolve_spec(str(path.parent))
-        return {"checkpoint": spec.model}, build_method(BASELINE, load_model(spec.model, LoadOptions())[0])
-    if not method_class(name).needs_stages:
-        if name not in (BASELINE, *cfg["eval"]["options"]):
-            raise ConfigError(f"eval method {name!r} has neither fixed options nor a tuning grid")
-        spec = resolve_spec(name, cfg["eval"]["options"].get(name, {}))
-        return spec.options, build_method(name, model, spec.options)
-    tune = cfg["tune"]
-    path = run_mitigate(
-        MitigateConfig(method=name, model=model_id, stages=str(stages_path), grid=tune["grids"].get(name),
-                       n=tune["n"], seed=cfg["validation_seed"], batch_size=tune["batch_size"],
-                       max_new_tokens=tune["max_new_tokens"], out=out / "mitigate" / name, wandb=not no_wandb,
-                       selection=Selection(tune["max_recall_loss"], tune["objective"])),
-        model, processor)
-    spec = resolve_spec(str(path.parent))
-    return spec.options, build_method(name, model, spec.options, stages)
-
-
-def run(config_path: Path | None, out: Path, overrides: dict[str, Any] | None = None, no_wandb: bool = False) -> Path:
-    """Run the pipeline into ``out``; returns the path of ``summary.json``."""
-    import yaml
-
-    if config_path is None:
-        config_path = Path(str(resources.files("evotool.configs").joinpath("mitigate.yaml")))
-    cfg = load_config(config_path, overrides)
-    torch.set_num_threads(int(cfg["threads"]))
-    model_id = resolve_model_id(cfg["model"])
-    out = Path(out)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-
-    an = cfg["analyze"]
-    stages_path = run_analysis(AnalyzeConfig(model=model_id, world_samples=an["samples"], seed=cfg["validation_seed"],
-                                             max_new_tokens=an["max_new_tokens"], batch_size=an["batch_size"],
-                                             out=out / "analyze", wandb=not no_wandb))
-    model, processor = load_model(model_id, LoadOptions())
-    stages = StageFile.for_model(stages_path, model)
-
-    methods: dict[str, Method] = {}
-    options: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    for name in cfg["eval"]["methods"]:
-        try:
-            options[name], methods[name] = _prepare(name, cfg, model, processor, model_id, stages, stages_path, out, no_wandb)
-        except StageFileError as err:  # e.g. no mutation layer found: the method does not apply to this model
-            skipped[name] = str(err)
-
-    ev = cfg["eval"]
-    world = WorldConfig(seed=cfg["test_seed"])
-    metrics = evaluate_world_methods(model, processor, methods, ev["n"], world, ev["batch_size"], ev["max_new_tokens"])
-    for name, m in metrics.items():
-        write_results(out / "eval" / name, m, {"task": "world", "model": model_id, "method": name,
-                                               "options": options[name], "stages": str(stages_path),
-                                               "world_seed": cfg["test_seed"], "n": ev["n"]},
-                      {"method": methods[name].describe()})
-    checks = target_check(metrics, cfg["target"])
-    table = markdown_table(metrics, options)
-    atomic_write_text(out / "table.md", table)
-    summary = {"model": model_id, "fingerprint": fingerprint(model), **stages.boundaries(), "options": options,
-               "metrics": metrics, "target": checks, "skipped": skipped}
-    path = out / "summary.json"
-    atomic_write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
-    tracker = Tracker("mitigate-pipeline", cfg, out, enabled=not no_wandb)
-    tracker.log_table("methods", ["method", *TABLE_KEYS], [[n, *(m[k] for k in TABLE_KEYS)] for n, m in metrics.items()])
-    tracker.summary({"target": checks})
-    tracker.finish()
-    return path
+from evotool.cli.options import ConfigFile, SetPairs
+from evotool.config import load_config
+from evotool.mitigate.config import PipelineConfig
+from evotool.mitigate.pipeline import run_pipeline
 
 
 def main(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/mitigate-pipeline"),
-    config: Annotated[Optional[Path], typer.Option(help="YAML config (default: the packaged mitigate.yaml).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override dotted.key=value (YAML value).")] = None,
+    config: ConfigFile = None,
+    set_: SetPairs = None,
     no_wandb: Annotated[bool, typer.Option("--no-wandb", help="No W&B tracking.")] = False,
 ) -> None:
     """analyze -> mitigate -> eval on the synthetic world; prints the method table."""
-    import yaml
-
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in set_ or [])}
-    path = run(config, out, overrides, no_wandb)
+    cfg = load_config(PipelineConfig, config, set_ or [], default="mitigate.yaml")
+    path = run_pipeline(cfg, out, wandb=not no_wandb)
     typer.echo((path.parent / "table.md").read_text())
     typer.echo(json.dumps(json.loads(path.read_text())["target"], indent=2))
 

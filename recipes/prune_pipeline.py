@@ -1,272 +1,47 @@
-"""The prune recipe: analysis -> prune -> heal -> eval, tracked with W&B (config: ``configs/prune.yaml``).
+"""The prune recipe: analysis -> prune -> heal -> eval, or (``--compare``) every selector and runtime mode at equal k.
 
-``run(cfg)`` is ``evotool prune``: one selector, one checkpoint in ``cfg.out``. ``compare(cfg, ...)``
-is the honest comparison on one model at equal k: every selector, the paper's runtime modes, the
-stage-end exit and the dynamic exit, the stage-pruned model healed once, and the speed of the pruned
-model; it writes ``compare.json`` and ``compare.md``.
+Composition of :func:`evotool.prune.run.run_prune` / :func:`evotool.prune.run.compare` with the packaged
+``configs/prune.yaml``:
 
-    python -m evotool.recipes.prune_pipeline --compare --out runs/prune-compare
+    python -m evotool.recipes.prune_pipeline --compare --out runs/prune-compare [--config FILE] [--set key=value]
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Optional
 
 import torch
-import yaml
-from torch import nn
+import typer
 
-from evotool.analysis.run import AnalyzeConfig, resolve_model_id, run_analysis
-from evotool.env import environment
-from evotool.errors import ConfigError, StageFileError
-from evotool.finetune import FinetuneResult, LoraSettings, lora_finetune, merge_and_save, save_adapter, world_samples
-from evotool.models.loading import LoadOptions, fingerprint, load_model
-from evotool.models.registry import decoder_parts
-from evotool.prune.card import model_card, write_prune_json
+from evotool.cli.options import ConfigFile, SetPairs, option, overrides
+from evotool.config import load_config
 from evotool.prune.config import PruneConfig
-from evotool.prune.evaluate import caption_records, evaluate_variant, greedy_ids
-from evotool.prune.plan import plan
-from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
-from evotool.prune.select import SELECTORS, Selection, calibrate, needs_stats
-from evotool.prune.speed import measure, ratios
-from evotool.prune.static import remove_layers
-from evotool.stages import StageFile
-from evotool.tracking import Tracker
-
-TABLE_COLUMNS = ("variant", "layers", "removed", "agreement", "exact", "recall", "chair_i_pb", "pope_acc", "attribute")
+from evotool.prune.run import compare, run_prune
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> PruneConfig:
-    """The YAML config (default: packaged ``prune.yaml``) with ``overrides`` (field -> value) applied."""
-    text = Path(path).read_text() if path else resources.files("evotool.configs").joinpath("prune.yaml").read_text()
-    raw = yaml.safe_load(text) or {}
-    raw.update({k: v for k, v in (overrides or {}).items()})
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown prune config keys {unknown}")
-    lora = raw.pop("lora", None) or {}
-    load = raw.pop("load", None) or {}
-    return PruneConfig(**raw, lora=lora if isinstance(lora, LoraSettings) else LoraSettings(**lora),
-                       load=load if isinstance(load, LoadOptions) else LoadOptions(**load))
-
-
-def config_dict(cfg: PruneConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def resolve_stages(model: nn.Module, model_id: str, cfg: PruneConfig) -> StageFile:
-    """``cfg.stages``, or a fresh analysis of the model on world samples into ``OUT/analysis``."""
-    if cfg.stages is not None:
-        return StageFile.for_model(cfg.stages, model)
-    path = run_analysis(AnalyzeConfig(model=model_id, out=cfg.out / "analysis", wandb=False,
-                                      world_samples=cfg.analysis_samples, max_new_tokens=cfg.analysis_max_new_tokens,
-                                      seed=cfg.seed, load=dataclasses.replace(cfg.load)))
-    return StageFile.for_model(path, model)
-
-
-def save_pruned(model: nn.Module, processor: Any, selection: Selection, stages: StageFile, cfg: PruneConfig,
-                source: str, source_fp: str) -> dict[str, Any]:
-    """Remove the selected layers in place, save checkpoint + processor + prune.json + card; returns the record."""
-    n = decoder_parts(model).num_layers
-    kept = remove_layers(model, selection.removed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cfg.out)
-    processor.save_pretrained(cfg.out)
-    record = {
-        "source_model": source, "source_fingerprint": source_fp, "fingerprint": fingerprint(model), "num_layers": n,
-        "kept_layers": kept, "removed_layers": selection.removed,
-        "reasons": {str(i): why for i, why in selection.reasons.items()},
-        "selector": selection.selector, "redundancy": cfg.redundancy,
-        "keep_critical": cfg.keep_critical, "keep_mutation": cfg.keep_mutation,
-        "ideal_speedup": n / len(kept),
-        "stages": stages.boundaries(),
-    }
-    write_card(cfg.out, record)
-    return record
-
-
-def write_card(out: Path, record: dict[str, Any], table: str | None = None) -> None:
-    write_prune_json(out, record)
-    (out / "README.md").write_text(model_card(record, table))
-
-
-def heal(model: nn.Module, processor: Any, cfg: PruneConfig, tracker: Tracker, out: Path | None) -> tuple[nn.Module, dict[str, Any]]:
-    """LoRA-heal ``model``; with ``out``, save the adapter to ``out/adapter`` and the merged model to ``out``."""
-    samples = world_samples(cfg.heal_samples, seed=cfg.seed + 1)
-    result: FinetuneResult = lora_finetune(model, processor, samples, cfg.lora,
-                                           on_log=lambda step, loss: tracker.log({"heal/loss": loss}, step=step))
-    if out is not None:
-        save_adapter(result.model, out / "adapter")
-        merged = merge_and_save(result.model, processor, out)
+def main(
+    out: Annotated[Path, typer.Option(help="Output folder (checkpoint, or compare.json / compare.md).")],
+    compare_all: Annotated[bool, typer.Option("--compare", help="Compare every selector and runtime mode at equal k.")] = False,
+    config: ConfigFile = None,
+    set_: SetPairs = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    model: Annotated[Optional[str], option(PruneConfig, "model")] = None,
+    stages: Annotated[Optional[str], option(PruneConfig, "stages")] = None,
+    drop: Annotated[Optional[int], option(PruneConfig, "drop")] = None,
+    eval_n: Annotated[Optional[int], option(PruneConfig, "eval_n")] = None,
+) -> None:
+    """Prune one model (or compare all selectors) with the packaged prune config."""
+    torch.set_num_threads(threads)
+    given = overrides({"out": str(out), "model": model, "stages": stages, "drop": drop, "eval_n": eval_n}, set_)
+    cfg = load_config(PruneConfig, config, given, default="prune.yaml")
+    if compare_all:
+        compare(cfg)
+        typer.echo((cfg.out / "compare.md").read_text())
     else:
-        merged = result.model.merge_and_unload()
-    info = {"settings": result.settings, "samples": len(samples), "losses": result.losses,
-            "trainable_parameters": result.trainable_parameters}
-    return merged.eval(), info
-
-
-def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Rows of :data:`TABLE_COLUMNS` (missing values blank)."""
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for name, row in rows.items():
-        if "note" in row:
-            row = {"removed": f"not applicable: {row['note']}"}
-        lines.append("| " + " | ".join(fmt(name if c == "variant" else row.get(c)) for c in TABLE_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def speed_table(full: nn.Module, pruned: nn.Module, processor: Any, k: int, batches: tuple[int, ...] = (1, 8),
-                new_tokens: int = 16, repeats: int = 3) -> tuple[str, list[dict[str, Any]]]:
-    """Prefill / decode speed of ``full`` vs ``pruned`` on world captions, side by side."""
-    from evotool.generation import build_inputs
-
-    n = decoder_parts(full).num_layers
-    records = caption_records(max(batches))
-    lines = ["| batch | prefill ms full / pruned | decode tok/s full / pruned | decode speedup | ideal | efficiency |",
-             "|---|---|---|---|---|---|"]
-    rows = []
-    for b in batches:
-        inputs = build_inputs(processor, [r["image"] for r in records[:b]], [r["prompt"] for r in records[:b]])
-        clock = "wall" if full.device.type == "cuda" else "cpu"  # CPU time on a shared CPU, see evotool.prune.speed
-        res = measure({"full": full, "pruned": pruned}, inputs, new_tokens, repeats, clock=clock)
-        r = ratios(res["full"], res["pruned"], n, k)
-        f, p = res["full"], res["pruned"]
-        lines.append(f"| {b} | {f.prefill_s * 1e3:.1f} / {p.prefill_s * 1e3:.1f} | {f.decode_tok_s:.1f} / {p.decode_tok_s:.1f} | "
-                     f"{r['decode_speedup']:.3f} | {r['ideal']:.3f} | {r['efficiency']:.3f} |")
-        rows.append({"batch": b, "full": dataclasses.asdict(f), "pruned": dataclasses.asdict(p), **r})
-    return "\n".join(lines), rows
-
-
-def run(cfg: PruneConfig) -> dict[str, Any]:
-    """``evotool prune``: analysis (if needed) -> prune -> heal (optional) -> eval (optional); returns the prune record."""
-    tracker = Tracker("prune", config_dict(cfg), cfg.out, enabled=cfg.wandb)
-    model_id = resolve_model_id(cfg.model)
-    model, processor = load_model(model_id, cfg.load)
-    source_fp = fingerprint(model)
-    stages = resolve_stages(model, model_id, cfg)
-    selection, _ = plan(model, processor, stages, cfg)
-    evaluating = cfg.agreement_samples > 0 or cfg.eval_n > 0
-    full = copy.deepcopy(model) if evaluating or cfg.speed else None
-    record = save_pruned(model, processor, selection, stages, cfg, model_id, source_fp)
-    rows: dict[str, dict[str, Any]] = {}
-    if evaluating:
-        records = caption_records(max(cfg.agreement_samples, 1), cfg.seed)
-        ref = greedy_ids(full, processor, records, cfg.max_new_tokens)
-        rows["full"] = {"layers": record["num_layers"], **evaluate_variant(full, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
-        rows["pruned"] = {"layers": len(record["kept_layers"]), "removed": selection.removed,
-                          **evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
-    pruned = model
-    if cfg.heal:
-        model, record["heal"] = heal(model, processor, cfg, tracker, cfg.out)
-        record["fingerprint"] = fingerprint(model)
-        if evaluating:
-            rows["pruned+healed"] = {"layers": len(record["kept_layers"]), "removed": selection.removed,
-                                     **evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
-    table = markdown_table(rows) if rows else None
-    if cfg.speed:
-        speed_md, record["speed"] = speed_table(full, pruned, processor, len(selection.removed))
-        table = (table + "\n\n" if table else "") + speed_md
-    if rows:
-        record["metrics"] = {k: {m: v for m, v in r.items() if m != "world"} | {"world": r.get("world")} for k, r in rows.items()}
-        tracker.log_table("retention", list(TABLE_COLUMNS), [[k] + [r.get(c) for c in TABLE_COLUMNS[1:]] for k, r in rows.items()])
-        tracker.summary({f"{k}/{m}": v for k, r in rows.items() for m, v in r.items() if isinstance(v, float)})
-    record["environment"] = environment()
-    write_card(cfg.out, record, table)
-    tracker.finish()
-    return record
-
-
-def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), modes: tuple[str, ...] = tuple(MODES),
-            exit_threshold: float = 0.05, heal_selector: str = "stage") -> dict[str, Any]:
-    """Every selector at the same k, the runtime modes, the dynamic exit, one healed model and the speed; see module doc."""
-    tracker = Tracker("prune-compare", config_dict(cfg), cfg.out, enabled=cfg.wandb)
-    model_id = resolve_model_id(cfg.model)
-    full, processor = load_model(model_id, cfg.load)
-    stages = resolve_stages(full, model_id, cfg)
-    stats = None
-    if any(needs_stats(s, cfg.redundancy) for s in selectors):
-        stats = calibrate(full, processor, world_samples(cfg.calibration_samples, seed=cfg.seed))
-    records = caption_records(cfg.agreement_samples, cfg.seed)
-    ref = greedy_ids(full, processor, records, cfg.max_new_tokens)
-    n = stages.num_layers
-
-    def evaluate(model: nn.Module) -> dict[str, Any]:
-        return evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)
-
-    rows: dict[str, dict[str, Any]] = {"full": {"layers": n, **evaluate(full)}}
-    pruned_models: dict[str, nn.Module] = {}
-    for sel in selectors:
-        try:
-            selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
-        except (ConfigError, StageFileError) as err:
-            rows[f"static:{sel}"] = {"note": str(err)}
-            continue
-        pruned = copy.deepcopy(full)
-        remove_layers(pruned, selection.removed)
-        pruned_models[sel] = pruned
-        rows[f"static:{sel}"] = {"layers": n - len(selection.removed), "removed": selection.removed, **evaluate(pruned)}
-        print(f"{sel}: removed {selection.removed}: {rows[f'static:{sel}']['agreement']:.3f}", flush=True)
-    for mode in modes:
-        try:
-            layers = mode_layers(mode, stages)
-        except (ConfigError, StageFileError) as err:
-            rows[f"runtime:{mode}"] = {"note": str(err)}
-            continue
-        with skip_layers(full, layers):
-            rows[f"runtime:{mode}"] = {"layers": n - len(layers), "removed": layers, **evaluate(full)}
-    critical = stages.critical_layer or 1
-    with DynamicExit(full, "js", exit_threshold, min_layer=max(2, critical + 1)) as dyn:
-        rows["runtime:dynamic-exit"] = evaluate(full)
-    rows["runtime:dynamic-exit"]["layers"] = round(float(sum(dyn.exits) / len(dyn.exits)), 2)
-    rows["runtime:dynamic-exit"]["removed"] = f"JS <= {exit_threshold} after layer {max(2, critical + 1)}"
-    if heal_selector not in pruned_models:
-        raise ConfigError(f"selector {heal_selector} gave no model to heal: {rows[f'static:{heal_selector}']}")
-    k = len(rows[f"static:{heal_selector}"]["removed"])
-    healed, heal_info = heal(copy.deepcopy(pruned_models[heal_selector]), processor, cfg, tracker, None)
-    rows[f"static:{heal_selector}+heal"] = {"layers": n - k, "removed": rows[f"static:{heal_selector}"]["removed"], **evaluate(healed)}
-    speed_md, speed_rows = speed_table(full, pruned_models[heal_selector], processor, k)
-    table = markdown_table(rows)
-    result = {"model": model_id, "stages": stages.boundaries(),
-              "k": k, "rows": rows, "heal": heal_info, "speed": speed_rows, "environment": environment(),
-              "config": config_dict(cfg)}
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (cfg.out / "compare.md").write_text(f"{table}\n\n{speed_md}\n")
-    tracker.log_table("compare", list(TABLE_COLUMNS), [[name] + [r.get(c) for c in TABLE_COLUMNS[1:]] for name, r in rows.items()])
-    tracker.finish()
-    return result
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description="prune recipe; --compare runs the selector / mode comparison")
-    ap.add_argument("--config", type=Path)
-    ap.add_argument("--compare", action="store_true")
-    ap.add_argument("--model")
-    ap.add_argument("--stages", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--drop", type=int)
-    ap.add_argument("--eval-n", type=int)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in {"model": args.model, "stages": args.stages, "out": args.out, "drop": args.drop,
-                                    "eval_n": args.eval_n}.items() if v is not None}
-    cfg = load_config(args.config, overrides)
-    if args.compare:
-        print(open(cfg.out / "compare.md").read() if compare(cfg) else "")
-    else:
-        print(json.dumps(run(cfg), indent=2, default=str))
+        typer.echo(json.dumps(run_prune(cfg), indent=2, default=str))
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from evotool.config import config_keys, field_help, load_config, parse_set, to_dict
+from evotool.config import config_keys, field_default, field_help, load_config, nest, parse_set, to_dict
 from evotool.errors import ConfigError
 
 
@@ -38,6 +38,17 @@ def test_parse_set_nests_and_reads_yaml_scalars() -> None:
         "a": {"b": 1, "c": 0.5}, "d": None, "e": True, "f": [1, 2], "g": "text"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["novalue"])
+    assert nest({"a.b": 1, "a.c": None, "d": None}, skip_none=True) == {"a": {"b": 1}}
+    with pytest.raises(ConfigError, match="cannot also have sub-keys"):
+        parse_set(["a=1", "a.b=2"])
+
+
+def test_numbers_written_as_text_fill_numeric_fields() -> None:
+    cfg = load_config(Outer, None, ["ratio=1e-1", "inner.r=16"])  # YAML 1.1 reads 1e-1 as a string
+    assert cfg.ratio == 0.1 and cfg.inner.r == 16
+    assert load_config(Outer, None, {"inner": {"r": "3"}}).inner.r == 3
+    with pytest.raises(ConfigError, match="inner.r must be an integer, got '3.5'"):
+        load_config(Outer, None, {"inner": {"r": "3.5"}})
 
 
 def test_yaml_and_overrides_are_coerced(tmp_path: Path) -> None:
@@ -82,4 +93,5 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_help_and_keys_come_from_the_dataclass() -> None:
     assert field_help(Outer, "out") == "where"
     assert field_help(Outer, "inner.r") == "rank"
+    assert field_default(Outer, "inner.names") == ["q"] and field_default(Outer, "ratio") is None
     assert config_keys(Outer) == ["out", "ratio", "mode", "layers", "flag", "grid", "inner.r", "inner.names"]

@@ -59,7 +59,7 @@ def test_mitigate_then_eval_with_run_dir(world_model, tmp_path, monkeypatch, cap
     assert code == 0, err
     spec = json.loads((run / "method.json").read_text())
     assert spec["method"] == "smoothing" and spec["layers"] == {"smoothed": [5]}
-    tried = json.loads((run / "tuning.json").read_text())
+    tried = json.loads((run / "tuning.json").read_text())["candidates"]
     assert [t["options"] for t in tried][1:] == [{"alpha": a, "threshold": t} for a in (0.0, 0.25, 0.5, 0.75)
                                                  for t in (None, 0.1)]
     assert spec["options"]["alpha"] in (0.0, 0.25, 0.5, 0.75)
@@ -77,7 +77,7 @@ def test_mitigate_then_eval_with_run_dir(world_model, tmp_path, monkeypatch, cap
         (("eval", "world", "--method", "nope"), "unknown method"),
         (("eval", "world", "--method", "smoothing", "--stages", "{root}/other.json"), "another model"),
         (("eval", "world", "--method", "smoothing"), "needs a stage file"),
-        (("eval", "world", "--method", "dola", "--set", "beta=2"), "no option"),
+        (("eval", "world", "--method", "dola", "--set", "beta=2"), "unknown key 'beta'"),
         (("eval", "pope", "--data", "{root}/missing.json"), "not found"),
         (("eval", "chair", "--data", "{root}/none.json", "--image-ids", "{root}/ids.txt", "--image-dir", "{root}"), "not found"),
         (("mitigate", "--method", "vcd2"), "unknown method"),
@@ -185,6 +185,6 @@ def test_mitigate_grid_option_replaces_the_default_grid(world_model, tmp_path, m
                        "--stages", str(world_model / "stages.json"), "--grid", "weight=0.5,1", "--grid", "premature=critical",
                        "--n", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-wandb")
     assert code == 0, err
-    tried = json.loads((tmp_path / "tuning.json").read_text())
+    tried = json.loads((tmp_path / "tuning.json").read_text())["candidates"]
     assert [t["options"] for t in tried[1:]] == [{"weight": 0.5, "premature": "critical"}, {"weight": 1, "premature": "critical"}]
     assert json.loads((tmp_path / "method.json").read_text())["layers"] == {"premature": 2}

@@ -265,7 +265,7 @@ def test_token_agreement_by_hand():
 def test_calibration_block_influence_matches_hidden_states():
     """Block influence from the hook-based calibration equals 1 - mean cosine computed from output_hidden_states."""
     from evotool.finetune import collate, world_samples
-    from evotool.prune.select import calibrate
+    from evotool.prune.calibrate import calibrate
 
     model, processor = tiny_world_llava(layers=4)
     samples = world_samples(10)[:4]

@@ -11,7 +11,8 @@ Every run (analyze, prune, mitigate, train, zoo, ...) is described by a dataclas
 * Values are coerced to the annotated type (``int``, ``float``, ``bool``, ``str``, ``Path``, ``Literal``,
   ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses); a comma
   separated string fills a list (``--set layers=9,10``).
-* Override values are read as YAML scalars (``0.5``, ``true``, ``null``, ``[1, 2]``).
+* Override values are read as YAML scalars (``0.5``, ``true``, ``null``, ``[1, 2]``); a number written
+  as text (``1e9``, which YAML 1.1 reads as a string) fills a numeric field.
 """
 
 from __future__ import annotations
@@ -33,16 +34,26 @@ T = TypeVar("T")
 
 def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values read as YAML scalars)."""
-    out: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
+            raise ConfigError(f"expected key=value, got {pair!r}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            flat[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
-            value = text.strip()
+            flat[key] = text.strip()
+    return nest(flat)
+
+
+def nest(flat: Mapping[str, Any], skip_none: bool = False) -> dict[str, Any]:
+    """``{"a.b": 1, "c": 2}`` -> ``{"a": {"b": 1}, "c": 2}``; with ``skip_none``, keys whose value is None are left out
+    (command-line flags that were not given)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if skip_none and value is None:
+            continue
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -186,6 +197,11 @@ def _scalar(value: Any, tp: Any, source: str, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise bad("true or false")
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise bad("an integer" if tp is int else "a number") from None
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -224,15 +240,24 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(obj))
 
 
-def field_help(cls: type, name: str) -> str:
-    """The ``help`` metadata of field ``name`` of dataclass ``cls`` (``a.b`` reaches into nested configs)."""
+def _field(cls: type, name: str) -> dataclasses.Field:
+    """Field ``name`` of dataclass ``cls``; ``a.b`` reaches into nested configs."""
     head, _, rest = name.partition(".")
     field = {f.name: f for f in dataclasses.fields(cls)}.get(head)
     if field is None:
         raise KeyError(f"{cls.__name__} has no field {head!r}")
-    if rest:
-        return field_help(typing.get_type_hints(cls)[head], rest)
-    return str(field.metadata.get("help", ""))
+    return _field(typing.get_type_hints(cls)[head], rest) if rest else field
+
+
+def field_help(cls: type, name: str) -> str:
+    """The ``help`` metadata of field ``name`` of dataclass ``cls`` (``a.b`` reaches into nested configs)."""
+    return str(_field(cls, name).metadata.get("help", ""))
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` (``a.b`` reaches into nested configs); ``dataclasses.MISSING`` if required."""
+    field = _field(cls, name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def config_keys(cls: type, prefix: str = "") -> list[str]:

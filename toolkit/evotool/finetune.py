@@ -31,41 +31,9 @@ from evotool.data.inputs import Sample
 from evotool.errors import ConfigError, InputError
 from evotool.generation import chat_prompt
 from evotool.models.registry import decoder_parts
+from evotool.options import LoraSettings
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MIX = {"caption": 0.4, "pope_random": 0.15, "pope_popular": 0.15, "pope_adversarial": 0.15, "attribute": 0.15}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters and the training budget."""
-
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "linear module names inside a decoder layer"})
-    layers_to_transform: list[int] | None = field(
-        default=None, metadata={"help": "decoder layers (1..L, analysis numbering) that get adapters; None = all"}
-    )
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (cosine decay, 10% warm-up)"})
-    batch_size: int = field(default=8, metadata={"help": "samples per step"})
-    qlora: bool = field(default=False, metadata={"help": "the model is 4-bit (bitsandbytes): prepare it for k-bit training"})
-    seed: int = field(default=0, metadata={"help": "adapter initialisation and batch order seed"})
-    log_every: int = field(default=10, metadata={"help": "steps between loss records"})
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("LoRA needs r >= 1, alpha > 0 and dropout in [0, 1)")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.log_every < 1:
-            raise ConfigError("steps, batch_size, log_every and lr must be positive")
-        if not self.target_modules:
-            raise ConfigError("target_modules must name at least one module")
-        self.target_modules = tuple(self.target_modules)
-        if self.layers_to_transform is not None:
-            self.layers_to_transform = sorted({int(i) for i in self.layers_to_transform})
-            if not self.layers_to_transform or min(self.layers_to_transform) < 1:
-                raise ConfigError("layers_to_transform lists decoder layers numbered from 1 (analysis numbering)")
 
 
 def world_samples(n: int, seed: int = 0, split: str = "train", mix: dict[str, float] | None = None) -> list[Sample]:

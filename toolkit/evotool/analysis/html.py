@@ -31,7 +31,6 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -41,10 +40,11 @@ import numpy as np
 from PIL import Image
 
 from evotool.analysis.aggregate import decision_depth
+from evotool.analysis.config import ReportConfig
 from evotool.analysis.hallucination import object_tokens, object_vocabulary
 from evotool.stages import StageFile
 from evotool.analysis.store import RunStore
-from evotool.errors import ConfigError, InputError, StageFileError
+from evotool.errors import InputError, StageFileError
 from evotool.io import atomic_write_text, iter_jsonl, read_json
 from evotool.patch_lens import PatchLens
 from evotool.trace import SampleTrace
@@ -53,19 +53,6 @@ REPORT_SCHEMA = "1.0"
 IMAGE_SIDE = 256
 # figures the page redraws interactively (name prefixes); the other PNGs are embedded as they are
 INTERACTIVE_FIGURES = ("stage_curves", "js_heatmap", "token_probability")
-
-
-@dataclass
-class ReportConfig:
-    """How much of each run ``report.html`` embeds (the page stays a few MB)."""
-
-    samples: int = field(default=8, metadata={"help": "samples embedded in the page, split evenly over the runs (at least one each)"})
-    tokens: int = field(default=48, metadata={"help": "generated tokens per sample in the heatmap and the trajectories"})
-    figures: bool = field(default=True, metadata={"help": "embed the run's static PNG figures (t-SNE, histograms, patch lens)"})
-
-    def __post_init__(self) -> None:
-        if self.samples < 1 or self.tokens < 1:
-            raise ConfigError(f"report samples and tokens must be positive, got {self.samples} and {self.tokens}")
 
 
 def divergence_points(run_dir: Path) -> dict[str, list[dict[str, Any]]]:

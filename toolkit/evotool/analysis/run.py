@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,66 +15,25 @@ from tqdm import tqdm
 
 from evotool.analysis import figures
 from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
+from evotool.analysis.config import AnalyzeConfig
 from evotool.analysis.hallucination import (divergence_by_sample, divergence_summary, ending_token_ids, find_divergence,
                                             hallucination_link, object_vocabulary)
-from evotool.analysis.html import ReportConfig, write_html_report
+from evotool.analysis.html import write_html_report
 from evotool.analysis.report import write_report
 from evotool.io import atomic_write_text
 from evotool.analysis.store import RunStore
-from evotool.data import DEFAULT_PROMPT, Sample, load_samples
+from evotool.data import Sample, load_samples
+from evotool.config import to_dict
 from evotool.env import environment
-from evotool.errors import ConfigError, EvotoolError, InputError
+from evotool.errors import EvotoolError, InputError
 from evotool.generation import build_inputs, context_length, decode
-from evotool.lens import LENSES, Lens, make_lens
-from evotool.models.loading import LoadOptions, fingerprint, load_model
+from evotool.lens import Lens, make_lens
+from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
-from evotool.stages import STAGES_FILE, StageConfig, write_stages
+from evotool.stages import STAGES_FILE, write_stages
 from evotool.tracking import Tracker
 from evotool.trace import trace_batch
-
-
-@dataclass
-class AnalyzeConfig:
-    """Options of one analysis run (the CLI flags and the YAML config map onto these fields)."""
-
-    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
-    data: str | None = field(default=None, metadata={"help": "folder of images, JSONL manifest or dataset; default: synthetic world sample"})
-    split: str = field(default="train", metadata={"help": "dataset split (datasets input only)"})
-    columns: dict[str, str] = field(default_factory=dict, metadata={"help": "sample field -> dataset column"})
-    prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 256
-    lens: str = "normed"
-    out: Path = Path("runs/analyze")
-    batch_size: int = 4
-    limit: int | None = None
-    topk: int = 5
-    keep_features: bool = True
-    figures: bool = field(default=True, metadata={"help": "draw the PNG figures (t-SNE is the slow part)"})
-    patch_lens: bool = field(default=False, metadata={
-        "help": "also read the lens at every image-token position and layer at step 0 (samples/<id>.patch.npz)"})
-    js_unit: str = field(default="nats", metadata={"help": "nats (natural log) or bits"})
-    on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
-    wandb: bool = True
-    world_samples: int = 16
-    object_vocab: list[str] | None = field(default=None, metadata={
-        "help": "words that name objects (hallucination link, divergence points); default: the synthetic world's "
-                "shapes for world samples, else every object in the samples' ground truth"})
-    seed: int = 0
-    load: LoadOptions = field(default_factory=LoadOptions)
-    stages: StageConfig = field(default_factory=StageConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-
-    def __post_init__(self) -> None:
-        if self.lens not in LENSES:
-            raise ConfigError(f"unknown lens {self.lens!r}; choose one of {sorted(LENSES)}")
-        if self.on_error not in ("skip", "fail"):
-            raise ConfigError(f"--on-error must be skip or fail, not {self.on_error!r}")
-        if self.js_unit not in ("nats", "bits"):
-            raise ConfigError(f"--js-unit must be nats or bits, not {self.js_unit!r}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.topk < 1:
-            raise ConfigError("max_new_tokens, batch_size and topk must be positive")
-        self.out = Path(self.out)
 
 
 def resolve_model_id(model: str | None) -> str:
@@ -224,7 +182,7 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         "samples": len(records),
         "tokens": int(sum(len(t.token_ids) for t in traces)),
         "curves": curves,
-        "config": _config_dict(cfg),
+        "config": to_dict(cfg),
         "environment": environment(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -309,14 +267,8 @@ def _interesting_steps(trace: Any, payload: dict[str, Any], limit: int = 3) -> l
     return steps
 
 
-def _config_dict(cfg: AnalyzeConfig) -> dict[str, Any]:
-    out = asdict(cfg)
-    out["out"] = str(cfg.out)
-    return out
-
-
 def _track(cfg: AnalyzeConfig, payload: dict[str, Any], figs: dict[str, Path]) -> None:
-    tracker = Tracker("analyze", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    tracker = Tracker("analyze", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     for layer in range(payload["num_layers"] + 1):
         tracker.log({f"{name}/median": payload["curves"][name]["median"][layer] for name in payload["curves"]}
                     | {"layer": layer}, step=layer)

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from evotool.cli.options import Device, Model, NoWandb
+from evotool.mitigate.methods import method_names
 
 app = typer.Typer(help="Evaluate a decoding method on POPE, CHAIR, AMBER or the synthetic world.", no_args_is_help=True)
 
-MethodOpt = Annotated[str, typer.Option("--method", help="greedy, dola, vcd, stable_readout, smoothing, stage_contrast, stage_speculative (lossless speed-up), or a mitigate run dir.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable).")]
+MethodOpt = Annotated[str, typer.Option("--method", help=f"{', '.join(method_names())}, or a mitigate run dir.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Method option key=value (repeatable; YAML value).")]
 Stages = Annotated[Optional[str], typer.Option(help="stages.json (or analyze run dir) of this model.")]
 Out = Annotated[Path, typer.Option(help="Output directory for results.json.")]
 Batch = Annotated[int, typer.Option(help="Samples per generation batch.")]
@@ -49,11 +50,11 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
          dtype: str, device: str | None, wandb: bool, config: dict[str, Any],
          evaluate: Callable[[Any, Any, dict[str, Any]], dict[str, dict[str, float]]]) -> None:
     """Resolve the method (before loading the model, so bad names fail fast), evaluate, write and log."""
-    from evotool.evals.harness import BASELINE
-    from evotool.mitigate.methods import make_config, parse_overrides
+    from evotool.config import parse_set
+    from evotool.mitigate.methods import BASELINE, make_config
     from evotool.mitigate.run import method_for, resolve_spec
 
-    spec = resolve_spec(method, parse_overrides(options or []), stages)
+    spec = resolve_spec(method, parse_set(options or []), stages)
     make_config(spec.method, spec.options)  # option errors before the model loads
     m, p, model_id = _load(model or spec.model, dtype, device)
     chosen = method_for(m, spec)

@@ -40,13 +40,14 @@ def command(
     from evotool.data.inputs import load_samples
     from evotool.errors import ConfigError
     from evotool.io import atomic_write_text
-    from evotool.mitigate.methods import make_config, parse_overrides
+    from evotool.config import parse_set
+    from evotool.mitigate.methods import make_config
     from evotool.mitigate.run import method_for, resolve_spec
     from evotool.world import default_samples
 
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ConfigError("--max-new-tokens, --batch-size and --limit must be >= 1")
-    options = parse_overrides(set_ or [])
+    options = parse_set(set_ or [])
     spec = resolve_spec(method, options, stages)
     if skip is not None:
         if spec.method != "stage_speculative":

@@ -1,41 +1,35 @@
 """Resolve a method for a model (name or ``evotool mitigate`` run directory), tune it on a validation split,
 and write mitigate run directories.
 
-A mitigate run directory holds ``method.json``: ``{"method", "options", "stages", "model",
-"fingerprint", "layers", "validation"}`` and ``tuning.json`` (every tried option set with its
-validation metrics). ``evotool eval ... --method RUN_DIR`` decodes with exactly that method.
+A mitigate run directory holds ``method.json``: ``{"schema_version", "method", "options", "stages", "model",
+"fingerprint", "layers", "config", "validation"}`` and ``tuning.json`` (``{"schema_version", "candidates"}``:
+every tried option set with its validation metrics, greedy first). ``evotool eval ... --method RUN_DIR``
+decodes with exactly that method.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from evotool.io import atomic_write_text
+from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
-from evotool.finetune import LoraSettings
-from evotool.mitigate.methods import Method, build_method, method_class
+from evotool.io import read_json, write_json
+from evotool.mitigate.base import Method
+from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
+from evotool.mitigate.methods import BASELINE, build_method, method_class
 from evotool.models.loading import fingerprint
 from evotool.stages import StageFile
 
 METHOD_FILE = "method.json"
-
-# Validation grids of the stage-aware methods (option -> values); overridable in configs/mitigate.yaml.
-TUNE_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "stable_readout": {"threshold": [0.05, 0.1, 0.2], "mix": [0.5, 1.0], "dynamic": [False, True]},
-    "smoothing": {"alpha": [0.0, 0.25, 0.5, 0.75], "threshold": [None, 0.1]},
-    "stage_contrast": {"premature": ["critical", "last_stable"], "weight": [-0.5, 0.5, 1.0], "alpha": [0.1, 0.01]},
-}
-
-
-# Training-time methods: LoRA on a truthful grounding set; the run directory then holds a merged checkpoint
-# (``model/``) that decodes greedily. Value: which decoder layers get adapters.
-TRAINED: dict[str, str] = {"lora_mutation": "the mutation stage (from the stage file)", "lora_all": "every decoder layer"}
+METHOD_SCHEMA = "1.0"
+TUNING_FILE = "tuning.json"
+TUNING_SCHEMA = "1.0"
 
 
 @dataclass
@@ -53,7 +47,7 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     ``options`` / ``stages`` override the stored ones. Raises ConfigError for anything else."""
     path = Path(method)
     if (path / METHOD_FILE).is_file():
-        stored = json.loads((path / METHOD_FILE).read_text())
+        stored = read_json(path / METHOD_FILE, ConfigError, "method file", schema=METHOD_SCHEMA)
         return MethodSpec(stored["method"], {**stored.get("options", {}), **(options or {})},
                           stages or stored.get("stages"), stored.get("checkpoint"))
     if path.is_dir():
@@ -63,7 +57,7 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
 
 
 def load_stages_for(model: nn.Module, spec: MethodSpec) -> StageFile | None:
-    """The spec's stage file validated against ``model``'s fingerprint; None when the method needs none and none is given."""
+    """The spec's stage file validated against ``model``; None when the method needs none and none is given."""
     if spec.stages is None:
         if method_class(spec.method).needs_stages:
             raise StageFileError(f"method {spec.method!r} needs a stage file: pass --stages (from `evotool analyze`)")
@@ -82,18 +76,6 @@ def grid(options: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(options[k] for k in keys))]
 
 
-@dataclass
-class Selection:
-    """How tuning picks an option set on the validation split."""
-
-    max_recall_loss: float = field(default=0.05, metadata={"help": "keep candidates losing at most this relative recall vs greedy"})
-    objective: str = field(default="chair_i", metadata={"help": "metric to minimise among kept candidates"})
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.max_recall_loss <= 1.0:
-            raise ConfigError("max_recall_loss must lie in [0, 1]")
-
-
 def select(candidates: list[dict[str, Any]], baseline: dict[str, float], sel: Selection) -> dict[str, Any]:
     """The candidate (``{"options", "metrics"}``) with the lowest objective among those within the recall
     budget (ties: lower latency); if none keeps the recall, the one with the highest recall."""
@@ -104,39 +86,10 @@ def select(candidates: list[dict[str, Any]], baseline: dict[str, float], sel: Se
     return max(candidates, key=lambda c: c["metrics"]["recall"])
 
 
-@dataclass
-class MitigateConfig:
-    """Options of ``evotool mitigate``."""
-
-    method: str = field(metadata={"help": "method name (see `evotool mitigate --help`)"})
-    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
-    stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned)"})
-    tune: bool = field(default=True, metadata={"help": "pick options on the world validation split"})
-    grid: dict[str, list[Any]] | None = field(default=None, metadata={"help": "option grid; default TUNE_GRIDS[method]"})
-    n: int = field(default=100, metadata={"help": "validation records per world task and group"})
-    seed: int = field(default=1, metadata={"help": "world seed of the validation split (the test split uses 0)"})
-    batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
-    out: Path = field(default=Path("runs/mitigate"), metadata={"help": "run directory"})
-    wandb: bool = field(default=True, metadata={"help": "log to Weights & Biases"})
-    selection: Selection = field(default_factory=Selection)
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings of the trained methods (layers set by the method)"})
-    train_samples: int = field(default=400, metadata={"help": "truthful world samples (test + prior-breaking splits) to fine-tune on"})
-    train_seed: int = field(default=2, metadata={"help": "world seed of the fine-tuning samples (differs from validation and test)"})
-
-    def __post_init__(self) -> None:
-        if self.method not in TRAINED:
-            method_class(self.method)
-        if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError("n, batch_size and max_new_tokens must be positive")
-        self.out = Path(self.out)
-
-
 def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor: Any = None) -> Path:
     """Tune (optionally) and record a method for one model in ``cfg.out``; returns the ``method.json`` path."""
     from evotool.analysis.run import resolve_model_id
-    from evotool.evals.harness import BASELINE, evaluate_world_methods
+    from evotool.evals.harness import evaluate_world_methods
     from evotool.models.loading import load_model
     from evotool.tracking import Tracker
     from evotool.world import WorldConfig
@@ -148,10 +101,10 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
         model, processor = load_model(model_id)
     spec = MethodSpec(cfg.method, dict(cfg.options), str(cfg.stages) if cfg.stages else None)
     stages = load_stages_for(model, spec)
-    option_grid = cfg.grid if cfg.grid is not None else TUNE_GRIDS.get(cfg.method, {})
+    option_grid = cfg.tuning_grid()
     tried: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {"options": {}, "metrics": {}}
-    if cfg.tune and option_grid and cfg.method != BASELINE:
+    if cfg.tune and option_grid:
         sets = grid(option_grid)
         methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model)}
         for i, opts in enumerate(sets):
@@ -163,13 +116,12 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
         tried.insert(0, {"options": "greedy", "metrics": scores[BASELINE]})
     spec.options = {**cfg.options, **chosen["options"]}
     method = build_method(spec.method, model, spec.options, stages)
-    record = {"method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
-              "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": asdict(method.config),
-              "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}
-    path = cfg.out / METHOD_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
-    atomic_write_text(cfg.out / "tuning.json", json.dumps(tried, indent=2, default=str) + "\n")
-    tracker = Tracker("mitigate", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    path = write_json(cfg.out / METHOD_FILE, {
+        "method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
+        "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": to_dict(method.config),
+        "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}, schema=METHOD_SCHEMA)
+    write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)
+    tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     if tried:
         keys = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "latency_ratio"]
         tracker.log_table("tuning", ["options", *keys],
@@ -182,8 +134,6 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
 def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     """LoRA on the mutation stage's decoder layers (``lora_mutation``) or on all of them (``lora_all``), same
     samples, steps, rank and learning rate; saves the merged checkpoint as ``cfg.out/model``."""
-    from dataclasses import replace
-
     from evotool.finetune import lora_finetune, merge_and_save, world_samples
     from evotool.models.loading import load_model
     from evotool.tracking import Tracker
@@ -200,27 +150,20 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     settings = replace(cfg.lora, layers_to_transform=layers)
     half = max(1, cfg.train_samples // 2)
     samples = world_samples(half, cfg.train_seed, "test") + world_samples(half, cfg.train_seed, "prior_breaking")
-    tracker = Tracker("mitigate", _config_dict(cfg), cfg.out, enabled=cfg.wandb)
+    tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     result = lora_finetune(model, processor, samples, settings, on_log=lambda step, loss: tracker.log({"lora/loss": loss}, step))
     checkpoint = cfg.out / "model"
     merged = merge_and_save(result.model, processor, checkpoint)
-    record = {"method": "greedy", "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
-              "model": model_id,
-              "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged), "checkpoint": str(checkpoint),
-              "layers": {"lora": layers or "all"}, "lora": result.settings, "losses": result.losses,
-              "trainable_parameters": result.trainable_parameters,
-              "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
-    path = cfg.out / METHOD_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    path = write_json(cfg.out / METHOD_FILE, {
+        "method": BASELINE, "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
+        "model": model_id, "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged),
+        "checkpoint": str(checkpoint), "layers": {"lora": layers or "all"}, "lora": result.settings,
+        "losses": result.losses, "trainable_parameters": result.trainable_parameters,
+        "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}},
+        schema=METHOD_SCHEMA)
     tracker.summary({"method": cfg.method, "trainable_parameters": result.trainable_parameters})
     tracker.finish()
     return path
-
-
-def _config_dict(cfg: MitigateConfig) -> dict[str, Any]:
-    out = asdict(cfg)
-    out["out"] = str(cfg.out)
-    return out
 
 
 def require_file(path: str | Path | None, what: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +10,7 @@ import torch
 from torch import nn
 
 from evotool.errors import ModelError
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class LoadOptions:
-    """How to load a model.
-
-    dtype: "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
-    device: "cpu", "cuda", "cuda:1"...; ignored with ``device_map``.
-    device_map: e.g. "auto" to shard a model larger than one GPU (accelerate).
-    quantization: None, "4bit" or "8bit" (bitsandbytes, CUDA only).
-    """
-
-    dtype: str = "auto"
-    device: str | None = None
-    device_map: str | None = None
-    quantization: str | None = None
-    trust_remote_code: bool = False
-    revision: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ModelError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
-        if self.quantization not in (None, "4bit", "8bit"):
-            raise ModelError(f"unknown quantization {self.quantization!r}; choose 4bit or 8bit")
+from evotool.options import DTYPES, LoadOptions
 
 
 def default_device() -> str:
@@ -88,7 +61,7 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
         raise ModelError(
             f"model {name!r} (model type {config.model_type!r}) is not an image-text-to-text model: it takes no image input"
         )
-    dtype = DTYPES[opts.dtype]
+    dtype = "auto" if opts.dtype == "auto" else getattr(torch, DTYPES[opts.dtype])
     load_kwargs: dict[str, Any] = dict(kwargs, dtype=dtype)
     if opts.quantization:
         compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from evotool.io import atomic_write_text
+from evotool.io import atomic_write_text, write_json
 
 PRUNE_FILE = "prune.json"
 PRUNE_SCHEMA = "1.0"
 
 
-def write_prune_json(out: Path, record: dict[str, Any]) -> Path:
-    """``out/prune.json``: ``schema_version`` plus ``record`` (kept / removed layers numbered 1..L as in the analysis)."""
-    path = Path(out) / PRUNE_FILE
-    atomic_write_text(path, json.dumps({"schema_version": PRUNE_SCHEMA, **record}, indent=2) + "\n")
+def write_card(out: Path, record: dict[str, Any], metrics_table: str | None = None) -> Path:
+    """``out/prune.json`` (``record``, kept / removed layers numbered 1..L as in the analysis) and the model card
+    ``out/README.md``; returns the path of prune.json."""
+    path = write_json(Path(out) / PRUNE_FILE, record, schema=PRUNE_SCHEMA)
+    atomic_write_text(Path(out) / "README.md", model_card(record, metrics_table))
     return path
 
 

@@ -6,11 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evotool.errors import ConfigError
-from evotool.finetune import LoraSettings
-from evotool.models.loading import LoadOptions
-from evotool.prune.select import SELECTORS
-
-REDUNDANCY = ("influence", "js", "cosine")
+from evotool.options import LoadOptions, LoraSettings
+from evotool.prune.select import REDUNDANCY, SELECTORS
 
 
 @dataclass
@@ -26,21 +23,21 @@ class PruneConfig:
     ratio: float | None = field(default=None, metadata={"help": "budget: fraction of decoder layers to remove"})
     speedup: float | None = field(default=None, metadata={"help": "budget: ideal speedup L/(L-k) to reach"})
     layers: list[int] | None = field(default=None, metadata={"help": "remove exactly these layers (1..L); overrides the selector"})
-    selector: str = field(default="stage", metadata={"help": "stage, block-influence, angular, last or random"})
-    redundancy: str = field(default="influence", metadata={"help": "stage selector ranking: influence, js or cosine"})
+    selector: str = field(default="stage", metadata={"help": f"which layers to remove: {', '.join(SELECTORS)}"})
+    redundancy: str = field(default="influence", metadata={"help": f"stage selector ranking: {', '.join(REDUNDANCY)}"})
     calibration_samples: int = field(default=32, metadata={"help": "world training samples for block influence / angular distance"})
     analysis_samples: int = field(default=16, metadata={"help": "world samples of the on-the-fly analysis"})
     analysis_max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens per sample of the on-the-fly analysis"})
     heal: bool = field(default=False, metadata={"help": "LoRA-heal the pruned model; OUT then holds the merged model, OUT/adapter the adapter"})
     heal_samples: int = field(default=400, metadata={"help": "world training samples for healing"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings of the healing; layers_to_transform numbers the pruned model's layers 1..L-k"})
     eval_n: int = field(default=0, metadata={"help": "world eval records per task and group (0: no evaluation)"})
     agreement_samples: int = field(default=32, metadata={"help": "held-out captions for greedy token agreement with the full model"})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens per sample in the evaluation"})
     speed: bool = field(default=False, metadata={"help": "measure prefill / decode speed of full vs pruned"})
     seed: int = field(default=0, metadata={"help": "random selector and data seed"})
     wandb: bool = field(default=True, metadata={"help": "log the run to Weights & Biases (offline without an API key)"})
-    load: LoadOptions = field(default_factory=LoadOptions)
+    load: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the model is loaded"})
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:

@@ -12,8 +12,8 @@ Every selector has the signature ``(k, ctx) -> Selection`` and never returns a p
   arccos(cos(h_i, h_{i+k})) / pi.
 * ``last``: the last k layers; ``random``: k layers drawn with ``ctx.seed``.
 
-Calibration statistics use every non-padding position of teacher-forced world samples
-(prompt + answer), captured with forward hooks before the final norm.
+Calibration statistics (:func:`evotool.prune.calibrate.calibrate`) use every non-padding position of
+teacher-forced world samples (prompt + answer), captured with forward hooks before the final norm.
 """
 
 from __future__ import annotations
@@ -21,15 +21,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from evotool.data.inputs import Sample
 from evotool.errors import ConfigError
-from evotool.models.registry import decoder_parts
 from evotool.stages import StageFile
 
 
@@ -40,45 +35,6 @@ class CalibrationStats:
     block_influence: np.ndarray
     angular: np.ndarray
     tokens: int
-
-
-@torch.inference_mode()
-def calibrate(model: nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int = 8) -> CalibrationStats:
-    """Block influence and pairwise angular distances from teacher-forced ``samples`` (all positions)."""
-    from evotool.finetune import collate
-
-    parts = decoder_parts(model)
-    n = parts.num_layers
-    cos_sum = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-    ang_sum = torch.zeros_like(cos_sum)
-    count = 0
-    states: list[torch.Tensor | None] = [None] * (n + 1)
-    handles = [parts.layers[0].register_forward_pre_hook(
-        lambda _m, args, kwargs: states.__setitem__(0, (args[0] if args else kwargs["hidden_states"]).detach()),
-        with_kwargs=True)]
-    for i, layer in enumerate(parts.layers, start=1):
-        handles.append(layer.register_forward_hook(
-            lambda _m, _a, out, i=i: states.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach())))
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = collate(processor, samples[start : start + batch_size], model.device)
-            mask = batch.pop("attention_mask").bool()
-            batch.pop("labels")
-            model(attention_mask=mask.long(), **batch)
-            h = torch.stack([s[mask] for s in states]).double()  # [L+1, N, H]
-            h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            for i in range(n + 1):
-                cos = (h[i : i + 1] * h[i:]).sum(-1).clamp(-1, 1)  # [L+1-i, N]
-                cos_sum[i, i:] += cos.sum(-1)
-                ang_sum[i, i:] += (torch.arccos(cos) / torch.pi).sum(-1)
-            count += h.shape[1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    mean_cos = (cos_sum / count).numpy()
-    influence = np.full(n + 1, np.nan)
-    influence[1:] = 1.0 - np.diagonal(mean_cos, offset=1)
-    return CalibrationStats(block_influence=influence, angular=(ang_sum / count).numpy(), tokens=count)
 
 
 @dataclass
@@ -115,6 +71,10 @@ def _budget_error(k: int, available: int, what: str) -> ConfigError:
     return ConfigError(f"cannot remove {k} layers: only {available} {what}")
 
 
+# Rankings of the stage selector (see the module docstring).
+REDUNDANCY = ("influence", "js", "cosine")
+
+
 def rank_stage(ctx: SelectionContext) -> tuple[list[int], dict[int, float], str]:
     """The stage selector's candidates, most redundant first, with each one's score (lower = more
     redundant) and the reason format (see module docstring)."""
@@ -137,7 +97,7 @@ def rank_stage(ctx: SelectionContext) -> tuple[list[int], dict[int, float], str]
         score = {i: sign * float(curves[key]["median"][i]) for i in pool}
         label = "median adjacent JS {:.4g}" if ctx.redundancy == "js" else "median adjacent cosine {:.4f} (negated)"
     else:
-        raise ConfigError(f"unknown redundancy {ctx.redundancy!r}; choose influence, js or cosine")
+        raise ConfigError(f"unknown redundancy {ctx.redundancy!r}; choose one of {', '.join(REDUNDANCY)}")
     return sorted(pool, key=lambda i: score[i]), score, label
 
 

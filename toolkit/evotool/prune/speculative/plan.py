@@ -31,7 +31,8 @@ from evotool.generation import generate_ids
 from evotool.models.loading import synchronize
 from evotool.models.registry import decoder_parts
 from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
-from evotool.prune.select import CalibrationStats, SelectionContext, calibrate, rank_stage
+from evotool.prune.calibrate import calibrate
+from evotool.prune.select import CalibrationStats, SelectionContext, rank_stage
 from evotool.prune.speculative.decoding import SpeculativeStats, speculative_decoding
 from evotool.stages import StageFile
 from evotool.prune.speed import CLOCKS

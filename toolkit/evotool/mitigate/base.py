@@ -1,0 +1,97 @@
+"""The decoding-method interface: a :class:`Method` is bound to one model and runs on top of ``model.generate``.
+
+A method may expand the inputs (VCD adds noised-image rows), activate forward hooks (smoothing) and add
+logits processors (:mod:`evotool.mitigate.processors`) that read the per-layer states of the current step
+from :class:`~evotool.trace.LayerCapture`. ``Method.generate`` has the signature of
+:func:`evotool.generation.greedy_generate`, so any eval that takes a ``generate_fn`` runs any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from evotool.config import to_dict
+from evotool.errors import ConfigError, StageFileError
+from evotool.generation import build_inputs, context_length, decode, generate_ids
+from evotool.models.registry import decoder_parts
+from evotool.stages import StageFile
+from evotool.trace import LayerCapture
+
+
+def check_unit(cfg: Any, *names: str, open_low: bool = True) -> None:
+    """ConfigError unless every named field of ``cfg`` lies in (0, 1] (``open_low``) or [0, 1]."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
+            raise ConfigError(f"{name}={value} must lie in {'(0' if open_low else '[0'}, 1]")
+
+
+class Method:
+    """A decoding method bound to one model. Subclasses set ``name`` / ``config_cls`` and override
+    :meth:`prepare`, :meth:`processors`, :meth:`hooks` and :meth:`layers_used` as needed.
+
+    ``needs_stages``: the method reads the model's :class:`StageFile`; ``uses_capture``: its processors read
+    :class:`LayerCapture` states.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    needs_stages: ClassVar[bool] = False
+    uses_capture: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
+        self.model = model
+        self.config = config if config is not None else self.config_cls()
+        self.parts = decoder_parts(model)
+        if self.needs_stages and stages is None:
+            raise StageFileError(f"method {self.name!r} needs the model's stage file (--stages, from `evotool analyze`)")
+        self.stages = stages
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs [B, ...] -> the batch ``generate`` runs (default: unchanged)."""
+        return inputs
+
+    def processors(self, capture: LayerCapture | None, rows: int) -> list[LogitsProcessor]:
+        """Logits processors of one generation call over ``rows`` input rows (``capture`` is None unless ``uses_capture``)."""
+        return []
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Forward hooks active during generation."""
+        yield
+
+    def generate_ids(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+        """New token ids per input row (cut after EOS)."""
+        rows = inputs["input_ids"].shape[0]
+        batch = self.prepare(inputs)
+        with ExitStack() as stack:
+            stack.enter_context(self.hooks())
+            capture = stack.enter_context(LayerCapture(self.parts)) if self.uses_capture else None
+            procs = self.processors(capture, rows)
+            kwargs = {"logits_processor": LogitsProcessorList(procs)} if procs else {}
+            ids = generate_ids(self.model, batch, max_new_tokens, **kwargs)
+        return ids[:rows]
+
+    def generate(self, model: nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
+                 max_new_tokens: int = 256) -> tuple[list[list[int]], list[str]]:
+        """Same contract as :func:`evotool.generation.greedy_generate` (``model`` must be the bound model)."""
+        if model is not self.model:
+            raise ValueError("method bound to another model")
+        inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
+        ids = self.generate_ids(inputs, max_new_tokens)
+        return ids, decode(processor, ids)
+
+    def describe(self) -> dict[str, Any]:
+        """Name, config and the layers the method acts on (for results files)."""
+        return {"method": self.name, "config": to_dict(self.config), "layers": self.layers_used()}
+
+    def layers_used(self) -> dict[str, Any]:
+        """The layers the method reads or changes, by role (e.g. ``{"premature": 3}``)."""
+        return {}

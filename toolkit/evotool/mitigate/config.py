@@ -1,0 +1,156 @@
+"""Options of ``evotool mitigate`` (:class:`MitigateConfig`) and of the analyze -> mitigate -> eval pipeline
+(:class:`PipelineConfig`, ``configs/mitigate.yaml``). Method names come from the method registry; each
+stage-aware method's default tuning grid is its config's ``TUNE_GRID`` (see :mod:`evotool.mitigate.methods`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evotool.errors import ConfigError
+from evotool.mitigate.methods import BASELINE, default_grid, make_config, method_names
+from evotool.options import LoraSettings
+
+# Training-time methods: LoRA on a truthful grounding set; the run directory then holds a merged checkpoint
+# (``model/``) that decodes greedily. Value: which decoder layers get adapters.
+TRAINED: dict[str, str] = {"lora_mutation": "the mutation stage (from the stage file)", "lora_all": "every decoder layer"}
+
+
+def check_method(name: str) -> None:
+    """ConfigError unless ``name`` is a decoding method or a trained method."""
+    if name not in TRAINED and name not in method_names():
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join((*method_names(), *TRAINED))}")
+
+
+def typed_grid(method: str, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``grid`` (option -> values) with every value checked and coerced by the method's config."""
+    return {key: [getattr(make_config(method, {key: v}), key) for v in values] for key, values in grid.items()}
+
+
+@dataclass
+class Selection:
+    """How tuning picks an option set on the validation split."""
+
+    max_recall_loss: float = field(default=0.05, metadata={"help": "keep candidates losing at most this relative recall vs greedy"})
+    objective: str = field(default="chair_i", metadata={"help": "metric to minimise among kept candidates"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_recall_loss <= 1.0:
+            raise ConfigError("max_recall_loss must lie in [0, 1]")
+
+
+@dataclass
+class MitigateConfig:
+    """Options of ``evotool mitigate``."""
+
+    method: str = field(metadata={"help": f"decoding method ({', '.join(method_names())}; the stage-aware ones are tuned) "
+                                          f"or fine-tuned ({', '.join(TRAINED)})"})
+    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
+    stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned), key=value"})
+    tune: bool = field(default=True, metadata={"help": "pick the options on the world validation split"})
+    grid: dict[str, list[Any]] | None = field(default=None, metadata={"help": "tuning grid key=v1,v2 (replaces the method's default grid)"})
+    n: int = field(default=100, metadata={"help": "validation records per world task and group"})
+    seed: int = field(default=1, metadata={"help": "world seed of the validation split (the test split uses 0)"})
+    batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
+    out: Path = field(default=Path("runs/mitigate"), metadata={"help": "run directory (method.json, tuning.json)"})
+    wandb: bool = field(default=True, metadata={"help": "log the run to Weights & Biases (offline without an API key)"})
+    selection: Selection = field(default_factory=Selection, metadata={"help": "how tuning picks the options"})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings of the trained methods (layers set by the method)"})
+    train_samples: int = field(default=400, metadata={"help": "truthful world samples (test + prior-breaking splits) to fine-tune on"})
+    train_seed: int = field(default=2, metadata={"help": "world seed of the fine-tuning samples (differs from validation and test)"})
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("n, batch_size and max_new_tokens must be positive")
+        if self.method not in TRAINED:
+            make_config(self.method, self.options)
+            if self.grid is not None:
+                self.grid = typed_grid(self.method, self.grid)
+        self.out = Path(self.out)
+
+    def tuning_grid(self) -> dict[str, list[Any]]:
+        """The grid tuned over: ``grid``, else the method's default (empty for untuned and trained methods)."""
+        if self.method in TRAINED or self.method == BASELINE:
+            return {}
+        return self.grid if self.grid is not None else default_grid(self.method)
+
+
+@dataclass
+class AnalyzeStep:
+    """The pipeline's analysis of world captions (validation seed)."""
+
+    samples: int = field(default=32, metadata={"help": "world captions traced (half in distribution, half prior-breaking)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens per caption"})
+    batch_size: int = field(default=16, metadata={"help": "samples per generation batch"})
+
+
+@dataclass
+class TuneStep(Selection):
+    """Tuning of the stage-aware methods on the validation split (the selection rule plus the budget)."""
+
+    n: int = field(default=50, metadata={"help": "validation records per world task and group"})
+    batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
+    grids: dict[str, dict[str, list[Any]]] = field(
+        default_factory=dict, metadata={"help": "method -> option grid, replacing that method's default TUNE_GRID"})
+
+
+@dataclass
+class EvalStep:
+    """The reported evaluation on the test split."""
+
+    n: int = field(default=100, metadata={"help": "test records per world task and group"})
+    batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
+    methods: list[str] = field(default_factory=lambda: [*method_names(), *TRAINED],
+                               metadata={"help": "methods evaluated side by side (decoding and trained)"})
+    options: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "fixed options of the untuned methods (published defaults when absent)"})
+
+
+@dataclass
+class LoraStep:
+    """Targeted fine-tuning: ``lora_mutation`` (mutation-stage layers) vs ``lora_all``, equal budget."""
+
+    samples: int = field(default=400, metadata={"help": "truthful world samples (test + prior-breaking splits)"})
+    seed: int = field(default=2, metadata={"help": "world seed of the fine-tuning samples (differs from validation and test)"})
+    settings: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16.0, steps=100, lr=1e-3, batch_size=8),
+                                   metadata={"help": "LoRA settings (layers set by the method)"})
+
+
+@dataclass
+class Target:
+    """The success criterion, checked on the test split for every stage-aware method."""
+
+    chair_i_reduction: float = field(default=0.30, metadata={"help": "relative CHAIR_i cut vs greedy"})
+    max_recall_loss: float = field(default=0.05, metadata={"help": "relative recall loss vs greedy"})
+    max_latency_ratio: float = field(default=1.15, metadata={"help": "seconds per sample vs greedy"})
+
+
+@dataclass
+class PipelineConfig:
+    """analyze -> mitigate (tune on validation) -> eval (test), ``configs/mitigate.yaml``."""
+
+    model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    validation_seed: int = field(default=1, metadata={"help": "world seed of the analysis sample and the tuning split"})
+    test_seed: int = field(default=0, metadata={"help": "world seed of the reported test split (never used for choices)"})
+    analyze: AnalyzeStep = field(default_factory=AnalyzeStep, metadata={"help": "the analysis step"})
+    tune: TuneStep = field(default_factory=TuneStep, metadata={"help": "the tuning step"})
+    eval: EvalStep = field(default_factory=EvalStep, metadata={"help": "the evaluation step"})
+    lora: LoraStep = field(default_factory=LoraStep, metadata={"help": "the trained methods"})
+    target: Target = field(default_factory=Target, metadata={"help": "the success criterion"})
+
+    def __post_init__(self) -> None:
+        if self.validation_seed == self.test_seed:
+            raise ConfigError("validation_seed and test_seed must differ: choices are never made on the test split")
+        for name in self.eval.methods:
+            check_method(name)
+        for name, options in self.eval.options.items():
+            make_config(name, options)
+        self.tune.grids = {name: typed_grid(name, grid) for name, grid in self.tune.grids.items()}

@@ -1,0 +1,53 @@
+"""The decoding methods, one module each: the module name is the method name, and the module's ``METHOD``
+is its :class:`~evotool.mitigate.base.Method` subclass, with its config dataclass beside it.
+
+Adding a method is adding one file here. :func:`method_names` lists the modules without importing them
+(no torch), so configs and the CLI can name every method at startup.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from evotool.config import from_dict
+from evotool.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from evotool.mitigate.base import Method
+    from evotool.stages import StageFile
+
+
+BASELINE = "greedy"  # the method every other one is compared with (latency ratio, recall loss)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method name, sorted."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+def method_class(name: str) -> type[Method]:
+    """The method class registered as ``name``; ConfigError listing the methods otherwise."""
+    if name not in method_names():
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(method_names())}")
+    return importlib.import_module(f"{__name__}.{name}").METHOD
+
+
+def make_config(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """The config of method ``name`` with ``options`` applied (values coerced to the fields' types)."""
+    return from_dict(method_class(name).config_cls, options or {}, f"method {name!r} options")
+
+
+def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | None = None,
+                 stages: StageFile | None = None) -> Method:
+    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (:meth:`StageFile.for_model`)."""
+    return method_class(name)(model, make_config(name, options), stages)
+
+
+def default_grid(name: str) -> dict[str, list[Any]]:
+    """The validation grid (option -> values) a method is tuned over by default; empty for untuned methods."""
+    return dict(getattr(method_class(name).config_cls, "TUNE_GRID", {}))

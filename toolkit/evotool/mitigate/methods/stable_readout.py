@@ -1,0 +1,55 @@
+"""``stable_readout``: on a mutation spike, read the token from the last stable layer (stage-aware)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from transformers import LogitsProcessor
+
+from evotool.errors import ConfigError
+from evotool.mitigate.base import Method, check_unit
+from evotool.mitigate.processors import StableReadout
+from evotool.trace import LayerCapture
+
+
+@dataclass
+class StableReadoutConfig:
+    """Stage-aware readout: on a mutation spike, read the token from the last stable layer."""
+
+    TUNE_GRID: ClassVar[dict[str, list[Any]]] = {"threshold": [0.05, 0.1, 0.2], "mix": [0.5, 1.0], "dynamic": [False, True]}
+
+    threshold: float = field(default=0.1, metadata={"help": "max adjacent-layer JS (nats) after the critical layer that flags a mutation"})
+    mix: float = field(default=1.0, metadata={"help": "weight of the stable layer's distribution on flagged tokens (1 = take it)"})
+    layer: int | None = field(default=None, metadata={"help": "readout layer; default: the last layer of the stabilization stage"})
+    dynamic: bool = field(default=False, metadata={"help": "read, per token, the layer just before its largest JS spike (ignores layer)"})
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError("threshold must be >= 0")
+        check_unit(self, "mix")
+
+
+class Readout(Method):
+    """Flagged tokens read from the stable stage; the others keep the model's own output."""
+
+    name = "stable_readout"
+    config_cls = StableReadoutConfig
+    needs_stages = True
+    uses_capture = True
+
+    def readout_layer(self) -> int:
+        layer = self.config.layer if self.config.layer is not None else self.stages.last_stable
+        if not self.stages.critical <= layer <= self.parts.num_layers:
+            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers}")
+        return layer
+
+    def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
+        layer = None if self.config.dynamic else self.readout_layer()
+        return [StableReadout(capture, self.stages.critical, layer, self.config.threshold, self.config.mix, rows)]
+
+    def layers_used(self) -> dict[str, Any]:
+        return {"critical": self.stages.critical, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
+
+
+METHOD = Readout
