@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,21 +27,12 @@ from evotool.errors import InputError
 from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, amber_generative_metrics
 from evotool.evals.chair import CocoObjects, score_captions
 from evotool.evals.pope import POPE_SPLITS
-from evotool.generation import build_inputs, context_length, decode
+from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import synchronize
 
 if TYPE_CHECKING:
     from evotool.mitigate.base import Method
-
-
-@dataclass
-class Generations:
-    """One method's outputs over an eval set: token ids and texts per sample, generation seconds."""
-
-    ids: list[list[int]] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 class Interleaved:
@@ -75,11 +65,9 @@ class Interleaved:
             start = time.perf_counter()
             ids = self.methods[name].generate_ids(dict(inputs), max_new_tokens)
             synchronize(model.device)
-            out = self.outputs[name]
-            out.seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
             texts = decode(processor, ids)
-            out.ids += ids
-            out.texts += texts
+            self.outputs[name].add(ids, texts, seconds)
             self._calls[name].append((ids, texts))
         self.samples += len(prompts)
         return self._calls[names[0]][-1]
@@ -107,9 +95,7 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
                 batch_size: int, max_new_tokens: int) -> Interleaved:
     """Generate every sample with every method (interleaved per batch). Raises :class:`InputError` on a bad image."""
     runner = Interleaved(methods)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        runner(model, processor, [s.load_image() for s in chunk], [s.prompt for s in chunk], max_new_tokens)
+    generate_samples(model, processor, samples, batch_size, max_new_tokens, generate_fn=runner)
     return runner
 
 

@@ -8,18 +8,18 @@ training co-occurrence prior; ``prior_breaking`` scenes hold the prior's cause w
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
+from evotool.data.inputs import Sample
 from evotool.evals.chair import chair_metrics
 from evotool.evals.pope import pope_metrics
-from evotool.generation import greedy_generate
+from evotool.generation import GenerateFn, generate_samples, greedy_generate
+from evotool.world import records_to_samples
 from evotool.world.generator import COLOURS, SHAPES, WorldConfig, make_records
 
-GenerateFn = Callable[..., tuple[list[list[int]], list[str]]]
 POPE_TASKS = ("pope_random", "pope_popular", "pope_adversarial")
 GROUPS = {"in_distribution": "test", "prior_breaking": "prior_breaking"}
 
@@ -36,37 +36,14 @@ def mentioned_objects(caption: str) -> set[str]:
     return {shape for _, shape in caption_mentions(caption)}
 
 
-def _generate(
-    model: torch.nn.Module,
-    processor: Any,
-    records: Sequence[dict[str, Any]],
-    batch_size: int,
-    max_new_tokens: int,
-    generate_fn: GenerateFn,
-    generate_kwargs: dict[str, Any],
-) -> tuple[list[list[int]], list[str]]:
-    ids: list[list[int]] = []
-    texts: list[str] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        images: list[Image.Image] = [r["image"] for r in chunk]
-        out_ids, out_texts = generate_fn(
-            model, processor, images, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens, **generate_kwargs
-        )
-        ids += out_ids
-        texts += out_texts
-    return ids, texts
-
-
-def caption_scores(captions: Sequence[str], records: Sequence[dict[str, Any]], lengths: Sequence[int]) -> dict[str, float]:
+def caption_scores(captions: Sequence[str], samples: Sequence[Sample], lengths: Sequence[int]) -> dict[str, float]:
     """CHAIR_s, CHAIR_i (every mention counted, as in the reference CHAIR), object recall, mean length,
     plus ``description_recall``: colour+shape pairs named."""
-    scores = chair_metrics(
-        [[shape for _, shape in caption_mentions(c)] for c in captions], [set(r["objects"]) for r in records], lengths
-    )
+    scores = chair_metrics([[shape for _, shape in caption_mentions(c)] for c in captions],
+                           [set(s.objects or ()) for s in samples], lengths)
     named = [{f"{c} {s}" for c, s in caption_mentions(cap) if c} for cap in captions]
-    n_truth = sum(len(set(r["descriptions"])) for r in records)
-    scores["description_recall"] = sum(len(n & set(r["descriptions"])) for n, r in zip(named, records)) / n_truth
+    truth = [set(s.meta["descriptions"]) for s in samples]
+    scores["description_recall"] = sum(len(n & t) for n, t in zip(named, truth)) / sum(len(t) for t in truth)
     return scores
 
 
@@ -93,15 +70,15 @@ def evaluate_world(
     for group, split in GROUPS.items():
         results[group] = {}
         for task in ("caption", *POPE_TASKS, "attribute"):
-            records = make_records(task, split, n, world)
-            ids, texts = _generate(model, processor, records, batch_size, max_new_tokens, generate_fn, generate_kwargs)
+            samples = records_to_samples(make_records(task, split, n, world))
+            out = generate_samples(model, processor, samples, batch_size, max_new_tokens, generate_fn, **generate_kwargs)
             if task == "caption":
-                results[group][task] = caption_scores(texts, records, [len(i) for i in ids])
+                results[group][task] = caption_scores(out.texts, samples, [len(i) for i in out.ids])
             elif task == "attribute":
-                correct = [t.strip().lower() == r["answer"] for t, r in zip(texts, records)]
+                correct = [t.strip().lower() == s.answer for t, s in zip(out.texts, samples)]
                 results[group][task] = {"accuracy": sum(correct) / len(correct)}
             else:
-                results[group][task] = pope_metrics(texts, [r["answer"] for r in records])
+                results[group][task] = pope_metrics(out.texts, [s.answer for s in samples])
     return results
 
 

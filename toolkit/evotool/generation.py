@@ -1,14 +1,24 @@
-"""Prompt building and batched greedy generation shared by analysis, pruning, mitigation and evals."""
+"""Prompt building and the one batched generation runner over :class:`~evotool.data.Sample` s, shared by
+analysis, pruning, mitigation and evals.
+
+A ``generate_fn`` has the signature of :func:`greedy_generate`: ``(model, processor, images, prompts,
+max_new_tokens=..., **kwargs) -> (token ids per row, texts)``; every decoding method's ``generate`` and the
+eval harness' interleaved runner are ``generate_fn`` s, so :func:`generate_samples` runs any of them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
+from evotool.data.inputs import Sample
 from evotool.errors import InputError
+
+GenerateFn = Callable[..., tuple[list[list[int]], list[str]]]
 
 
 def chat_prompt(processor: Any, prompt: str) -> str:
@@ -112,3 +122,52 @@ def cut_at_eos(ids: list[int], model: torch.nn.Module) -> list[int]:
         if tok in stop:
             return ids[: i + 1]
     return ids
+
+
+def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[Sequence[Sample]]:
+    """Consecutive chunks of at most ``batch_size`` samples."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    for start in range(0, len(samples), batch_size):
+        yield samples[start : start + batch_size]
+
+
+def load_images(samples: Sequence[Sample], on_error: Callable[[Sample, InputError], None] | None = None
+                ) -> tuple[list[Sample], list[Image.Image]]:
+    """The samples whose image loads and their RGB images; a bad image goes to ``on_error`` (default: raise)."""
+    kept, images = [], []
+    for sample in samples:
+        try:
+            images.append(sample.load_image())
+        except InputError as err:
+            if on_error is None:
+                raise
+            on_error(sample, err)
+            continue
+        kept.append(sample)
+    return kept, images
+
+
+@dataclass
+class Generations:
+    """Outputs over a list of samples: new token ids and texts per sample, generation seconds."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, ids: list[list[int]], texts: list[str], seconds: float = 0.0) -> None:
+        self.ids += ids
+        self.texts += texts
+        self.seconds += seconds
+
+
+def generate_samples(model: torch.nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int,
+                     max_new_tokens: int, generate_fn: GenerateFn = greedy_generate, **generate_kwargs: Any) -> Generations:
+    """Run ``generate_fn`` over ``samples`` in batches (images loaded per batch; :class:`InputError` on a bad one)."""
+    out = Generations()
+    for chunk in batches(samples, batch_size):
+        _, images = load_images(chunk)
+        out.add(*generate_fn(model, processor, images, [s.prompt for s in chunk], max_new_tokens=max_new_tokens,
+                             **generate_kwargs))
+    return out

@@ -3,7 +3,8 @@
 Every intervention on decoder layers goes through these (trace capture, calibration, runtime skips and
 exits, mitigation blending), so hooks are always removed and forwards always restored, also on error.
 
-Layer numbering as in the analysis: ``layers[i - 1]`` is decoder layer ``i``; "layer 0" is the input of
+Hooks on one module run in the order they were entered: enter a transform before a capture to capture the
+transformed output. Layer numbering as in the analysis: ``layers[i - 1]`` is decoder layer ``i``; "layer 0" is the input of
 decoder layer 1 (the embedding output).
 """
 

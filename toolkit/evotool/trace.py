@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +21,12 @@ from torch import nn
 
 from evotool import metrics
 from evotool.generation import generate_ids
+from evotool.hooks import after_forward, capture_states
 from evotool.lens import Lens
 from evotool.models.registry import DecoderParts
 
 # Per-(token, layer) metrics kept for every sample; arrays of shape [T, L+1].
 METRICS = ("p_token", "rank", "entropy", "js_prev", "js_final", "cos_prev", "top1")
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def last_position(hidden: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,8 @@ def last_position(hidden: torch.Tensor) -> torch.Tensor:
 
 
 class LayerCapture:
-    """Context manager: forward hooks recording a selection of each layer's state, layers 0..L.
+    """Context manager: forward hooks (:func:`evotool.hooks.capture_states`) recording a selection of each
+    layer's state, layers 0..L.
 
     ``select`` maps a layer's hidden states [B, S, H] to what is kept (default: the last position,
     [B, H]); ``stacked()`` after a forward pass returns the selections stacked, e.g. [L+1, B, H], in
@@ -49,29 +47,14 @@ class LayerCapture:
         self.parts = parts
         self.select = select
         self.states: list[torch.Tensor | None] = [None] * (parts.num_layers + 1)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stack = ExitStack()
 
     def __enter__(self) -> LayerCapture:
-        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.states[0] = self.select(hidden).detach()
-
-        def make_hook(index: int):
-            def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-                self.states[index] = self.select(_hidden(output)).detach()
-
-            return hook
-
-        layers = self.parts.layers
-        self._handles.append(layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for i, layer in enumerate(layers, start=1):
-            self._handles.append(layer.register_forward_hook(make_hook(i)))
+        self.states = self._stack.enter_context(capture_states(self.parts.layers, lambda h: self.select(h).detach()))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._stack.close()
 
     def stacked(self) -> torch.Tensor:
         """[L+1, ...] selected states of the latest forward pass ([L+1, B, H] by default)."""
@@ -137,19 +120,15 @@ def trace_batch(
     """
     steps: list[dict[str, torch.Tensor]] = []
     feats: list[torch.Tensor] = []
-    with LayerCapture(parts) as capture:
 
-        def on_forward(_module: nn.Module, _args: tuple, _output: Any) -> None:
-            states = capture.stacked()
-            steps.append(reduce_step(lens.log_probs(states), states, topk, js_base))
-            if keep_features:
-                feats.append(states.to(torch.float16))
+    def on_forward() -> None:
+        states = capture.stacked()
+        steps.append(reduce_step(lens.log_probs(states), states, topk, js_base))
+        if keep_features:
+            feats.append(states.to(torch.float16))
 
-        handle = model.register_forward_hook(on_forward)
-        try:
-            ids = generate_ids(model, inputs, max_new_tokens)
-        finally:
-            handle.remove()
+    with LayerCapture(parts) as capture, after_forward(model, on_forward):
+        ids = generate_ids(model, inputs, max_new_tokens)
     stacked = {key: torch.stack([s[key] for s in steps]).cpu() for key in steps[0]}  # [T, L+1, B, ...]
     features = torch.stack(feats).cpu().numpy() if keep_features else None
     traces = []

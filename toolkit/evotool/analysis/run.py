@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from evotool.data import Sample, load_samples
 from evotool.config import to_dict
 from evotool.env import environment
 from evotool.errors import EvotoolError, InputError
-from evotool.generation import build_inputs, context_length, decode
+from evotool.generation import batches, build_inputs, context_length, decode, load_images
 from evotool.lens import Lens, make_lens
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
@@ -87,8 +88,7 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
     index = {s.id: i for i, s in enumerate(samples)}
     pending = [s for s in samples if not store.is_done(s.id)][state.process_index :: state.num_processes]
     with tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample") as bar:
-        for start in range(0, len(pending), cfg.batch_size):
-            batch = pending[start : start + cfg.batch_size]
+        for batch in batches(pending, cfg.batch_size):
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index)
             bar.update(len(batch))
     state.wait_for_everyone()
@@ -107,16 +107,10 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
     return finalize(cfg, store, run_info, getattr(processor, "tokenizer", processor))
 
 
-def _analyse_batch(batch: list[Sample], cfg: AnalyzeConfig, store: RunStore, model: nn.Module, parts: DecoderParts,
+def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore, model: nn.Module, parts: DecoderParts,
                    lens: Lens, processor: Any, index: dict[str, int]) -> None:
     """Trace one batch and save each finished sample; bad samples go through :func:`_fail`."""
-    ready, images = [], []
-    for sample in batch:
-        try:
-            images.append(sample.load_image())
-            ready.append(sample)
-        except InputError as err:
-            _fail(store, cfg, sample, err)
+    ready, images = load_images(batch, on_error=lambda sample, err: _fail(store, cfg, sample, err))
     if not ready:
         return
     try:

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from evotool.data.inputs import Sample
+from evotool.finetune import collate
+from evotool.generation import batches
+from evotool.hooks import capture_states
 from evotool.models.registry import decoder_parts
 from evotool.prune.select import CalibrationStats
 
@@ -17,23 +20,14 @@ from evotool.prune.select import CalibrationStats
 @torch.inference_mode()
 def calibrate(model: nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int = 8) -> CalibrationStats:
     """Block influence and pairwise angular distances from teacher-forced ``samples`` (all positions)."""
-    from evotool.finetune import collate
-
     parts = decoder_parts(model)
     n = parts.num_layers
     cos_sum = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     ang_sum = torch.zeros_like(cos_sum)
     count = 0
-    states: list[torch.Tensor | None] = [None] * (n + 1)
-    handles = [parts.layers[0].register_forward_pre_hook(
-        lambda _m, args, kwargs: states.__setitem__(0, (args[0] if args else kwargs["hidden_states"]).detach()),
-        with_kwargs=True)]
-    for i, layer in enumerate(parts.layers, start=1):
-        handles.append(layer.register_forward_hook(
-            lambda _m, _a, out, i=i: states.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach())))
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = collate(processor, samples[start : start + batch_size], model.device)
+    with capture_states(parts.layers) as states:
+        for batch_samples in batches(samples, batch_size):
+            batch = collate(processor, batch_samples, model.device)
             mask = batch.pop("attention_mask").bool()
             batch.pop("labels")
             model(attention_mask=mask.long(), **batch)
@@ -44,9 +38,6 @@ def calibrate(model: nn.Module, processor: Any, samples: Sequence[Sample], batch
                 cos_sum[i, i:] += cos.sum(-1)
                 ang_sum[i, i:] += (torch.arccos(cos) / torch.pi).sum(-1)
             count += h.shape[1]
-    finally:
-        for handle in handles:
-            handle.remove()
     mean_cos = (cos_sum / count).numpy()
     influence = np.full(n + 1, np.nan)
     influence[1:] = 1.0 - np.diagonal(mean_cos, offset=1)

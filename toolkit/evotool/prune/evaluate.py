@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from evotool.generation import greedy_generate
+from evotool.data.inputs import Sample
+from evotool.generation import generate_samples
 
 
 def token_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> dict[str, float]:
@@ -28,23 +29,10 @@ def token_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequ
     return {"agreement": matched / max(total, 1), "exact": float(exact)}
 
 
-def caption_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` held-out caption records: half in distribution, half prior-breaking."""
-    from evotool.world import WorldConfig, make_records
-
-    world = WorldConfig(seed=seed)
-    return make_records("caption", "test", (n + 1) // 2, world) + make_records("caption", "prior_breaking", n // 2, world)
-
-
-def greedy_ids(model: nn.Module, processor: Any, records: Sequence[dict[str, Any]], max_new_tokens: int,
+def greedy_ids(model: nn.Module, processor: Any, samples: Sequence[Sample], max_new_tokens: int,
                batch_size: int = 16) -> list[list[int]]:
-    """Greedy token ids of ``records`` (image, prompt) in batches."""
-    out: list[list[int]] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        ids, _ = greedy_generate(model, processor, [r["image"] for r in chunk], [r["prompt"] for r in chunk], max_new_tokens)
-        out += ids
-    return out
+    """Greedy token ids of ``samples`` in batches."""
+    return generate_samples(model, processor, samples, batch_size, max_new_tokens).ids
 
 
 # The world metrics shown in tables (flattened evaluate_world keys); everything is kept in the JSON.
@@ -68,11 +56,11 @@ def headline(world: dict[str, float]) -> dict[str, float]:
 
 
 def evaluate_variant(model: nn.Module, processor: Any, reference_ids: Sequence[Sequence[int]],
-                     records: Sequence[dict[str, Any]], max_new_tokens: int, world_n: int) -> dict[str, Any]:
-    """Token agreement with ``reference_ids`` on ``records`` and (``world_n`` > 0) the world evaluation, flattened."""
+                     samples: Sequence[Sample], max_new_tokens: int, world_n: int) -> dict[str, Any]:
+    """Token agreement with ``reference_ids`` on ``samples`` and (``world_n`` > 0) the world evaluation, flattened."""
     from evotool.evals.world import evaluate_world, flatten
 
-    result: dict[str, Any] = token_agreement(reference_ids, greedy_ids(model, processor, records, max_new_tokens))
+    result: dict[str, Any] = token_agreement(reference_ids, greedy_ids(model, processor, samples, max_new_tokens))
     if world_n:
         world = flatten(evaluate_world(model, processor, n=world_n, max_new_tokens=max_new_tokens))
         result.update(headline(world))

@@ -21,19 +21,21 @@ from evotool.config import to_dict
 from evotool.env import environment
 from evotool.errors import ConfigError, StageFileError
 from evotool.io import atomic_write_text, write_json
+from evotool.generation import build_inputs, load_images
 from evotool.finetune import FinetuneResult, lora_finetune, merge_and_save, save_adapter, world_samples
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
 from evotool.prune.calibrate import calibrate
 from evotool.prune.card import write_card
 from evotool.prune.config import PruneConfig
-from evotool.prune.evaluate import caption_records, evaluate_variant, greedy_ids
+from evotool.prune.evaluate import evaluate_variant, greedy_ids
 from evotool.prune.plan import plan
 from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
 from evotool.prune.select import SELECTORS, Selection, needs_stats
 from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
 from evotool.stages import StageFile
+from evotool.world import default_samples
 from evotool.tracking import Tracker
 
 COMPARE_SCHEMA = "1.0"
@@ -102,15 +104,13 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 def speed_table(full: nn.Module, pruned: nn.Module, processor: Any, k: int, batches: tuple[int, ...] = (1, 8),
                 new_tokens: int = 16, repeats: int = 3) -> tuple[str, list[dict[str, Any]]]:
     """Prefill / decode speed of ``full`` vs ``pruned`` on world captions, side by side."""
-    from evotool.generation import build_inputs
-
     n = decoder_parts(full).num_layers
-    records = caption_records(max(batches))
+    samples = default_samples(max(batches))
     lines = ["| batch | prefill ms full / pruned | decode tok/s full / pruned | decode speedup | ideal | efficiency |",
              "|---|---|---|---|---|---|"]
     rows = []
     for b in batches:
-        inputs = build_inputs(processor, [r["image"] for r in records[:b]], [r["prompt"] for r in records[:b]])
+        inputs = build_inputs(processor, load_images(samples[:b])[1], [s.prompt for s in samples[:b]])
         clock = "wall" if full.device.type == "cuda" else "cpu"  # CPU time on a shared CPU, see evotool.prune.speed
         res = measure({"full": full, "pruned": pruned}, inputs, new_tokens, repeats, clock=clock)
         r = ratios(res["full"], res["pruned"], n, k)
@@ -134,18 +134,18 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     record = save_pruned(model, processor, selection, stages, cfg, model_id, source_fp)
     rows: dict[str, dict[str, Any]] = {}
     if evaluating:
-        records = caption_records(max(cfg.agreement_samples, 1), cfg.seed)
-        ref = greedy_ids(full, processor, records, cfg.max_new_tokens)
-        rows["full"] = {"layers": record["num_layers"], **evaluate_variant(full, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
+        samples = default_samples(max(cfg.agreement_samples, 1), cfg.seed)
+        ref = greedy_ids(full, processor, samples, cfg.max_new_tokens)
+        rows["full"] = {"layers": record["num_layers"], **evaluate_variant(full, processor, ref, samples, cfg.max_new_tokens, cfg.eval_n)}
         rows["pruned"] = {"layers": len(record["kept_layers"]), "removed": selection.removed,
-                          **evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
+                          **evaluate_variant(model, processor, ref, samples, cfg.max_new_tokens, cfg.eval_n)}
     pruned = model
     if cfg.heal:
         model, record["heal"] = heal(model, processor, cfg, tracker, cfg.out)
         record["fingerprint"] = fingerprint(model)
         if evaluating:
             rows["pruned+healed"] = {"layers": len(record["kept_layers"]), "removed": selection.removed,
-                                     **evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)}
+                                     **evaluate_variant(model, processor, ref, samples, cfg.max_new_tokens, cfg.eval_n)}
     table = markdown_table(rows) if rows else None
     if cfg.speed:
         speed_md, record["speed"] = speed_table(full, pruned, processor, len(selection.removed))
@@ -170,12 +170,12 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     stats = None
     if any(needs_stats(s, cfg.redundancy) for s in selectors):
         stats = calibrate(full, processor, world_samples(cfg.calibration_samples, seed=cfg.seed))
-    records = caption_records(cfg.agreement_samples, cfg.seed)
-    ref = greedy_ids(full, processor, records, cfg.max_new_tokens)
+    samples = default_samples(cfg.agreement_samples, cfg.seed)
+    ref = greedy_ids(full, processor, samples, cfg.max_new_tokens)
     n = stages.num_layers
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        return evaluate_variant(model, processor, ref, records, cfg.max_new_tokens, cfg.eval_n)
+        return evaluate_variant(model, processor, ref, samples, cfg.max_new_tokens, cfg.eval_n)
 
     rows: dict[str, dict[str, Any]] = {"full": {"layers": n, **evaluate(full)}}
     pruned_models: dict[str, nn.Module] = {}

@@ -21,9 +21,8 @@ KV cache (the choice, documented in docs/prune.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from evotool import metrics
 from evotool.errors import ConfigError, StageFileError
+from evotool.hooks import Forward, replace_forward
 from evotool.lens import NormedLens
 from evotool.models.registry import decoder_parts
 from evotool.prune.static import check_layers
@@ -61,14 +61,8 @@ def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[list[int]]:
     """Run ``model`` with decoder layers ``layers`` (1..L, no cache-reference layer) replaced by the identity."""
     parts = decoder_parts(model)
     chosen = check_runtime_skip(model, layers)
-    modules = [parts.layers[i - 1] for i in chosen]
-    for module in modules:
-        module.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    try:
+    with replace_forward([parts.layers[i - 1] for i in chosen], lambda _m, _f: lambda hidden_states, *a, **kw: hidden_states):
         yield chosen
-    finally:
-        for module in modules:
-            del module.forward
 
 
 @contextmanager
@@ -135,6 +129,7 @@ class DynamicExit:
         self._exit_state: torch.Tensor | None = None
         self._exit_layer: int | None = None
         self._prev_logp: torch.Tensor | None = None
+        self._stack = ExitStack()
 
     def _converged(self, index: int, state: torch.Tensor) -> bool:
         logp = self.lens.log_probs(state[None, :, -1])[0]  # [B, V]
@@ -145,8 +140,7 @@ class DynamicExit:
             return False
         return bool((metrics.js_divergence(logp, prev) <= self.threshold).all())
 
-    def _wrap(self, index: int, layer: nn.Module):
-        original = layer.forward
+    def _wrap(self, index: int, layer: nn.Module, original: Forward) -> Forward:
         n = self.parts.num_layers
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -168,7 +162,7 @@ class DynamicExit:
         return forward
 
     @staticmethod
-    def _propagate(layer: nn.Module, original: Any, state: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    def _propagate(layer: nn.Module, original: Forward, state: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Fill ``layer``'s KV cache from ``state``: its attention sub-block only (full layer if it has none)."""
         norm, attn = getattr(layer, "input_layernorm", None), getattr(layer, "self_attn", None)
         if norm is None or attn is None or args:
@@ -178,9 +172,8 @@ class DynamicExit:
 
     def __enter__(self) -> DynamicExit:
         for i, layer in enumerate(self.parts.layers, start=1):
-            layer.forward = self._wrap(i, layer)
+            self._stack.enter_context(replace_forward([layer], lambda m, original, i=i: self._wrap(i, m, original)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for layer in self.parts.layers:
-            del layer.forward
+        self._stack.close()
