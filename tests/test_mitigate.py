@@ -340,3 +340,28 @@ def test_dynamic_readout_reads_the_layer_before_the_spike(tiny):
         return torch.stack(rows)
 
     assert method.generate_ids(dict(inputs), STEPS) == manual_decode(model, inputs, choose)
+
+
+def test_processors_validate_arguments_and_refuse_beams_and_doubled_batches(tiny):
+    from evotool.mitigate.processors import LayerContrast, PairContrast, StableReadout
+    from evotool.models.registry import decoder_parts
+    from evotool.trace import LayerCapture
+
+    model, inputs = tiny
+    capture = LayerCapture(decoder_parts(model))
+    for make, message in [(lambda: LayerContrast(capture, [], 0.1), "non-empty"),
+                          (lambda: LayerContrast(capture, [LAYERS + 1], 0.1), f"0..{LAYERS}"),
+                          (lambda: LayerContrast(capture, [2], 0.0), "alpha"),
+                          (lambda: StableReadout(capture, 2, 1, 0.1, 1.0), "readout layer"),
+                          (lambda: StableReadout(capture, 2, None, 0.1, 0.0), "mix"),
+                          (lambda: PairContrast(1.0, 1.5), "beta"),
+                          (lambda: PairContrast(1.0, 0.1, pairs=0), "rows")]:
+        with pytest.raises(ConfigError, match=message):
+            make()
+    rows = inputs["input_ids"].shape[0]
+    dola = build_method("dola", model)
+    with pytest.raises(ConfigError, match="num_beams > 1"), LayerCapture(dola.parts) as cap:
+        generate_ids(model, dict(inputs), 2, num_beams=2, logits_processor=dola.processors(cap, rows))
+    vcd = build_method("vcd", model)
+    with pytest.raises(ConfigError, match="doubled by another method"), LayerCapture(dola.parts) as cap:
+        generate_ids(model, vcd.prepare(dict(inputs)), 2, logits_processor=dola.processors(cap, rows))
