@@ -7,7 +7,8 @@ method's. ``replay(name)`` then serves another method's outputs in call order, s
 drives generation itself (:func:`evotool.evals.world.evaluate_world`) scores every method on the
 batches that were timed together.
 
-Flat metric keys (results.json): ``chair_s``, ``chair_i``, ``recall``, ``mean_length``,
+Flat metric keys (results.json; the world eval's are :func:`evotool.evals.world.world_flat`'s): ``chair_s``,
+``chair_i``, ``recall``, ``mean_length``,
 ``pope_<split>_<accuracy|precision|recall|f1|yes_ratio>``, ``amber_<chair|cover|hal|cog>``,
 ``amber_<accuracy|precision|recall|f1>``, ``latency_s`` (seconds per sample), ``latency_ratio``
 (method / greedy, same batches).
@@ -26,7 +27,7 @@ from evotool.data.inputs import Sample
 from evotool.errors import InputError
 from evotool.evals.amber import AmberVocabulary, amber_discriminative_metrics, amber_generative_metrics
 from evotool.evals.chair import CocoObjects, score_captions
-from evotool.evals.pope import POPE_SPLITS
+from evotool.evals.world import evaluate_world, world_flat
 from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import synchronize
@@ -127,33 +128,10 @@ def score_amber(samples: Sequence[Sample], texts: Sequence[str], vocabulary: Amb
     return out
 
 
-def world_flat(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
-    """Flat keys of :func:`evotool.evals.world.evaluate_world` results.
-
-    Every value as ``<group>_<metric>`` (caption) or ``<group>_<task>_<metric>``; the contract keys
-    without prefix are the caption metrics of the ``prior_breaking`` group (where the prior makes the
-    model hallucinate) and the POPE metrics of the ``in_distribution`` group (POPE's own construction:
-    random / popular / adversarial negatives on ordinary scenes).
-    """
-    flat: dict[str, float] = {}
-    for group, tasks in results.items():
-        for task, scores in tasks.items():
-            for metric, value in scores.items():
-                flat[f"{group}_{'' if task == 'caption' else task + '_'}{metric}"] = value
-    for metric, value in results.get("prior_breaking", {}).get("caption", {}).items():
-        flat[metric] = value
-    for split in POPE_SPLITS:
-        for metric, value in results.get("in_distribution", {}).get(f"pope_{split}", {}).items():
-            flat[f"pope_{split}_{metric}"] = value
-    return flat
-
-
 def evaluate_world_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], n: int,
                            world: Any = None, batch_size: int = 50, max_new_tokens: int = 32) -> dict[str, dict[str, float]]:
     """Every method on the synthetic world's eval (same records, interleaved batches): ``{method: flat metrics}``
     including ``latency_s`` and, when ``greedy`` is among the methods, ``latency_ratio``."""
-    from evotool.evals.world import evaluate_world
-
     runner = Interleaved(methods)
     first = next(iter(methods))
     results = {first: evaluate_world(model, processor, n, world, batch_size, max_new_tokens, generate_fn=runner)}

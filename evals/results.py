@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from evotool.env import environment
 from evotool.errors import EvotoolError
-from evotool.io import atomic_write_text, read_json
+from evotool.io import read_json, write_json
 
 RESULTS_SCHEMA_VERSION = "1.0"
 RESULTS_FILE = "results.json"
@@ -27,7 +26,6 @@ def write_results(out_dir: Path, metrics: dict, config: dict, meta: dict | None 
     if nested:
         raise EvotoolError(f"metrics must be flat; nested values under {', '.join(nested)}")
     record: dict[str, Any] = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
         "metrics": metrics,
         "config": config,
         "environment": environment(),
@@ -35,9 +33,7 @@ def write_results(out_dir: Path, metrics: dict, config: dict, meta: dict | None 
     }
     if meta is not None:
         record["meta"] = meta
-    path = out_dir / RESULTS_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+    return write_json(out_dir / RESULTS_FILE, record, schema=RESULTS_SCHEMA_VERSION)
 
 
 def read_results(path: str | Path) -> dict:
@@ -46,14 +42,7 @@ def read_results(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    record = read_json(path, EvotoolError, "results file")
-    if not isinstance(record, dict):
-        raise EvotoolError(f"{path}: not a results file")
-    version = record.get("schema_version")
-    if version != RESULTS_SCHEMA_VERSION:
-        raise EvotoolError(
-            f"{path}: results schema version {version!r}, this evotool reads {RESULTS_SCHEMA_VERSION!r}"
-        )
+    record = read_json(path, EvotoolError, "results file", schema=RESULTS_SCHEMA_VERSION)
     missing = {"metrics", "config", "environment", "created"} - record.keys()
     if missing:
         raise EvotoolError(f"{path}: results file lacks {', '.join(sorted(missing))}")

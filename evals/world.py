@@ -8,14 +8,14 @@ training co-occurrence prior; ``prior_breaking`` scenes hold the prior's cause w
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from evotool.data.inputs import Sample
 from evotool.evals.chair import chair_metrics
-from evotool.evals.pope import pope_metrics
+from evotool.evals.pope import POPE_SPLITS, pope_metrics
 from evotool.generation import GenerateFn, generate_samples, greedy_generate
 from evotool.world import records_to_samples
 from evotool.world.generator import COLOURS, SHAPES, WorldConfig, make_records
@@ -80,6 +80,27 @@ def evaluate_world(
             else:
                 results[group][task] = pope_metrics(out.texts, [s.answer for s in samples])
     return results
+
+
+def world_flat(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """Flat keys of :func:`evotool.evals.world.evaluate_world` results.
+
+    Every value as ``<group>_<metric>`` (caption) or ``<group>_<task>_<metric>``; the contract keys
+    without prefix are the caption metrics of the ``prior_breaking`` group (where the prior makes the
+    model hallucinate) and the POPE metrics of the ``in_distribution`` group (POPE's own construction:
+    random / popular / adversarial negatives on ordinary scenes).
+    """
+    flat: dict[str, float] = {}
+    for group, tasks in results.items():
+        for task, scores in tasks.items():
+            for metric, value in scores.items():
+                flat[f"{group}_{'' if task == 'caption' else task + '_'}{metric}"] = value
+    for metric, value in results.get("prior_breaking", {}).get("caption", {}).items():
+        flat[metric] = value
+    for split in POPE_SPLITS:
+        for metric, value in results.get("in_distribution", {}).get(f"pope_{split}", {}).items():
+            flat[f"pope_{split}_{metric}"] = value
+    return flat
 
 
 def flatten(results: dict[str, Any], prefix: str = "") -> dict[str, float]:

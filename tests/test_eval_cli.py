@@ -10,8 +10,9 @@ from conftest import run_cli, tiny_world_llava
 
 from evotool.stages import write_stages
 from evotool.data.inputs import Sample
-from evotool.evals.harness import evaluate_world_methods, world_flat
+from evotool.evals.harness import evaluate_world_methods
 from evotool.evals.pope import score_pope
+from evotool.evals.world import world_flat
 from evotool.evals.results import read_results
 from evotool.evals.world import evaluate_world
 from evotool.mitigate.methods import build_method

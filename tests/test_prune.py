@@ -297,3 +297,17 @@ def test_speed_measure_times_full_and_pruned_side_by_side() -> None:
     assert r["ideal"] == 2.0
     assert r["decode_speedup"] == pytest.approx(res["pruned"].decode_tok_s / res["full"].decode_tok_s)
     assert r["efficiency"] == pytest.approx(r["decode_speedup"] / 2.0)
+
+
+def test_prune_tables_read_the_flat_results_keys():
+    """prune.json / compare.json rows hold results.json's flat keys; the table's headline values are derived by hand here."""
+    from evotool.prune.evaluate import headline
+
+    row = {"agreement": 0.9, "exact": 0.5, "in_distribution_recall": 0.8, "chair_i": 0.2, "recall": 0.7,
+           "in_distribution_attribute_accuracy": 0.6}
+    row |= {f"{g}_pope_{s}_accuracy": v for (g, s), v in zip(
+        [(g, s) for s in ("random", "popular", "adversarial") for g in ("in_distribution", "prior_breaking")],
+        [1.0, 0.5, 1.0, 0.5, 0.75, 0.25])}
+    assert headline(row) == {"agreement": 0.9, "exact": 0.5, "in_distribution_recall": 0.8, "chair_i": 0.2,
+                             "pope_accuracy": pytest.approx(4 / 6), "in_distribution_attribute_accuracy": 0.6}
+    assert headline({"agreement": 1.0, "exact": 1.0}) == {"agreement": 1.0, "exact": 1.0}

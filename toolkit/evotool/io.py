@@ -7,6 +7,7 @@ payload, replaced atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,7 +34,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json(path: Path, payload: Mapping[str, Any], schema: str) -> Path:
     """Atomically write ``{"schema_version": schema, **payload}`` as indented JSON; returns ``path``.
 
-    NumPy scalars / arrays and paths are stored as plain numbers, lists and strings.
+    NumPy scalars / arrays, paths and dataclasses are stored as plain numbers, lists, strings and objects.
     """
     body = {"schema_version": schema, **{k: v for k, v in payload.items() if k != "schema_version"}}
     atomic_write_text(Path(path), json.dumps(body, indent=2, default=_plain) + "\n")
@@ -43,6 +44,8 @@ def write_json(path: Path, payload: Mapping[str, Any], schema: str) -> Path:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
     if hasattr(obj, "tolist"):  # numpy scalars and arrays
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -25,10 +25,11 @@ import numpy as np
 from PIL import Image
 
 from evotool.errors import InputError, StageFileError
-from evotool.io import atomic_write_text, read_json
+from evotool.io import atomic_write_text, read_json, write_json
 from evotool.patch_lens import PatchLens
 from evotool.trace import METRICS, SampleTrace
 
+RUN_SCHEMA = "1.0"
 RUN_KEYS = ("model", "fingerprint", "lens", "max_new_tokens", "js_unit")
 TOKEN_STRINGS_SCHEMA = "1.0"
 THUMBNAIL = 256
@@ -59,7 +60,7 @@ class RunStore:
                 )
             return
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(run_info, indent=2) + "\n")
+        write_json(path, run_info, schema=RUN_SCHEMA)
 
     def is_done(self, sample_id: str) -> bool:
         return (self.samples_dir / f"{safe_name(sample_id)}.json").is_file()
@@ -115,15 +116,16 @@ class RunStore:
 
     def write_token_strings(self, tokens: dict[int, str]) -> None:
         """``token_strings.json``: the decoded string of every token id the run's arrays hold."""
-        payload = {"schema_version": TOKEN_STRINGS_SCHEMA, "tokens": {str(i): t for i, t in sorted(tokens.items())}}
-        atomic_write_text(self.root / "token_strings.json", json.dumps(payload) + "\n")
+        write_json(self.root / "token_strings.json", {"tokens": {str(i): t for i, t in sorted(tokens.items())}},
+                   schema=TOKEN_STRINGS_SCHEMA)
 
     def read_token_strings(self) -> dict[int, str] | None:
         """Token id -> string from ``token_strings.json``; None for runs finished before it existed."""
         path = self.root / "token_strings.json"
         if not path.is_file():
             return None
-        return {int(i): t for i, t in read_json(path, InputError, "token strings file")["tokens"].items()}
+        stored = read_json(path, InputError, "token strings file", schema=TOKEN_STRINGS_SCHEMA)
+        return {int(i): t for i, t in stored["tokens"].items()}
 
     def log_error(self, sample_id: str, message: str) -> None:
         with (self.root / "errors.jsonl").open("a") as fh:

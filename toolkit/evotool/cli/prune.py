@@ -33,6 +33,7 @@ def command(
 ) -> None:
     """Remove redundant stable-stage decoder layers (keeping the critical layer) into a new checkpoint."""
     from evotool.config import load_config
+    from evotool.prune.evaluate import headline
     from evotool.prune.run import run_prune
 
     flags = {"model": model, "stages": stages, "keep_critical": keep_critical, "keep_mutation": keep_mutation,
@@ -46,5 +47,5 @@ def command(
     record = run_prune(cfg)
     typer.echo(f"removed layers {record['removed_layers']} ({record['selector']}), kept {record['kept_layers']}")
     for name, row in (record.get("metrics") or {}).items():
-        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline(row).items()))
     typer.echo(f"wrote {cfg.out} ({cfg.out / 'prune.json'}, {cfg.out / 'README.md'})")

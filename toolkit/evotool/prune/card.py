@@ -8,7 +8,7 @@ from typing import Any
 from evotool.io import atomic_write_text, write_json
 
 PRUNE_FILE = "prune.json"
-PRUNE_SCHEMA = "1.0"
+PRUNE_SCHEMA = "2.0"  # 2.0: metrics use the flat keys of results.json (evotool.evals.world.world_flat)
 
 
 def write_card(out: Path, record: dict[str, Any], metrics_table: str | None = None) -> Path:

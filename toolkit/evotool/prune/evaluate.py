@@ -35,34 +35,30 @@ def greedy_ids(model: nn.Module, processor: Any, samples: Sequence[Sample], max_
     return generate_samples(model, processor, samples, batch_size, max_new_tokens).ids
 
 
-# The world metrics shown in tables (flattened evaluate_world keys); everything is kept in the JSON.
-HEADLINE = {
-    "recall": "in_distribution/caption/recall",
-    "chair_i_pb": "prior_breaking/caption/chair_i",
-    "pope_acc": ("pope_random", "pope_popular", "pope_adversarial"),
-    "attribute": "in_distribution/attribute/accuracy",
-}
+# Columns of the prune tables: agreement with the full model and, with a world evaluation, four headline
+# values of the flat world metrics (:func:`evotool.evals.world.world_flat`; every key is kept in the JSON).
+HEADLINE = ("agreement", "exact", "in_distribution_recall", "chair_i", "pope_accuracy", "in_distribution_attribute_accuracy")
+POPE_TASKS = ("pope_random", "pope_popular", "pope_adversarial")
 
 
-def headline(world: dict[str, float]) -> dict[str, float]:
-    """Caption recall (in distribution), CHAIR_i (prior-breaking), mean POPE accuracy (3 splits x 2 groups), attribute accuracy."""
-    out = {}
-    for name, key in HEADLINE.items():
-        if isinstance(key, tuple):
-            out[name] = float(np.mean([world[f"{g}/{t}/accuracy"] for g in ("in_distribution", "prior_breaking") for t in key]))
-        else:
-            out[name] = world[key]
-    return out
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The :data:`HEADLINE` values of one variant's flat metrics: ``chair_i`` is on prior-breaking captions (the
+    contract key), ``pope_accuracy`` the mean POPE accuracy over 3 splits x 2 groups; world values only when
+    the world was evaluated."""
+    out = {k: metrics[k] for k in HEADLINE if k in metrics}
+    if "in_distribution_pope_random_accuracy" in metrics:
+        out["pope_accuracy"] = float(np.mean([metrics[f"{group}_{task}_accuracy"] for task in POPE_TASKS
+                                              for group in ("in_distribution", "prior_breaking")]))
+    return {k: out[k] for k in HEADLINE if k in out}
 
 
 def evaluate_variant(model: nn.Module, processor: Any, reference_ids: Sequence[Sequence[int]],
-                     samples: Sequence[Sample], max_new_tokens: int, world_n: int) -> dict[str, Any]:
-    """Token agreement with ``reference_ids`` on ``samples`` and (``world_n`` > 0) the world evaluation, flattened."""
-    from evotool.evals.world import evaluate_world, flatten
+                     samples: Sequence[Sample], max_new_tokens: int, world_n: int) -> dict[str, float]:
+    """Token agreement with ``reference_ids`` on ``samples`` and (``world_n`` > 0) the flat world metrics
+    (the keys of ``results.json``)."""
+    from evotool.evals.world import evaluate_world, world_flat
 
-    result: dict[str, Any] = token_agreement(reference_ids, greedy_ids(model, processor, samples, max_new_tokens))
+    result = token_agreement(reference_ids, greedy_ids(model, processor, samples, max_new_tokens))
     if world_n:
-        world = flatten(evaluate_world(model, processor, n=world_n, max_new_tokens=max_new_tokens))
-        result.update(headline(world))
-        result["world"] = world
+        result.update(world_flat(evaluate_world(model, processor, n=world_n, max_new_tokens=max_new_tokens)))
     return result

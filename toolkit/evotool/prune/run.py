@@ -28,7 +28,7 @@ from evotool.models.registry import decoder_parts
 from evotool.prune.calibrate import calibrate
 from evotool.prune.card import write_card
 from evotool.prune.config import PruneConfig
-from evotool.prune.evaluate import evaluate_variant, greedy_ids
+from evotool.prune.evaluate import HEADLINE, evaluate_variant, greedy_ids, headline
 from evotool.prune.plan import plan
 from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
 from evotool.prune.select import SELECTORS, Selection, needs_stats
@@ -39,7 +39,7 @@ from evotool.world import default_samples
 from evotool.tracking import Tracker
 
 COMPARE_SCHEMA = "1.0"
-TABLE_COLUMNS = ("variant", "layers", "removed", "agreement", "exact", "recall", "chair_i_pb", "pope_acc", "attribute")
+TABLE_COLUMNS = ("variant", "layers", "removed", *HEADLINE)
 
 
 def resolve_stages(model: nn.Module, model_id: str, cfg: PruneConfig) -> StageFile:
@@ -88,16 +88,22 @@ def heal(model: nn.Module, processor: Any, cfg: PruneConfig, tracker: Tracker, o
     return merged.eval(), info
 
 
+def table_rows(rows: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """One list of :data:`TABLE_COLUMNS` values per variant (None where missing; a note for a variant that does not apply)."""
+    out = []
+    for name, row in rows.items():
+        cells = {"removed": f"not applicable: {row['note']}"} if "note" in row else {**row, **headline(row)}
+        out.append([name] + [cells.get(c) for c in TABLE_COLUMNS[1:]])
+    return out
+
+
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     """Rows of :data:`TABLE_COLUMNS` (missing values blank)."""
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for name, row in rows.items():
-        if "note" in row:
-            row = {"removed": f"not applicable: {row['note']}"}
-        lines.append("| " + " | ".join(fmt(name if c == "variant" else row.get(c)) for c in TABLE_COLUMNS) + " |")
+    lines += ["| " + " | ".join(fmt(v) for v in cells) + " |" for cells in table_rows(rows)]
     return "\n".join(lines)
 
 
@@ -151,8 +157,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         speed_md, record["speed"] = speed_table(full, pruned, processor, len(selection.removed))
         table = (table + "\n\n" if table else "") + speed_md
     if rows:
-        record["metrics"] = {k: {m: v for m, v in r.items() if m != "world"} | {"world": r.get("world")} for k, r in rows.items()}
-        tracker.log_table("retention", list(TABLE_COLUMNS), [[k] + [r.get(c) for c in TABLE_COLUMNS[1:]] for k, r in rows.items()])
+        record["metrics"] = {k: {m: v for m, v in r.items() if m not in ("layers", "removed")} for k, r in rows.items()}
+        tracker.log_table("retention", list(TABLE_COLUMNS), table_rows(rows))
         tracker.summary({f"{k}/{m}": v for k, r in rows.items() for m, v in r.items() if isinstance(v, float)})
     record["environment"] = environment()
     write_card(cfg.out, record, table)
@@ -215,6 +221,6 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
               "config": to_dict(cfg)}
     write_json(cfg.out / "compare.json", result, schema=COMPARE_SCHEMA)
     atomic_write_text(cfg.out / "compare.md", f"{table}\n\n{speed_md}\n")
-    tracker.log_table("compare", list(TABLE_COLUMNS), [[name] + [r.get(c) for c in TABLE_COLUMNS[1:]] for name, r in rows.items()])
+    tracker.log_table("compare", list(TABLE_COLUMNS), table_rows(rows))
     tracker.finish()
     return result

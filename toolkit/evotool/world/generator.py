@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from evotool.data.inputs import DEFAULT_PROMPT
 from evotool.errors import ConfigError
+from evotool.io import atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
@@ -280,5 +281,5 @@ def write_manifest(dataset: datasets.Dataset | list[dict[str, Any]], out_dir: Pa
             rec["image"].save(out_dir / rel)
             fh.write(json.dumps({**rec, "image": str(rel)}) + "\n")
     if config is not None:
-        (out_dir / "world.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        atomic_write_text(out_dir / "world.json", json.dumps(asdict(config), indent=2) + "\n")
     return manifest
