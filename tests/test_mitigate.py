@@ -131,7 +131,7 @@ def test_dola_matches_reference(tiny, monkeypatch):
     method = build_method("dola", model)  # defaults: lens raw, selection reference (transformers 4.4x)
     made = []
     original = method.processors
-    monkeypatch.setattr(method, "processors", lambda capture: made.extend(original(capture)) or made)
+    monkeypatch.setattr(method, "processors", lambda capture, rows: made.extend(original(capture, rows)) or made)
     ids = method.generate_ids(dict(inputs), STEPS)
     cand = dola_candidates(LAYERS, "high", False)
     chosen: list[int] = []

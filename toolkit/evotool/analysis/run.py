@@ -95,10 +95,9 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
     if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
         todo = [s for s in samples if store.is_done(s.id) and not store.has_patch_lens(s.id)]
         todo = todo[state.process_index :: state.num_processes]
-        for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"patch lens[{state.process_index}]",
+        for batch in tqdm(list(batches(todo, cfg.batch_size)), desc=f"patch lens[{state.process_index}]",
                           disable=not todo, unit="batch"):
-            batch = todo[start : start + cfg.batch_size]
-            inputs = _inputs(batch, [s.load_image() for s in batch], processor, model)
+            inputs = _inputs(batch, load_images(batch)[1], processor, model)
             for sample, patches in zip(batch, patch_lens(model, parts, lens, inputs)):
                 store.save_patch_lens(sample.id, patches)
         state.wait_for_everyone()
@@ -133,7 +132,7 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
         store.save(sample.id, trace, record)
 
 
-def _inputs(batch: list[Sample], images: list[Any], processor: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+def _inputs(batch: Sequence[Sample], images: list[Any], processor: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     return build_inputs(processor, images, [s.prompt for s in batch], model.device, model.dtype, context_length(model))
 
 
