@@ -4,6 +4,7 @@ install hold every file and import every module."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,9 +47,15 @@ def source_modules() -> list[str]:
     return sorted(mods)
 
 
+def repo_files() -> list[str]:
+    """Every file of the working tree that git tracks or would track (relative paths)."""
+    return subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.split()
+
+
 def tracked_package_files() -> dict[str, Path]:
-    """Installed path (``evotool/...``) -> source file, for every file git tracks in the package folders."""
-    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    """Installed path (``evotool/...``) -> source file, for every file of the package folders."""
+    listed = [f for f in repo_files() if (ROOT / f).is_file()]
     out = {}
     for pkg, folder in source_packages().items():
         for rel in listed:
@@ -80,9 +87,14 @@ def test_editable_and_wheel_installs_import_every_module(tmp_path: Path) -> None
     # the development install (pip install -e .): every module imports from outside the source tree
     assert Path(_run(sys.executable, tmp_path, env)).is_relative_to(ROOT / "toolkit")
 
-    # a plain wheel, built without network from a copy of the sources
+    # a plain wheel, built without network from a copy of the sources (so no build/ folder lands in the tree)
+    source = tmp_path / "source"
+    for rel in repo_files():
+        if (ROOT / rel).is_file():
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, source / rel)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300, env=env)
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300, env=env)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("evotool-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
