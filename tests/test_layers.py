@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Layer of each module, by longest matching prefix: a module may import its own layer and the ones below.
 LAYERS = {
     "evotool": 0,  # core: errors, io, config, options, models, data, lens, metrics, hooks, generation, trace, stages, world
-    "evotool.mitigate.base": 1, "evotool.mitigate.processors": 1, "evotool.mitigate.methods": 1,  # decoding methods
+    # model operations: decoding methods and layer removal / skipping / speculative drafts
+    "evotool.mitigate.base": 1, "evotool.mitigate.processors": 1, "evotool.mitigate.methods": 1,
+    "evotool.prune.static": 1, "evotool.prune.runtime": 1, "evotool.prune.select": 1, "evotool.prune.calibrate": 1,
+    "evotool.prune.speed": 1, "evotool.prune.speculative": 1,
     "evotool.evals": 2,  # metrics and the eval harness
     "evotool.analysis": 3, "evotool.prune": 3, "evotool.mitigate": 3, "evotool.world.train": 3,  # jobs
     "evotool.cli": 4, "evotool.__main__": 4,

@@ -89,6 +89,14 @@ def replace_forward(modules: Sequence[nn.Module], make: Callable[[nn.Module, For
 
 
 @contextmanager
+def before_forward(module: nn.Module, fn: Callable[[tuple, dict], None]) -> Iterator[None]:
+    """Call ``fn(args, kwargs)`` with the arguments of every forward call of ``module``, before it runs (an
+    exception raised by ``fn`` ends the forward pass there)."""
+    with _removing([module.register_forward_pre_hook(lambda _m, args, kwargs: fn(args, kwargs), with_kwargs=True)]):
+        yield
+
+
+@contextmanager
 def after_forward(module: nn.Module, fn: Callable[[], None]) -> Iterator[None]:
     """Call ``fn()`` after every forward pass of ``module`` (e.g. once per generation step of the whole model)."""
     with _removing([module.register_forward_hook(lambda _m, _a, _o: fn())]):

@@ -39,7 +39,8 @@ def command(
     from evotool.cli.eval import _load
     from evotool.data.inputs import load_samples
     from evotool.errors import ConfigError
-    from evotool.io import atomic_write_text
+    from evotool.generation import batches, load_images
+    from evotool.io import atomic_write_text, write_json
     from evotool.config import parse_set
     from evotool.mitigate.methods import make_config
     from evotool.mitigate.run import method_for, resolve_spec
@@ -71,9 +72,8 @@ def command(
             typer.echo(f"calibrated on {calibrated_on}: {plan} (fastest candidate re-measured at "
                        f"{chosen.calibration.confirmed_speedup:.3f}x greedy)", err=True)
     records, seconds = [], 0.0
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        images = [s.load_image() for s in chunk]
+    for chunk in batches(samples, batch_size):
+        _, images = load_images(chunk)
         tick = time.perf_counter()
         ids, texts = chosen.generate(m, p, images, [s.prompt for s in chunk], max_new_tokens)
         seconds += time.perf_counter() - tick
@@ -81,12 +81,12 @@ def command(
             records.append({"id": sample.id, "prompt": sample.prompt, "text": text, "tokens": len(row)})
             typer.echo(f"{sample.id}\t{text}")
     tokens = sum(r["tokens"] for r in records)
-    summary = {"schema_version": SCHEMA_VERSION, "model": model_id, "data": data or "synthetic world (held-out captions)",
+    summary = {"model": model_id, "data": data or "synthetic world (held-out captions)",
                "method": chosen.describe(), "samples": len(records), "new_tokens": tokens, "seconds": seconds,
                "tokens_per_s": tokens / seconds if seconds else None, "max_new_tokens": max_new_tokens,
                "batch_size": batch_size, "calibrated_on": calibrated_on}
     typer.echo(f"{len(records)} samples, {tokens} tokens in {seconds:.2f} s ({summary['tokens_per_s']:.1f} tokens/s)", err=True)
     if out is not None:
         atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        atomic_write_text(out / "generate.json", json.dumps(summary, indent=2, default=str) + "\n")
+        write_json(out / "generate.json", summary, schema=SCHEMA_VERSION)
         typer.echo(f"wrote {out / 'generations.jsonl'} and {out / 'generate.json'}", err=True)

@@ -43,7 +43,7 @@ its early-exit assistant keeps a second cache and re-runs the prompt.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from evotool.errors import ConfigError
 from evotool.generation import GREEDY
+from evotool.hooks import Forward, before_forward, layer_input, replace_forward
 from evotool.models.registry import decoder_parts
 from evotool.prune.runtime import skip_layers
 
@@ -106,16 +107,13 @@ class _PrefixDone(Exception):
 def _capture_input(layer: nn.Module, into: list[torch.Tensor], stop: bool = False) -> Iterator[None]:
     """Append ``layer``'s input hidden states [B, T, H] to ``into`` on every call; with ``stop`` end the forward there."""
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        into.append(args[0] if args else kwargs["hidden_states"])
+    def record(args: tuple, kwargs: dict) -> None:
+        into.append(layer_input(args, kwargs))
         if stop:
             raise _PrefixDone
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with before_forward(layer, record):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -123,18 +121,17 @@ def _replay_prefix(parts: Any, cache: Any, prefix: int, keys: list[torch.Tensor]
                    hidden: torch.Tensor) -> Iterator[None]:
     """Layers 1..``prefix`` append their saved keys/values [B, h, k+1, d] to the cache instead of computing;
     the last of them outputs ``hidden`` [B, k+1, H] (the saved input of layer ``prefix + 1``)."""
-    modules = [parts.layers[i] for i in range(prefix)]
-    for i, module in enumerate(modules):
-        def forward(hidden_states: torch.Tensor, *_args: Any, i: int = i, **_kwargs: Any) -> torch.Tensor:
+    def replay(i: int) -> Forward:
+        def forward(hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
             cache.layers[i].update(keys[i], values[i])
             return hidden if i == prefix - 1 else hidden_states
 
-        module.forward = forward
-    try:
+        return forward
+
+    with ExitStack() as stack:
+        for i in range(prefix):
+            stack.enter_context(replace_forward([parts.layers[i]], lambda _m, _f, i=i: replay(i)))
         yield
-    finally:
-        for module in modules:
-            del module.forward
 
 
 def _crop(cache: Any, length: int, layers: Sequence[int] | None = None) -> None:

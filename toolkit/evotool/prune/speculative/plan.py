@@ -27,7 +27,7 @@ from torch import nn
 
 from evotool.data.inputs import Sample, load_samples
 from evotool.errors import ConfigError
-from evotool.generation import generate_ids
+from evotool.generation import batches, build_inputs, generate_ids, load_images
 from evotool.models.loading import synchronize
 from evotool.models.registry import decoder_parts
 from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
@@ -202,11 +202,8 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
 def calibration_inputs(processor: Any, samples: Sequence[Sample], batch_size: int,
                        device: torch.device) -> list[dict[str, torch.Tensor]]:
     """``samples`` as prepared ``generate`` batches of ``batch_size``."""
-    from evotool.generation import build_inputs
-
-    return [build_inputs(processor, [s.load_image() for s in samples[i : i + batch_size]],
-                         [s.prompt for s in samples[i : i + batch_size]], device)
-            for i in range(0, len(samples), batch_size)]
+    return [build_inputs(processor, load_images(chunk)[1], [s.prompt for s in chunk], device)
+            for chunk in batches(samples, batch_size)]
 
 
 def resolve_plan(model: nn.Module, stages: StageFile, config: SpeculativeConfig, processor: Any = None,
