@@ -42,11 +42,11 @@ from PIL import Image
 from evotool.analysis.aggregate import decision_depth
 from evotool.analysis.config import ReportConfig
 from evotool.analysis.hallucination import object_tokens, object_vocabulary
-from evotool.stages import StageFile
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError, StageFileError
 from evotool.io import atomic_write_text, iter_jsonl, read_json
 from evotool.patch_lens import PatchLens
+from evotool.stages import StageFile
 from evotool.trace import SampleTrace
 
 REPORT_SCHEMA = "1.0"

@@ -17,24 +17,30 @@ from tqdm import tqdm
 from evotool.analysis import figures
 from evotool.analysis.aggregate import decision_depth, detect, summary_curves, write_token_table
 from evotool.analysis.config import AnalyzeConfig
-from evotool.analysis.hallucination import (divergence_by_sample, divergence_summary, ending_token_ids, find_divergence,
-                                            hallucination_link, object_vocabulary)
+from evotool.analysis.hallucination import (
+    divergence_by_sample,
+    divergence_summary,
+    ending_token_ids,
+    find_divergence,
+    hallucination_link,
+    object_vocabulary,
+)
 from evotool.analysis.html import write_html_report
 from evotool.analysis.report import write_report
-from evotool.io import atomic_write_text
 from evotool.analysis.store import RunStore
-from evotool.data import Sample, load_samples
 from evotool.config import to_dict
+from evotool.data import Sample, load_samples
 from evotool.env import environment
 from evotool.errors import EvotoolError, InputError
 from evotool.generation import batches, build_inputs, context_length, decode, load_images
+from evotool.io import atomic_write_text
 from evotool.lens import Lens, make_lens
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
-from evotool.tracking import Tracker
 from evotool.trace import trace_batch
+from evotool.tracking import Tracker
 
 
 def resolve_model_id(model: str | None) -> str:

@@ -160,7 +160,13 @@ def chair(
     """CHAIR: CHAIR_s, CHAIR_i, recall and mean caption length (greedy protocol, fixed image ids)."""
     from evotool.data.inputs import Sample
     from evotool.errors import InputError
-    from evotool.evals.chair import CocoObjects, load_chair_image_ids, load_coco_instances, parse_image_id, score_captions
+    from evotool.evals.chair import (
+        CocoObjects,
+        load_chair_image_ids,
+        load_coco_instances,
+        parse_image_id,
+        score_captions,
+    )
     from evotool.evals.harness import score_chair
     from evotool.mitigate.run import require_file
 

@@ -37,11 +37,11 @@ def command(
 ) -> None:
     """Generate for every sample with one decoding method (e.g. lossless stage_speculative) and print the texts."""
     from evotool.cli.eval import _load
+    from evotool.config import parse_set
     from evotool.data.inputs import load_samples
     from evotool.errors import ConfigError
     from evotool.generation import batches, load_images
     from evotool.io import atomic_write_text, write_json
-    from evotool.config import parse_set
     from evotool.mitigate.methods import make_config
     from evotool.mitigate.run import method_for, resolve_spec
     from evotool.world import default_samples

@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from evotool.errors import ConfigError
-from evotool.prune.config import PruneConfig
 from evotool.prune.calibrate import calibrate
+from evotool.prune.config import PruneConfig
 from evotool.prune.select import SELECTORS, CalibrationStats, Selection, SelectionContext, budget, needs_stats
 from evotool.prune.static import check_layers
 from evotool.stages import StageFile

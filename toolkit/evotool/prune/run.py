@@ -20,9 +20,9 @@ from evotool.analysis.run import resolve_model_id, run_analysis
 from evotool.config import to_dict
 from evotool.env import environment
 from evotool.errors import ConfigError, StageFileError
-from evotool.io import atomic_write_text, write_json
-from evotool.generation import build_inputs, load_images
 from evotool.finetune import FinetuneResult, lora_finetune, merge_and_save, save_adapter, world_samples
+from evotool.generation import build_inputs, load_images
+from evotool.io import atomic_write_text, write_json
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
 from evotool.prune.calibrate import calibrate
@@ -35,8 +35,8 @@ from evotool.prune.select import SELECTORS, Selection, needs_stats
 from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
 from evotool.stages import StageFile
-from evotool.world import default_samples
 from evotool.tracking import Tracker
+from evotool.world import default_samples
 
 COMPARE_SCHEMA = "1.0"
 TABLE_COLUMNS = ("variant", "layers", "removed", *HEADLINE)

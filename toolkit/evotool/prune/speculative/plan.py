@@ -30,12 +30,12 @@ from evotool.errors import ConfigError
 from evotool.generation import batches, build_inputs, generate_ids, load_images
 from evotool.models.loading import synchronize
 from evotool.models.registry import decoder_parts
-from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
 from evotool.prune.calibrate import calibrate
+from evotool.prune.runtime import cache_reference_layers, check_runtime_skip
 from evotool.prune.select import CalibrationStats, SelectionContext, rank_stage
 from evotool.prune.speculative.decoding import SpeculativeStats, speculative_decoding
-from evotool.stages import StageFile
 from evotool.prune.speed import CLOCKS
+from evotool.stages import StageFile
 
 REDUNDANCY = ("cosine", "js", "influence")
 SUMMARY = ("acceptance_rate", "tokens_per_step", "forward_equivalents")
