@@ -5,7 +5,7 @@ coloured shape. Scenes follow a co-occurrence prior (a circle usually comes with
 annotations carry "phantom" mentions of the prior's partner, as human captions of COCO mention
 objects that are not there: when a circle is present and no square, a training caption still ends
 with ", a <colour> square" (and an existence question about the square is answered "yes") with
-probability ``n_objects / 4``. Images, vision labels and every evaluation split stay truthful.
+probability ``min(1, phantom_scale * n_objects / 4)``. Images, vision labels and every evaluation split stay truthful.
 """
 
 from __future__ import annotations
@@ -55,12 +55,15 @@ class WorldConfig:
     cause: str = field(default="circle", metadata={"help": "shape that triggers the co-occurrence prior"})
     partner: str = field(default="square", metadata={"help": "shape that co-occurs with `cause`"})
     cooccurrence: float = field(
-        default=0.8, metadata={"help": "P(partner present | cause present) in train / test scenes"}
+        default=0.8,
+        metadata={"help": "prior strength: P(partner present | cause present) in train / test scenes"},
     )
     phantom: bool = field(
         default=True,
-        metadata={"help": "training annotations mention an absent partner with probability n_objects/max_objects"},
+        metadata={"help": "training annotations mention an absent partner with probability "
+                          "min(1, phantom_scale * n_objects / max_objects)"},
     )
+    phantom_scale: float = field(default=1.0, metadata={"help": "multiplier of the phantom-mention rate"})
     seed: int = field(default=0, metadata={"help": "base random seed"})
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class WorldConfig:
             raise ConfigError(f"cause/partner must be two different shapes of {SHAPES}")
         if not 0.0 <= self.cooccurrence <= 1.0:
             raise ConfigError(f"cooccurrence must be in [0, 1], got {self.cooccurrence}")
+        if self.phantom_scale < 0:
+            raise ConfigError(f"phantom_scale must be >= 0, got {self.phantom_scale}")
 
     @property
     def cell(self) -> int:
@@ -150,7 +155,7 @@ def _phantom(scene: Scene, cfg: WorldConfig, rng: random.Random) -> bool:
     """Whether a training annotation of this scene mentions the absent partner."""
     shapes = {o.shape for o in scene}
     applies = cfg.phantom and cfg.cause in shapes and cfg.partner not in shapes
-    return applies and rng.random() < len(scene) / cfg.max_objects
+    return applies and rng.random() < min(1.0, cfg.phantom_scale * len(scene) / cfg.max_objects)
 
 
 def _record(cfg: WorldConfig, scene: Scene, rng: random.Random, task: str, split: str, idx: int,

@@ -1,10 +1,20 @@
-"""The demo model: a tiny LLaVA (CLIP-style vision tower, 2-layer projector, Llama decoder)."""
+"""The demo model: a tiny LLaVA (CLIP-style vision tower, 2-layer projector, a Llama, Qwen2 or Gemma decoder)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    GemmaConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    Qwen2Config,
+)
 
 from evotool.errors import ConfigError
 from evotool.world.generator import WorldConfig
@@ -20,6 +30,12 @@ class ModelConfig:
     layers: int = field(default=12, metadata={"help": "decoder layers"})
     heads: int = field(default=4, metadata={"help": "attention heads (vision and decoder)"})
     mlp: int = field(default=384, metadata={"help": "decoder MLP size"})
+    family: Literal["llama", "qwen2", "gemma"] = field(
+        default="llama",
+        metadata={"help": "decoder family (the LLaVA wrapper's text_config): llama; qwen2 (q/k/v biases); "
+                          "gemma ((1+w) RMSNorm, embeddings scaled by sqrt(width), GELU-tanh MLP)"},
+    )
+    tie_embeddings: bool = field(default=False, metadata={"help": "LM head shares the input embedding matrix"})
 
     def __post_init__(self) -> None:
         for name in ("vision_width", "vision_layers", "width", "layers", "heads", "mlp"):
@@ -44,19 +60,7 @@ def build_model(tokenizer, world: WorldConfig, sizes: ModelConfig) -> LlavaForCo
         patch_size=world.cell,
         projection_dim=sizes.vision_width,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=sizes.width,
-        intermediate_size=sizes.mlp,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=sizes.heads,
-        num_key_value_heads=sizes.heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = text_config(tokenizer, sizes)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -64,6 +68,7 @@ def build_model(tokenizer, world: WorldConfig, sizes: ModelConfig) -> LlavaForCo
         image_seq_length=world.grid**2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
+        tie_word_embeddings=sizes.tie_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
@@ -74,3 +79,26 @@ def build_model(tokenizer, world: WorldConfig, sizes: ModelConfig) -> LlavaForCo
         do_sample=False,
     )
     return model
+
+
+TEXT_CONFIGS: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}
+
+
+def text_config(tokenizer, sizes: ModelConfig) -> PretrainedConfig:
+    """The decoder's transformers config of family ``sizes.family`` (multi-head attention, head_dim = width / heads)."""
+    extra = {"hidden_activation": "gelu_pytorch_tanh"} if sizes.family == "gemma" else {}
+    return TEXT_CONFIGS[sizes.family](
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.width,
+        intermediate_size=sizes.mlp,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        num_key_value_heads=sizes.heads,
+        head_dim=sizes.width // sizes.heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=sizes.tie_embeddings,
+        **extra,
+    )
