@@ -1,0 +1,374 @@
+"""Training in the library, the decoder families, the zoo configs and build, and the behavioural ground truth."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+from typer.testing import CliRunner
+
+from evotool.cli import app, main
+from evotool.config import from_dict, packaged_yaml, to_dict
+from evotool.errors import ConfigError, InputError
+from evotool.generation import build_inputs, generate_ids
+from evotool.io import atomic_dir
+from evotool.lens import NormedLens
+from evotool.models.registry import decoder_parts
+from evotool.prune.static import remove_layers
+from evotool.stages.behaviour import (
+    BehaviourConfig,
+    Forced,
+    Probe,
+    boundaries,
+    forced_agreement,
+    measure,
+    overturn_layers,
+    phantom_positions,
+    score,
+    without_layers,
+)
+from evotool.trace import LayerCapture
+from evotool.world import WorldConfig, build_model, build_processor, default_model_path, make_records
+from evotool.world.model import ModelConfig
+from evotool.world.train import TrainConfig, load_train_config
+from evotool.zoo import ZooMember, load_members
+from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, world_records
+
+from tiny_zoo import tiny_member_config, train_tiny_member
+
+# The tune / holdout split, fixed before any detector output was seen. Changing a member's split (or
+# dropping a member) must be a deliberate act: this test fails until this table is changed with it.
+SPLITS = {
+    "shipped": "tune", "l6-llama-w128": "tune", "l8-llama-long": "tune", "l12-llama-w64": "tune",
+    "l12-qwen2-prior": "tune", "l16-llama-w64": "tune", "l24-gemma-w64": "tune",
+    "l6-qwen2-w64": "holdout", "l8-qwen2-w96": "holdout", "l8-llama-short": "holdout", "l12-gemma-w96": "holdout",
+    "l12-llama-weak": "holdout", "l12-llama-w64-seed1": "holdout", "l16-qwen2-w64": "holdout",
+    "l24-llama-w48": "holdout",
+}
+FAMILIES = ("llama", "qwen2", "gemma")
+
+
+# --- training config -------------------------------------------------------------------------------------
+
+def test_train_demo_yaml_rebuilds_the_shipped_architecture():
+    cfg = load_train_config()
+    processor = build_processor(cfg.world)
+    model = build_model(processor.tokenizer, cfg.world, cfg.model)
+    shipped = json.loads((default_model_path() / "config.json").read_text())
+    built = model.config.to_dict()
+    for section in ("text_config", "vision_config"):
+        for key, value in shipped[section].items():
+            if key not in ("dtype", "transformers_version"):
+                assert built[section][key] == value, (section, key)
+    assert cfg.steps() == (150, 2400)
+
+
+def test_train_config_rejects_bad_values_with_the_key_and_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="max_steps"):
+        load_train_config(None, ["max_steps=0"])
+    with pytest.raises(ConfigError, match="decoder.nope"):
+        load_train_config(None, ["decoder.nope=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decoder:\n  mix: {caption: 0.5, existence: 0.5}\ndata:\n  existence: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(str(bad)) + ".*data.existence is 0"):
+        load_train_config(bad)
+    with pytest.raises(ConfigError, match="family"):
+        load_train_config(None, ["model.family=mamba"])
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run ``evotool ARGS`` through the real entry point; (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["evotool", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_train_demo_cli_refuses_zero_steps_in_one_line(monkeypatch, capsys):
+    code, err = cli(monkeypatch, capsys, "train-demo", "--max-steps", "0", "--no-wandb")
+    assert code == 2
+    assert err.startswith("error: ") and "max_steps must be >= 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_phantom_scale_changes_only_the_phantom_rate():
+    base = make_records("caption", "train", 400, WorldConfig())
+    same = make_records("caption", "train", 400, WorldConfig(phantom_scale=1.0))
+    assert [r["answer"] for r in base] == [r["answer"] for r in same]
+    counts = {}
+    for scale in (0.0, 1.0, 4.0):
+        records = make_records("caption", "train", 400, WorldConfig(phantom_scale=scale))
+        counts[scale] = sum("square" in r["answer"] and "square" not in r["objects"] for r in records)
+        eligible = sum("circle" in r["objects"] and "square" not in r["objects"] for r in records)
+    assert counts[0.0] == 0 < counts[1.0] < counts[4.0] == eligible  # x4 makes every eligible caption a phantom
+
+
+# --- decoder families ------------------------------------------------------------------------------------
+
+def _family_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    processor = build_processor()
+    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=3, heads=2, mlp=64, family=family,
+                        tie_embeddings=family == "gemma")
+    return build_model(processor.tokenizer, WorldConfig(), sizes), processor
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_saves_reloads_and_its_lens_matches_the_logits(family: str, tmp_path: Path):
+    model, processor = _family_model(family)
+    parts = decoder_parts(model)
+    assert parts.num_layers == 3
+    assert type(parts.norm).__name__ == {"llama": "LlamaRMSNorm", "qwen2": "Qwen2RMSNorm", "gemma": "GemmaRMSNorm"}[family]
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tied == (family == "gemma")
+
+    recs = make_records("caption", "test", 2)
+    inputs = build_inputs(processor, [r["image"] for r in recs], [r["prompt"] for r in recs])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits = model(**inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    model.eval()
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(reloaded.model.language_model).__name__ == type(parts.decoder).__name__
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        again = reloaded(**inputs).logits
+        rparts = decoder_parts(reloaded)
+        with LayerCapture(rparts) as cap:
+            reloaded(**inputs)
+        lens_last = NormedLens(rparts).logits(cap.stacked())[-1]  # [B, V] at the last position
+    torch.testing.assert_close(again, ref)
+    torch.testing.assert_close(lens_last, again[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_scales_embeddings_and_uses_one_plus_w_norm():
+    model, processor = _family_model("gemma")
+    parts = decoder_parts(model)
+    with torch.no_grad():
+        parts.norm.weight.fill_(0.5)
+        x = torch.randn(2, 32)
+        expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + parts.norm.eps) * 1.5
+        torch.testing.assert_close(parts.norm(x), expected)
+        ids = torch.tensor([[5, 6, 7]])
+        with LayerCapture(parts) as cap:
+            parts.decoder(input_ids=ids)
+        layer0 = cap.stacked()[0, 0]
+        torch.testing.assert_close(layer0, model.get_input_embeddings().weight[7] * 32**0.5)  # raw row, scaled
+
+
+# --- zoo configs ---------------------------------------------------------------------------------------
+
+def test_every_zoo_config_loads_with_its_fixed_split():
+    members = load_members()
+    assert {n: m.split for n, m in members.items()} == SPLITS
+    for half in ("tune", "holdout"):
+        chosen = [m for m in members.values() if m.split == half]
+        assert {6, 8, 12, 16, 24} <= {m.model.layers for m in chosen}, half
+        assert set(FAMILIES) <= {m.model.family for m in chosen}, half
+        assert all(m.description for m in chosen)
+    depths = {m.model.layers for m in members.values()}
+    assert {6, 8, 12, 16, 24} <= depths
+    steps = sorted(m.decoder.steps for m in members.values())
+    assert steps[0] <= 300 and steps[-1] >= 1600  # under- and long-trained members
+    assert len({m.config_hash() for m in members.values()}) == len(members)
+    assert members["shipped"].train_config() == load_train_config()  # the shipped member is train_demo.yaml
+
+
+def test_zoo_member_hash_ignores_threads_but_not_training():
+    member = tiny_member_config()
+    assert member.config_hash() == from_dict(ZooMember, {**to_dict(member), "threads": 2}).config_hash()
+    assert member.config_hash() != tiny_member_config(seed=1).config_hash()
+    assert isinstance(member.train_config(), TrainConfig) and not isinstance(member.train_config(), ZooMember)
+    with pytest.raises(ConfigError, match="split"):
+        from_dict(ZooMember, {k: v for k, v in to_dict(member).items() if k != "split"})
+
+
+def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path: Path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        with atomic_dir(tmp_path / "file"):
+            pass
+
+
+def test_pretrained_member_is_copied_once_and_recopied_when_its_config_changes(tmp_path: Path):
+    source = tmp_path / "source"
+    _family_model("llama")[0].save_pretrained(source)
+    member = from_dict(ZooMember, {**to_dict(tiny_member_config()), "pretrained": str(source)})
+    target = tmp_path / "zoo" / "m" / "model"
+    assert build_checkpoint("m", member, target, wandb=False)
+    assert checkpoint_current(member, target)
+    assert json.loads((target / ZOO_FILE).read_text())["split"] == "tune"
+    assert not build_checkpoint("m", member, target, wandb=False)  # cached
+    changed = from_dict(ZooMember, {**to_dict(member), "seed": 5})
+    assert not checkpoint_current(changed, target)
+
+
+def test_world_records_hold_both_groups_and_every_pope_kind():
+    records = world_records(WorldConfig(seed=9), 3, 2, 2)
+    kinds = [(r["task"], r["split"]) for r in records]
+    assert kinds.count(("caption", "test")) == 3 and kinds.count(("caption", "prior_breaking")) == 2
+    for task in ("pope_random", "pope_popular", "pope_adversarial"):
+        assert kinds.count((task, "test")) == 2 and kinds.count((task, "prior_breaking")) == 2
+    assert all("circle" in r["objects"] and "square" not in r["objects"]
+               for r in records if r["task"] == "caption" and r["split"] == "prior_breaking")
+
+
+@pytest.mark.slow
+def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatch, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    import yaml
+
+    (configs / "tiny.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config(steps=10))))
+    out = tmp_path / "zoo"
+    args = ["zoo", "build", "--out", str(out), "--configs", str(configs), "--steps", "train,manifests", "--no-wandb",
+            "--set", "manifest.captions=2", "--set", "manifest.pope=1", "--set", "manifest.analysis_samples=4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    member = out / "tiny"
+    model = AutoModelForImageTextToText.from_pretrained(member / "model")
+    assert model.config.text_config.num_hidden_layers == 4
+    assert json.loads((member / "model" / ZOO_FILE).read_text())["config_hash"] == tiny_member_config(steps=10).config_hash()
+    lines = {sub: [json.loads(x) for x in (member / sub / "manifest.jsonl").read_text().splitlines()]
+             for sub in ("val", "test", "samples_a", "samples_b")}
+    assert len(lines["val"]) == len(lines["test"]) == 2 * 2 + 2 * 3 * 1
+    assert len(lines["samples_a"]) == len(lines["samples_b"]) == 4
+    assert not {r["id"] for r in lines["val"]} & {r["id"] for r in lines["test"]}
+    assert not {r["id"] for r in lines["samples_a"]} & {r["id"] for r in lines["samples_b"]}
+    stamp = (member / "model" / "model.safetensors").stat().st_mtime_ns
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert (member / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not retrained
+    assert "zoo build" in (out / "build.log").read_text()
+    code, err = cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs), "--members", "nope")
+    assert code == 2 and "unknown zoo member 'nope'" in err
+
+
+# --- behavioural ground truth ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_world_model():
+    """A 4-layer random world LLaVA (llama family)."""
+    model, processor = _family_model("llama", seed=3)
+    model.eval()
+    return model, processor
+
+
+def _static_ids(model, processor, probe, layers, cfg):
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, layers)
+    return generate_ids(pruned, probe.caption_inputs, cfg.max_new_tokens)
+
+
+def test_exit_and_bypass_curves_match_independent_computations(tiny_world_model):
+    model, processor = tiny_world_model
+    cfg = BehaviourConfig(captions=4, pope=2, max_new_tokens=6)
+    probe = Probe.build(model, processor, WorldConfig(seed=4), cfg)
+    full, ref = score(model, processor, probe, None, cfg)
+    payload = measure(model, processor, WorldConfig(seed=4), cfg)
+    n = payload["num_layers"]
+    last = payload["exit_curve"][-1]
+    assert last["layer"] == n and last["agreement"] == 1.0 and last["exact"] == 1.0
+    assert {k: last[k] for k in full} == full == payload["full"]
+    # exit after e == the model statically cut to its first e layers
+    for e in (1, 2):
+        cut = _static_ids(model, processor, probe, range(e + 1, n + 1), cfg)
+        expected = sum(a == b for r, c in zip(ref, cut) for a, b in zip(r, c)) / sum(len(r) for r in ref)
+        assert payload["exit_curve"][e - 1]["agreement"] == pytest.approx(expected)
+    # bypass of layer l (runtime skipping) == the statically pruned model
+    for layer in (2, 3):
+        with without_layers(model, [layer]) as variant:
+            runtime = generate_ids(variant, probe.caption_inputs, cfg.max_new_tokens)
+        assert runtime == _static_ids(model, processor, probe, [layer], cfg)
+    # the oracle at k=1 (rerank covers every subset) is the best single removal by free-running agreement
+    singles = [b["agreement"] for b in payload["bypass_curve"]]
+    assert payload["oracle"][0]["best"]["agreement"] == pytest.approx(max(singles))
+    assert payload["oracle"][0]["method"] == "exhaustive"
+    assert len(payload["oracle"]) == 1  # ceil(4 * 0.25)
+    counts = payload["overturns"]["all"]
+    assert sum(counts["decision_depth"]) == counts["tokens"] == sum(len(r) for r in ref)
+
+
+def test_forced_agreement_of_the_full_model_on_its_own_generation_is_one(tiny_world_model):
+    model, processor = tiny_world_model
+    cfg = BehaviourConfig(captions=4, pope=0, max_new_tokens=6)
+    probe = Probe.build(model, processor, WorldConfig(seed=4), cfg)
+    _, ref = score(model, processor, probe, None, cfg)
+    forced = Forced.build(probe.caption_inputs, ref, processor.tokenizer.pad_token_id)
+    assert forced_agreement(model, forced) == pytest.approx(1.0)
+    with without_layers(model, [1, 2]) as variant:
+        pruned = forced_agreement(variant, forced)
+    assert 0.0 <= pruned < 1.0
+
+
+def test_overturns_count_a_switch_after_a_stable_alternative():
+    # layers 0..5; emitted token 7
+    top1 = np.array([
+        [1, 3, 3, 7, 7, 7],  # 3 held at layers 1-2, 7 takes over at 3: overturn at 3
+        [1, 2, 7, 7, 7, 7],  # 1 -> 2 -> 7: no stable alternative before layer 2
+        [7, 7, 4, 4, 7, 7],  # 4 held at 2-3, back to 7 at 4: overturn at 4
+    ])
+    turns = overturn_layers(top1, np.array([7, 7, 7]))
+    assert turns.nonzero()[0].tolist() == [0, 2] and turns.nonzero()[1].tolist() == [3, 4]
+
+
+def test_phantom_positions_find_the_absent_object_and_its_separator():
+    processor = build_processor()
+    tok = processor.tokenizer
+    rec = {"objects": ["circle"]}
+    ids = [tok.convert_tokens_to_ids(w) for w in "a red circle , a blue square .".split()]
+    objects, separators = phantom_positions(processor, [rec, rec], [ids[:4], ids])
+    assert objects == [4 + 6] and separators == [4 + 3]
+
+
+def test_boundaries_follow_the_documented_definitions():
+    def curve(values, key):
+        return [{"layer": i + 1, key: v} for i, v in enumerate(values)]
+
+    exits = [{"layer": i + 1, "recall": r, "chair_i_in": c} for i, (r, c) in
+             enumerate(zip([0.1, 0.5, 0.97, 1.0, 1.0, 1.0], [0.9, 0.4, 0.02, 0.0, 0.0, 0.0]))]
+    bypass = curve([0.5, 0.9, 0.95, 0.98, 0.6, 0.97], "agreement")
+    oracle = [{"k": 1, "best": {"layers": [4], "agreement": 0.98, "recall": 1.0}},
+              {"k": 2, "best": {"layers": [3, 4], "agreement": 0.92, "recall": 0.99}}]
+    payload = {"num_layers": 6, "full": {"recall": 1.0, "chair_i_in": 0.0}, "exit_curve": exits,
+               "bypass_curve": bypass, "oracle": oracle}
+    b = boundaries(payload)
+    assert b["critical_layer"] == 3  # first exit within 0.05 recall of the best and 0.05 CHAIR_i of the full model
+    assert b["mutation_layer"] == 5  # change 0.4 vs next 0.03 after the critical layer
+    assert b["removable_at_least_2"]
+    payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.7, 0.65, 0.97], "agreement")
+    assert boundaries(payload)["mutation_layer"] is None  # 0.35 vs 0.3: nothing stands out
+
+
+@pytest.mark.slow
+def test_a_tiny_member_trains_in_seconds_and_loads(tmp_path: Path):
+    out = train_tiny_member(tmp_path / "m", layers=4, steps=10)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert decoder_parts(model).num_layers == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "caption" in metrics["held_out"]["prior_breaking"]
