@@ -50,7 +50,7 @@ SPLITS = {
     "l12-qwen2-prior": "tune", "l16-llama-w64": "tune", "l24-gemma-w64": "tune",
     "l6-qwen2-w64": "holdout", "l8-qwen2-w96": "holdout", "l8-llama-short": "holdout", "l12-gemma-w96": "holdout",
     "l12-llama-weak": "holdout", "l12-llama-w64-seed1": "holdout", "l16-qwen2-w64": "holdout",
-    "l24-llama-w48": "holdout",
+    "l24-llama-w64": "holdout",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 

@@ -35,3 +35,15 @@ def build(
         typer.echo(f"failed members: {', '.join(failed)} (see {cfg.out}/<member>/build.log)", err=True)
         raise typer.Exit(1)
     typer.echo(f"zoo in {cfg.out}: {', '.join(status)}")
+
+
+@app.command("status")
+def status(
+    out: Annotated[Path, typer.Option(help="Zoo folder.")] = Path("runs/zoo"),
+    configs: Annotated[Optional[Path], typer.Option(help="Folder of member YAMLs (default: configs/zoo).")] = None,
+) -> None:
+    """Print the member table: config, held-out metrics, behavioural boundaries, detector output."""
+    from evotool.zoo.build import load_members
+    from evotool.zoo.report import zoo_table
+
+    typer.echo(zoo_table(load_members(configs), out))

@@ -34,6 +34,7 @@ from evotool.config import load_config, to_dict
 from evotool.errors import ConfigError
 from evotool.evals.world import POPE_TASKS
 from evotool.io import atomic_dir, read_json, write_json
+from evotool.stages.behaviour import BehaviourConfig, write_behaviour
 from evotool.world.generator import WorldConfig, make_records, write_manifest
 from evotool.world.train import TrainConfig, train
 
@@ -79,9 +80,10 @@ class ManifestConfig:
     analysis_seeds: tuple[int, int] = field(default=(11, 12), metadata={
         "help": "world seeds of the two disjoint analysis sample sets (a, b)"})
     analysis_samples: int = field(default=32, metadata={"help": "captions per analysis set (half prior-breaking)"})
+    behaviour_seed: int = field(default=303, metadata={"help": "world seed of the behavioural ground truth's captions"})
 
     def __post_init__(self) -> None:
-        seeds = [self.val_seed, self.test_seed, *self.analysis_seeds]
+        seeds = [self.val_seed, self.test_seed, *self.analysis_seeds, self.behaviour_seed]
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"manifest seeds must all differ, got {seeds}")
         if self.captions < 1 or self.pope < 1 or self.analysis_samples < 2:
@@ -99,6 +101,7 @@ class ZooConfig:
     jobs: int = field(default=1, metadata={"help": "members built at once, one worker process each"})
     wandb: bool = field(default=True, metadata={"help": "track training and analyses in W&B (offline without a key)"})
     manifest: ManifestConfig = field(default_factory=ManifestConfig, metadata={"help": "evaluation manifests"})
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig, metadata={"help": "behavioural ground truth"})
     analysis_max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens per analysed caption"})
 
     def __post_init__(self) -> None:
@@ -215,10 +218,8 @@ def build_member(name: str, member: ZooMember, cfg: ZooConfig) -> dict[str, floa
         elif step == "analyze":
             analyze_member(member_dir, cfg)
         else:
-            from evotool.stages.behaviour import write_behaviour
-
             write_behaviour(member_dir / "model", member_dir / "behaviour.json",
-                            dataclasses.replace(member.world, seed=cfg.manifest.test_seed))
+                            dataclasses.replace(member.world, seed=cfg.manifest.behaviour_seed), cfg.behaviour)
         seconds[step] = time.time() - start
     return seconds
 

@@ -1,0 +1,68 @@
+"""The zoo's member table: configuration, held-out metrics, behavioural boundaries and detector output.
+
+Read from a built zoo folder (``OUT/<member>/model/metrics.json``, ``behaviour.json``,
+``analysis_{a,b}/stages.json``); a missing piece shows as ``-``. Detector output is only reported here,
+never used to choose anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evotool.errors import InputError
+from evotool.io import read_json
+from evotool.zoo.build import ZooMember
+
+COLUMNS = ("member", "split", "family", "L", "width", "steps", "train min", "recall", "CHAIR_i in", "CHAIR_i pb",
+           "POPE acc", "beh. critical", "beh. mutation", "removable k=1 / k=2", ">=2 removable",
+           "detector a (C / M)", "detector b (C / M)")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path)
+    except InputError:
+        return None
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]:
+    """One table row (column -> text) for a member."""
+    metrics = _read(member_dir / "model" / "metrics.json")
+    behaviour = _read(member_dir / "behaviour.json")
+    family = member.model.family + (" (tied)" if member.model.tie_embeddings else "")
+    row = {"member": name, "split": member.split, "family": family, "L": str(member.model.layers),
+           "width": str(member.model.width), "steps": str(member.train_config().steps()[1])}
+    if metrics:
+        held = metrics["held_out"]
+        pope = [held[g][t]["accuracy"] for g in held for t in held[g] if t.startswith("pope")]
+        row.update({"train min": _num(metrics.get("train_seconds", 0) / 60, 1),
+                    "recall": _num(held["in_distribution"]["caption"]["recall"]),
+                    "CHAIR_i in": _num(held["in_distribution"]["caption"]["chair_i"]),
+                    "CHAIR_i pb": _num(held["prior_breaking"]["caption"]["chair_i"]),
+                    "POPE acc": _num(sum(pope) / len(pope) if pope else None)})
+    if behaviour:
+        b = behaviour["boundaries"]
+        removable = b["removable"]
+        sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
+        row.update({"beh. critical": str(b["critical_layer"]),
+                    "beh. mutation": str(b["mutation_layer"] if b["mutation_layer"] is not None else "none"),
+                    "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
+    for tag in ("a", "b"):
+        stages = _read(member_dir / f"analysis_{tag}" / "stages.json")
+        if stages:
+            row[f"detector {tag} (C / M)"] = f"{stages['critical_layer']} / {stages['mutation_layers'] or '-'}"
+    return {c: row.get(c, "-") for c in COLUMNS}
+
+
+def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
+    """The Markdown table of ``members`` built under ``out`` (tune members first, then holdout)."""
+    order = sorted(members, key=lambda n: (members[n].split != "tune", members[n].model.layers, n))
+    rows = [member_row(n, members[n], out / n) for n in order]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
