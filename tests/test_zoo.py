@@ -18,7 +18,7 @@ from evotool.cli import app, main
 from evotool.config import from_dict, packaged_yaml, to_dict
 from evotool.errors import ConfigError, InputError
 from evotool.generation import build_inputs, generate_ids
-from evotool.io import atomic_dir
+from evotool.io import atomic_dir, write_json
 from evotool.lens import NormedLens
 from evotool.models.registry import decoder_parts
 from evotool.prune.static import remove_layers
@@ -40,13 +40,15 @@ from evotool.world.model import ModelConfig
 from evotool.world.train import TrainConfig, load_train_config
 from evotool.zoo import ZooMember, load_members
 from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, world_records
+from evotool.zoo.curves import export_curves, flips_after_js_drop, token_curves
+from evotool.zoo.report import zoo_table
 
 from tiny_zoo import tiny_member_config, train_tiny_member
 
 # The tune / holdout split, fixed before any detector output was seen. Changing a member's split (or
 # dropping a member) must be a deliberate act: this test fails until this table is changed with it.
 SPLITS = {
-    "shipped": "tune", "l6-llama-w128": "tune", "l8-llama-long": "tune", "l12-llama-w64": "tune",
+    "shipped": "tune", "l6-llama-w128": "tune", "l10-llama-tied": "tune", "l8-llama-long": "tune", "l12-llama-w64": "tune",
     "l12-qwen2-prior": "tune", "l16-llama-w64": "tune", "l24-gemma-w64": "tune",
     "l6-qwen2-w64": "holdout", "l8-qwen2-w96": "holdout", "l8-llama-short": "holdout", "l12-gemma-w96": "holdout",
     "l12-llama-weak": "holdout", "l12-llama-w64-seed1": "holdout", "l16-qwen2-w64": "holdout",
@@ -372,3 +374,59 @@ def test_a_tiny_member_trains_in_seconds_and_loads(tmp_path: Path):
     assert decoder_parts(model).num_layers == 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert "caption" in metrics["held_out"]["prior_breaking"]
+
+
+# --- compact curves and the member table -------------------------------------------------------------------
+
+def _store_with_traces(root: Path) -> None:
+    from evotool.analysis.store import RunStore
+    from evotool.trace import METRICS, SampleTrace
+
+    store = RunStore(root)
+    store.open({"model": "m"})
+    js = np.array([[np.nan, 1.0, 0.05, 0.02, 0.01], [np.nan, 0.5, 0.4, 0.01, 0.3]])
+    top1 = np.array([[3, 4, 5, 6, 6], [3, 9, 9, 9, 8]])
+    for i in range(2):
+        layers = {k: np.zeros((1, 5)) for k in METRICS}
+        layers.update(js_prev=js[i : i + 1], top1=top1[i : i + 1], p_token=np.full((1, 5), 0.5),
+                      cos_prev=np.full((1, 5), 0.9))
+        trace = SampleTrace(token_ids=np.array([6 if i == 0 else 8]), layers=layers,
+                            topk_ids=np.zeros((1, 5, 1), dtype=int), topk_p=np.zeros((1, 5, 1)))
+        store.save(f"s{i}", trace, {"id": f"s{i}", "index": i})
+    write_json(root / "stages.json", {"num_layers": 4, "critical_layer": 2, "mutation_layers": [4]})
+
+
+def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
+    _store_with_traces(tmp_path / "run")
+    curves = token_curves(tmp_path / "run")
+    assert curves["top1_flip"].tolist() == [[False, True, True, True, False], [False, True, False, False, True]]
+    assert curves["decision_depth"].tolist() == [3, 4]
+    assert curves["sample"].tolist() == [0, 1]
+    # token 0: JS first <= 10% of its peak (1.0) at layer 2, top-1 still changes at layer 3 -> counts;
+    # token 1: first quiet layer 3 (0.01 <= 0.05), later flip at layer 4 -> counts
+    assert flips_after_js_drop(curves) == 1.0
+    assert flips_after_js_drop(curves, fraction=0.001) == 0.0  # never quiet: nothing after it
+    out = export_curves(tmp_path / "run", tmp_path / "m.npz", "m", max_tokens=1)
+    with np.load(out) as z:
+        meta = json.loads(str(z["meta"]))
+        assert meta["member"] == "m" and meta["tokens"] == 1 and meta["num_layers"] == 4
+        assert z["js_prev"].dtype == np.float16 and z["js_prev"].shape == (1, 5)
+
+
+def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path):
+    members = {"m": tiny_member_config()}
+    root = tmp_path / "m"
+    caption = {"recall": 0.9, "chair_i": 0.1}
+    write_json(root / "model" / "metrics.json", {"train_seconds": 120, "held_out": {
+        "in_distribution": {"caption": caption, "pope_random": {"accuracy": 0.6}},
+        "prior_breaking": {"caption": {"recall": 0.8, "chair_i": 0.3}, "pope_random": {"accuracy": 0.8}}}})
+    write_json(root / "behaviour.json", {"boundaries": {"critical_layer": 2, "mutation_layer": None,
+        "removable": {"1": {"layers": [3], "agreement": 0.97}, "2": {"layers": [2, 3], "agreement": 0.91}},
+        "removable_at_least_2": True}})
+    write_json(root / "analysis_a" / "stages.json", {"critical_layer": 1, "mutation_layers": [4]})
+    table = zoo_table(members, tmp_path)
+    row = table.splitlines()[2].split(" | ")
+    assert row[:4] == ["| m", "tune", "llama", "4"]
+    assert "2.0" in row and "0.900" in row and "0.300" in row and "0.700" in row  # minutes, recall, CHAIR pb, POPE
+    assert "[3] (0.97) / [2, 3] (0.91)" in table and "none" in row and "1 / [4]" in table
+    assert row[-1] == "- |"  # analysis_b missing

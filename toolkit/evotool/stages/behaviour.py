@@ -5,7 +5,7 @@ On held-out world captions (half in distribution, half prior-breaking) and POPE 
 * **exit curve**: for every exit layer e = 1..L, free-running generation that stops after decoder layer
   e (the final norm and head read its state; :func:`evotool.prune.runtime.exit_after`): caption recall,
   CHAIR_i (in distribution / prior-breaking), token agreement with the full model, POPE accuracy;
-* **bypass curve**: for every layer l, generation with layer l removed: the same metrics;
+* **bypass curve**: for every layer l, generation with layer l removed: the same metrics but POPE;
 * **oracle removal**: for k = 1..ceil(L * oracle_fraction), the k-subset whose removal keeps token
   agreement with the full model highest. Candidates are ranked by teacher-forced agreement (one forward
   pass over the full model's own generations; exhaustive when C(L, k) <= ``exhaustive_limit``, else a beam
@@ -53,16 +53,9 @@ KIND = "evotool.behaviour"
 
 
 @dataclass(frozen=True)
-class BehaviourConfig:
-    """What the ground truth is measured on and how boundaries are read from the curves."""
+class BoundaryRules:
+    """How the behavioural boundaries are read from the curves (definitions and reasons in docs/stages.md)."""
 
-    captions: int = field(default=48, metadata={"help": "held-out captions (first half in distribution, rest prior-breaking)"})
-    pope: int = field(default=24, metadata={"help": "POPE questions (half pope_random, half pope_adversarial, prior-breaking)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens per caption"})
-    oracle_fraction: float = field(default=0.25, metadata={"help": "oracle removal for k = 1..ceil(L * fraction)"})
-    exhaustive_limit: int = field(default=500, metadata={"help": "exhaustive search when C(L, k) <= this"})
-    beam: int = field(default=4, metadata={"help": "beam width of the search beyond the exhaustive limit"})
-    rerank: int = field(default=6, metadata={"help": "best teacher-forced candidates re-scored free-running"})
     recall_tolerance: float = field(default=0.05, metadata={"help": "critical: exit recall within this of the best exit"})
     chair_tolerance: float = field(default=0.05, metadata={"help": "critical: exit in-distribution CHAIR_i within this "
                                                                      "of the full model's"})
@@ -72,13 +65,31 @@ class BehaviourConfig:
                                                                    "next largest post-critical change"})
     removable_recall: float = field(default=0.02, metadata={"help": "removable: recall loss at most this"})
     removable_agreement: float = field(default=0.9, metadata={"help": "removable: free-running agreement at least this"})
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """What the ground truth is measured on, and the rules that read boundaries from it."""
+
+    captions: int = field(default=48, metadata={"help": "held-out captions (first half in distribution, rest prior-breaking)"})
+    pope: int = field(default=24, metadata={"help": "POPE questions (half pope_random, half pope_adversarial, prior-breaking)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens per caption"})
+    oracle_fraction: float = field(default=0.25, metadata={"help": "oracle removal for k = 1..ceil(L * fraction)"})
+    exhaustive_limit: int = field(default=500, metadata={"help": "exhaustive search when C(L, k) <= this"})
+    beam: int = field(default=4, metadata={"help": "beam width of the search beyond the exhaustive limit"})
+    rerank: int = field(default=4, metadata={"help": "best teacher-forced candidates re-scored free-running"})
     batch_size: int = field(default=48, metadata={"help": "sequences per forward pass"})
+    rules: BoundaryRules = field(default_factory=BoundaryRules, metadata={"help": "boundary definitions"})
 
     def __post_init__(self) -> None:
         if self.captions < 2 or self.pope < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("behaviour: captions >= 2, pope >= 0, max_new_tokens and batch_size >= 1")
         if not 0 < self.oracle_fraction < 1 or self.beam < 1 or self.rerank < 1 or self.exhaustive_limit < 1:
             raise ConfigError("behaviour: oracle_fraction in (0, 1); beam, rerank, exhaustive_limit >= 1")
+
+    def measurement(self) -> dict[str, Any]:
+        """The settings the curves depend on (the rules are re-applied to stored curves)."""
+        return {k: v for k, v in asdict(self).items() if k != "rules"}
 
 
 @contextmanager
@@ -132,8 +143,9 @@ def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens:
 
 
 def score(model: nn.Module, processor: Any, probe: Probe, reference: list[list[int]] | None,
-          cfg: BehaviourConfig) -> tuple[dict[str, float], list[list[int]]]:
-    """Task metrics of ``model`` as it stands (greedy) and, given the full model's ids, token agreement."""
+          cfg: BehaviourConfig, pope: bool = True) -> tuple[dict[str, float], list[list[int]]]:
+    """Task metrics of ``model`` as it stands (greedy; POPE accuracy when ``pope``) and, given the full model's
+    ids, token agreement."""
     ids = _generate(model, probe.caption_inputs, cfg.max_new_tokens, cfg.batch_size)
     texts = decode(processor, ids)
     half = len(probe.captions) - cfg.captions // 2
@@ -142,7 +154,7 @@ def score(model: nn.Module, processor: Any, probe: Probe, reference: list[list[i
     pb = caption_scores(texts[half:], probe.captions[half:], [len(i) for i in ids[half:]])
     out = {"recall": both["recall"], "chair_i": both["chair_i"], "chair_i_in": ind["chair_i"],
            "chair_i_pb": pb["chair_i"], "recall_pb": pb["recall"], "mean_length": both["mean_length"]}
-    if probe.pope_inputs is not None:
+    if pope and probe.pope_inputs is not None:
         answers = decode(processor, _generate(model, probe.pope_inputs, 3, cfg.batch_size))
         out["pope_accuracy"] = pope_metrics(answers, [r["answer"] for r in probe.pope])["accuracy"]
     if reference is not None:
@@ -292,7 +304,7 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     bypass_curve = []
     for layer in range(1, n + 1):
         with without_layers(model, [layer]) as variant:
-            metrics, _ = score(variant, processor, probe, ref, cfg)
+            metrics, _ = score(variant, processor, probe, ref, cfg, pope=False)
         bypass_curve.append({"layer": layer, **metrics})
     say("bypass curve done")
 
@@ -304,7 +316,7 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
         rescored = []
         for tf, subset in ranked[: cfg.rerank]:
             with without_layers(model, subset) as variant:
-                metrics, _ = score(variant, processor, probe, ref, cfg)
+                metrics, _ = score(variant, processor, probe, ref, cfg, pope=False)
             rescored.append({"layers": list(subset), "forced_agreement": tf, **metrics})
         rescored.sort(key=lambda r: (-r["agreement"], -r["forced_agreement"], r["layers"]))
         oracle.append({"k": k, "method": method, "subsets_scored": len(ranked), "best": rescored[0],
@@ -321,9 +333,9 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
             "texts": decode(processor, ref), "record_ids": [r["id"] for r in probe.captions]}
 
 
-def boundaries(payload: dict[str, Any], cfg: BehaviourConfig | None = None) -> dict[str, Any]:
+def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dict[str, Any]:
     """Behavioural critical / mutation layers and removable sets from the curves (definitions in docs/stages.md)."""
-    cfg = cfg or BehaviourConfig()
+    cfg = cfg or BoundaryRules()
     n = payload["num_layers"]
     full = payload["full"]
     exits = payload["exit_curve"]
@@ -362,23 +374,27 @@ def boundaries(payload: dict[str, Any], cfg: BehaviourConfig | None = None) -> d
 
 def write_behaviour(model_dir: Path, out: Path, world: WorldConfig, cfg: BehaviourConfig | None = None,
                     progress: Any = print) -> Path:
-    """Measure ``model_dir`` and write ``out`` (behaviour.json); reuses a file of the same model and config."""
+    """Measure ``model_dir`` and write ``out`` (behaviour.json). Curves stored for the same model and measurement
+    settings are reused; the boundary rules are always re-applied."""
     from evotool.models.loading import fingerprint, load_model
 
     cfg = cfg or BehaviourConfig()
     model, processor = load_model(str(model_dir))
     fp = fingerprint(model)
-    settings = {"behaviour": asdict(cfg), "world": asdict(world)}
+    settings = {"behaviour": cfg.measurement(), "world": asdict(world)}
+    payload = None
     if out.is_file():
         try:
             old = read_json(out)
         except InputError:
             old = {}
         if old.get("schema_version") == SCHEMA_VERSION and old.get("fingerprint") == fp and old.get("settings") == settings:
-            return out
-    body = measure(model, processor, world, cfg, progress)
-    payload = {"schema_version": SCHEMA_VERSION, "kind": KIND, "model": str(model_dir), "fingerprint": fp,
-               "settings": settings, **body}
-    payload["boundaries"] = boundaries(payload, cfg)
+            payload = old
+    if payload is None:
+        body = measure(model, processor, world, cfg, progress)
+        payload = {"schema_version": SCHEMA_VERSION, "kind": KIND, "model": str(model_dir), "fingerprint": fp,
+                   "settings": settings, **body}
+    payload["rules"] = asdict(cfg.rules)
+    payload["boundaries"] = boundaries(payload, cfg.rules)
     write_json(out, payload)
     return out

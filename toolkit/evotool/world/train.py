@@ -29,7 +29,7 @@ from evotool.generation import chat_prompt
 from evotool.io import atomic_dir, write_json
 from evotool.tracking import Tracker
 from evotool.world.generator import COLOURS, SHAPES, WorldConfig, make_records
-from evotool.world.model import ModelConfig, build_model
+from evotool.world.model import ModelConfig, build_model, embedding_scale
 from evotool.world.processor import build_processor
 
 LOG_EVERY = 25  # steps between W&B logs (each log costs a 2-core CPU run noticeably)
@@ -267,7 +267,10 @@ def train_decoder(model: Any, pools: dict[str, Pool], val: dict[str, dict[str, t
     """Stage 2 (vision tower frozen); returns the last held-out teacher-forced answer accuracies."""
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    embedding = model.get_input_embeddings().weight
+    groups = [{"params": [p for p in params if p is not embedding]},
+              {"params": [embedding], "lr": cfg.lr / embedding_scale(model)}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, steps, min(cfg.warmup, steps)))
     counts = cfg.counts()
     gen = torch.Generator().manual_seed(2)

@@ -1,0 +1,66 @@
+"""Compact per-token curves of an analysis run, for detector tests and offline study (``tests/data/zoo``).
+
+:func:`export_curves` keeps, for up to ``max_tokens`` generated tokens of an ``evotool analyze`` run, the
+per-layer arrays the detector reads ([T, L+1], layer 0 = embeddings): ``js_prev``, ``p_token``,
+``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's) and the per-token ``decision_depth``,
+plus ``sample`` (index of the sample each token belongs to) and ``token_id``. Floats are stored as float16.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evotool.analysis.aggregate import decision_depth
+from evotool.analysis.store import RunStore
+from evotool.errors import InputError
+
+
+def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """The curves of every token of the run (first ``max_tokens`` tokens in sample order when given)."""
+    loaded = RunStore(Path(run_dir)).load_all()
+    if not loaded:
+        raise InputError(f"no finished samples in {run_dir}")
+    traces = [t for _, t in loaded]
+    top1 = np.concatenate([t.layers["top1"] for t in traces]).astype(np.int64)
+    token_id = np.concatenate([t.token_ids for t in traces]).astype(np.int64)
+    flip = np.zeros_like(top1, dtype=bool)
+    flip[:, 1:] = top1[:, 1:] != top1[:, :-1]
+    curves = {
+        "js_prev": np.concatenate([t.layers["js_prev"] for t in traces]),
+        "p_token": np.concatenate([t.layers["p_token"] for t in traces]),
+        "cos_prev": np.concatenate([t.layers["cos_prev"] for t in traces]),
+        "top1_flip": flip,
+        "decision_depth": decision_depth(top1, token_id),
+        "sample": np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)]),
+        "token_id": token_id,
+    }
+    return {k: v[:max_tokens] for k, v in curves.items()} if max_tokens else curves
+
+
+def flips_after_js_drop(curves: dict[str, np.ndarray], fraction: float = 0.1) -> float:
+    """Share of tokens whose top-1 still changes after their adjacent-layer JS first fell to ``fraction`` of its
+    peak (the pattern that makes an early critical layer look plausible while the decision is still open)."""
+    js = np.nan_to_num(curves["js_prev"].astype(np.float64))
+    quiet = js[:, 1:] <= fraction * js.max(axis=1, keepdims=True)
+    first = np.where(quiet.any(1), quiet.argmax(1) + 1, js.shape[1])  # first quiet layer per token
+    later = np.arange(js.shape[1])[None, :] > first[:, None]
+    return float((curves["top1_flip"] & later).any(1).mean())
+
+
+def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) -> Path:
+    """Write the run's compact curves to ``out`` (.npz, with a ``meta`` JSON string); returns ``out``."""
+    curves = token_curves(run_dir, max_tokens)
+    stages = json.loads((Path(run_dir) / "stages.json").read_text())
+    meta = {"member": member, "num_layers": stages["num_layers"], "run": str(run_dir), "tokens": len(curves["token_id"]),
+            "flips_after_js_drop": flips_after_js_drop(curves)}
+    arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v.astype(np.int16 if k != "top1_flip" else bool))
+              for k, v in curves.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(buf.getvalue())
+    return out
