@@ -361,10 +361,17 @@ def test_boundaries_follow_the_documented_definitions():
                "bypass_curve": bypass, "oracle": oracle}
     b = boundaries(payload)
     assert b["critical_layer"] == 3  # first exit within 0.05 recall of the best and 0.05 CHAIR_i of the full model
-    assert b["mutation_layer"] == 5  # change 0.4 vs next 0.03 after the critical layer
+    # post-critical changes 0.02, 0.4, 0.03: median 0.03, only layer 5 is >= 0.1 and >= 3x the median
+    assert b["mutation_layers"] == [5] and b["mutation_layer"] == 5
     assert b["removable_at_least_2"]
-    payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.7, 0.65, 0.97], "agreement")
-    assert boundaries(payload)["mutation_layer"] is None  # 0.35 vs 0.3: nothing stands out
+    payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.7, 0.99, 0.75, 0.99, 0.98], "agreement")
+    payload["num_layers"] = 8
+    # changes after layer 3: 0.3, 0.01, 0.25, 0.01, 0.02 (median 0.02): two mutation layers, 4 first
+    assert boundaries(payload)["mutation_layers"] == [4, 6]
+    payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.85, 0.88, 0.86], "agreement")
+    assert boundaries(payload)["mutation_layer"] is None  # 0.15, 0.12, 0.14: nothing stands out
+    payload["oracle"][1]["best"]["recall"] = 0.97
+    assert not boundaries(payload)["removable_at_least_2"]  # recall loss 0.03 > 0.02
 
 
 @pytest.mark.slow
@@ -402,10 +409,11 @@ def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
     assert curves["top1_flip"].tolist() == [[False, True, True, True, False], [False, True, False, False, True]]
     assert curves["decision_depth"].tolist() == [3, 4]
     assert curves["sample"].tolist() == [0, 1]
-    # token 0: JS first <= 10% of its peak (1.0) at layer 2, top-1 still changes at layer 3 -> counts;
-    # token 1: first quiet layer 3 (0.01 <= 0.05), later flip at layer 4 -> counts
-    assert flips_after_js_drop(curves) == 1.0
-    assert flips_after_js_drop(curves, fraction=0.001) == 0.0  # never quiet: nothing after it
+    # token 0: JS first <= 10% of its peak (1.0) at layer 2, top-1 still changes at layer 3;
+    # token 1: first quiet layer 3 (0.01 <= 0.05), top-1 changes again at layer 4
+    assert flips_after_js_drop(curves, until=1.0) == 1.0
+    assert flips_after_js_drop(curves, until=0.75) == 0.5  # only layers <= 3 count: token 0
+    assert flips_after_js_drop(curves, until=1.0, fraction=0.001) == 0.0  # never quiet: nothing after it
     out = export_curves(tmp_path / "run", tmp_path / "m.npz", "m", max_tokens=1)
     with np.load(out) as z:
         meta = json.loads(str(z["meta"]))
@@ -420,7 +428,7 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path):
     write_json(root / "model" / "metrics.json", {"train_seconds": 120, "held_out": {
         "in_distribution": {"caption": caption, "pope_random": {"accuracy": 0.6}},
         "prior_breaking": {"caption": {"recall": 0.8, "chair_i": 0.3}, "pope_random": {"accuracy": 0.8}}}})
-    write_json(root / "behaviour.json", {"boundaries": {"critical_layer": 2, "mutation_layer": None,
+    write_json(root / "behaviour.json", {"boundaries": {"critical_layer": 2, "mutation_layers": [],
         "removable": {"1": {"layers": [3], "agreement": 0.97}, "2": {"layers": [2, 3], "agreement": 0.91}},
         "removable_at_least_2": True}})
     write_json(root / "analysis_a" / "stages.json", {"critical_layer": 1, "mutation_layers": [4]})
@@ -430,3 +438,22 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path):
     assert "2.0" in row and "0.900" in row and "0.300" in row and "0.700" in row  # minutes, recall, CHAIR pb, POPE
     assert "[3] (0.97) / [2, 3] (0.91)" in table and "none" in row and "1 / [4]" in table
     assert row[-1] == "- |"  # analysis_b missing
+
+
+def test_saved_zoo_curves_are_small_consistent_and_hold_the_early_flip_pattern():
+    folder = Path(__file__).parent / "data" / "zoo"
+    files = sorted(folder.glob("*.npz"))
+    assert len(files) >= 3 and sum(f.stat().st_size for f in files) < 1_000_000
+    shares = {}
+    for path in files:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            n = meta["num_layers"]
+            assert z["js_prev"].shape == z["p_token"].shape == z["top1_flip"].shape == (meta["tokens"], n + 1)
+            assert np.isnan(z["js_prev"][:, 0].astype(np.float32)).all() and not z["top1_flip"][:, 0].any()
+            p = z["p_token"].astype(np.float32)
+            assert ((p >= 0) & (p <= 1.001)).all()
+            assert ((z["decision_depth"] >= 0) & (z["decision_depth"] <= n)).all()
+            shares[meta["member"]] = flips_after_js_drop({k: z[k] for k in ("js_prev", "top1_flip")})
+            assert shares[meta["member"]] == pytest.approx(meta["flips_after_js_drop"])
+    assert max(shares.values()) >= 0.3  # a member whose early layers keep changing top-1 after the JS drops

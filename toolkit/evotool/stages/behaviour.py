@@ -61,8 +61,8 @@ class BoundaryRules:
                                                                      "of the full model's"})
     mutation_min_change: float = field(default=0.1, metadata={"help": "mutation: bypass must change at least this "
                                                                         "share of tokens"})
-    mutation_ratio: float = field(default=2.0, metadata={"help": "mutation: its change must be this many times the "
-                                                                   "next largest post-critical change"})
+    mutation_ratio: float = field(default=3.0, metadata={"help": "mutation: its change must be this many times the "
+                                                                   "median post-critical change"})
     removable_recall: float = field(default=0.02, metadata={"help": "removable: recall loss at most this"})
     removable_agreement: float = field(default=0.9, metadata={"help": "removable: free-running agreement at least this"})
 
@@ -343,15 +343,12 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     critical = next((e["layer"] for e in exits if e["recall"] >= best_recall - cfg.recall_tolerance
                      and e["chair_i_in"] <= full["chair_i_in"] + cfg.chair_tolerance), None)
 
-    mutation, change = None, {}
+    change: dict[int, float] = {}
     if critical is not None:
         change = {b["layer"]: 1.0 - b["agreement"] for b in payload["bypass_curve"] if b["layer"] > critical}
-    if change:
-        ranked = sorted(change.items(), key=lambda x: -x[1])
-        top, top_change = ranked[0]
-        runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
-        if top_change >= cfg.mutation_min_change and top_change >= cfg.mutation_ratio * runner_up:
-            mutation = top
+    typical = float(np.median(list(change.values()))) if change else 0.0
+    mutations = sorted(layer for layer, c in change.items()
+                       if c >= cfg.mutation_min_change and c >= cfg.mutation_ratio * typical)
 
     removable = {}
     for entry in payload["oracle"]:
@@ -364,7 +361,8 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     two = removable.get("2")
     return {
         "critical_layer": critical,
-        "mutation_layer": mutation,
+        "mutation_layer": mutations[0] if mutations else None,
+        "mutation_layers": mutations,
         "bypass_change_after_critical": {str(k): v for k, v in change.items()},
         "removable": removable,
         "removable_at_least_2": bool(two and two["keeps_task"]),

@@ -3,7 +3,9 @@
 :func:`export_curves` keeps, for up to ``max_tokens`` generated tokens of an ``evotool analyze`` run, the
 per-layer arrays the detector reads ([T, L+1], layer 0 = embeddings): ``js_prev``, ``p_token``,
 ``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's) and the per-token ``decision_depth``,
-plus ``sample`` (index of the sample each token belongs to) and ``token_id``. Floats are stored as float16.
+plus ``sample`` (index of the sample each token belongs to) and ``token_id``. Floats are stored as float16;
+``meta`` (a JSON string) names the member and, when the member has a ``behaviour.json``, its behavioural
+critical / mutation layers.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
     return {k: v[:max_tokens] for k, v in curves.items()} if max_tokens else curves
 
 
-def flips_after_js_drop(curves: dict[str, np.ndarray], fraction: float = 0.1) -> float:
-    """Share of tokens whose top-1 still changes after their adjacent-layer JS first fell to ``fraction`` of its
-    peak (the pattern that makes an early critical layer look plausible while the decision is still open)."""
+def flips_after_js_drop(curves: dict[str, np.ndarray], fraction: float = 0.1, until: float = 0.5) -> float:
+    """Share of tokens whose top-1 still changes in the early layers (up to ``until`` x L) after their adjacent-layer
+    JS first fell to ``fraction`` of its peak: the pattern that makes an early critical layer look plausible while
+    the decision is still open."""
     js = np.nan_to_num(curves["js_prev"].astype(np.float64))
     quiet = js[:, 1:] <= fraction * js.max(axis=1, keepdims=True)
     first = np.where(quiet.any(1), quiet.argmax(1) + 1, js.shape[1])  # first quiet layer per token
-    later = np.arange(js.shape[1])[None, :] > first[:, None]
-    return float((curves["top1_flip"] & later).any(1).mean())
+    layer = np.arange(js.shape[1])[None, :]
+    window = (layer > first[:, None]) & (layer <= until * (js.shape[1] - 1))
+    return float((curves["top1_flip"] & window).any(1).mean())
 
 
 def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) -> Path:
@@ -57,6 +61,10 @@ def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) 
     stages = json.loads((Path(run_dir) / "stages.json").read_text())
     meta = {"member": member, "num_layers": stages["num_layers"], "run": str(run_dir), "tokens": len(curves["token_id"]),
             "flips_after_js_drop": flips_after_js_drop(curves)}
+    behaviour = Path(run_dir).parent / "behaviour.json"
+    if behaviour.is_file():
+        bounds = json.loads(behaviour.read_text())["boundaries"]
+        meta["behaviour"] = {k: bounds[k] for k in ("critical_layer", "mutation_layer", "removable_at_least_2")}
     arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v.astype(np.int16 if k != "top1_flip" else bool))
               for k, v in curves.items()}
     buf = io.BytesIO()

@@ -50,7 +50,7 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
         removable = b["removable"]
         sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
         row.update({"beh. critical": str(b["critical_layer"]),
-                    "beh. mutation": str(b["mutation_layer"] if b["mutation_layer"] is not None else "none"),
+                    "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
     for tag in ("a", "b"):
         stages = _read(member_dir / f"analysis_{tag}" / "stages.json")
