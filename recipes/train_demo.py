@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from evotool.world.train import load_train_config, train
+from evotool.world.config import load_train_config
+from evotool.world.train import train
 
 
 def run(config: Path | None = None, out: Path = Path("runs/train-demo"), overrides: list[str] | None = None,

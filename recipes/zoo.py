@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from evotool.zoo.build import ZooConfig, build_zoo, load_members
+from evotool.zoo.build import build_zoo
+from evotool.zoo.config import ZooConfig, load_members
 from evotool.zoo.curves import export_curves
 from evotool.zoo.report import zoo_table
 

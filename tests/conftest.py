@@ -148,14 +148,16 @@ def make_inputs(model: torch.nn.Module, model_type: str, batch: int = 2, text_le
     return inputs
 
 
-def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0) -> tuple[torch.nn.Module, object]:
-    """A random 32-wide LLaVA of the shipped model's kind (world processor and tokenizer), in eval mode;
-    saved with its processor to ``save_to`` when given."""
+def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0, family: str = "llama",
+                     tie_embeddings: bool = False) -> tuple[torch.nn.Module, object]:
+    """A random 32-wide LLaVA of the shipped model's kind (world processor and tokenizer; decoder ``family``
+    llama / qwen2 / gemma), in eval mode; saved with its processor to ``save_to`` when given."""
     from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
 
     torch.manual_seed(seed)
     processor = build_processor()
-    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=layers, heads=4, mlp=64)
+    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=layers, heads=4, mlp=64, family=family,
+                        tie_embeddings=tie_embeddings)
     model = build_model(processor.tokenizer, WorldConfig(), sizes).eval()
     if save_to is not None:
         model.save_pretrained(save_to)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import copy
-import re
-import sys
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
-from evotool.cli import app, main
-from evotool.config import from_dict, packaged_yaml, to_dict
+from conftest import run_cli, stage_file, tiny_world_llava
+from evotool.cli import app
+from evotool.config import from_dict, to_dict
+from evotool.data.inputs import Sample
 from evotool.errors import ConfigError, InputError
 from evotool.generation import build_inputs, generate_ids
 from evotool.io import atomic_dir, write_json
 from evotool.lens import NormedLens
 from evotool.models.registry import decoder_parts
 from evotool.prune.static import remove_layers
+from evotool.stages import write_stages
 from evotool.stages.behaviour import (
-    BehaviourConfig,
     Forced,
     Probe,
     boundaries,
@@ -31,15 +33,17 @@ from evotool.stages.behaviour import (
     measure,
     overturn_layers,
     phantom_positions,
+    read_behaviour,
+    save_behaviour,
     score,
     without_layers,
 )
 from evotool.trace import LayerCapture
 from evotool.world import WorldConfig, build_model, build_processor, default_model_path, make_records
-from evotool.world.model import ModelConfig
-from evotool.world.train import TrainConfig, load_train_config
+from evotool.world.config import TrainConfig, load_train_config
 from evotool.zoo import ZooMember, load_members
-from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, world_records
+from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, refresh_truth, world_records
+from evotool.zoo.config import BehaviourConfig, BoundaryRules
 from evotool.zoo.curves import export_curves, flips_after_js_drop, token_curves
 from evotool.zoo.report import zoo_table
 
@@ -85,19 +89,8 @@ def test_train_config_rejects_bad_values_with_the_key_and_file(tmp_path: Path):
         load_train_config(None, ["model.family=mamba"])
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run ``evotool ARGS`` through the real entry point; (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["evotool", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
-
-
 def test_train_demo_cli_refuses_zero_steps_in_one_line(monkeypatch, capsys):
-    code, err = cli(monkeypatch, capsys, "train-demo", "--max-steps", "0", "--no-wandb")
+    code, _, err = run_cli(monkeypatch, capsys, "train-demo", "--max-steps", "0", "--no-wandb")
     assert code == 2
     assert err.startswith("error: ") and "max_steps must be >= 1" in err and len(err.strip().splitlines()) == 1
 
@@ -117,11 +110,8 @@ def test_phantom_scale_changes_only_the_phantom_rate():
 # --- decoder families ------------------------------------------------------------------------------------
 
 def _family_model(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    processor = build_processor()
-    sizes = ModelConfig(vision_width=32, vision_layers=1, width=32, layers=3, heads=2, mlp=64, family=family,
-                        tie_embeddings=family == "gemma")
-    return build_model(processor.tokenizer, WorldConfig(), sizes), processor
+    """A random 3-layer world LLaVA of ``family`` (Gemma with tied embeddings)."""
+    return tiny_world_llava(3, seed=seed, family=family, tie_embeddings=family == "gemma")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -245,7 +235,6 @@ def test_world_records_hold_both_groups_and_every_pope_kind():
 def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatch, capsys):
     configs = tmp_path / "configs"
     configs.mkdir()
-    import yaml
 
     (configs / "tiny.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config(steps=10))))
     out = tmp_path / "zoo"
@@ -267,7 +256,7 @@ def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatc
     assert CliRunner().invoke(app, args).exit_code == 0
     assert (member / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not retrained
     assert "zoo build" in (out / "build.log").read_text()
-    code, err = cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs), "--members", "nope")
+    code, _, err = run_cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs), "--members", "nope")
     assert code == 2 and "unknown zoo member 'nope'" in err
 
 
@@ -275,10 +264,8 @@ def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatc
 
 @pytest.fixture(scope="module")
 def tiny_world_model():
-    """A 4-layer random world LLaVA (llama family)."""
-    model, processor = _family_model("llama", seed=3)
-    model.eval()
-    return model, processor
+    """A 3-layer random world LLaVA (llama family)."""
+    return _family_model("llama", seed=3)
 
 
 def _static_ids(model, processor, probe, layers, cfg):
@@ -291,7 +278,8 @@ def test_exit_and_bypass_curves_match_independent_computations(tiny_world_model)
     model, processor = tiny_world_model
     cfg = BehaviourConfig(captions=4, pope=2, max_new_tokens=6)
     probe = Probe.build(model, processor, WorldConfig(seed=4), cfg)
-    full, ref = score(model, processor, probe, None, cfg)
+    full, gen = score(model, processor, probe, None, cfg)
+    ref = gen.ids
     payload = measure(model, processor, WorldConfig(seed=4), cfg)
     n = payload["num_layers"]
     last = payload["exit_curve"][-1]
@@ -311,7 +299,7 @@ def test_exit_and_bypass_curves_match_independent_computations(tiny_world_model)
     singles = [b["agreement"] for b in payload["bypass_curve"]]
     assert payload["oracle"][0]["best"]["agreement"] == pytest.approx(max(singles))
     assert payload["oracle"][0]["method"] == "exhaustive"
-    assert len(payload["oracle"]) == 1  # ceil(4 * 0.25)
+    assert len(payload["oracle"]) == 1  # ceil(3 * 0.25)
     counts = payload["overturns"]["all"]
     assert sum(counts["decision_depth"]) == counts["tokens"] == sum(len(r) for r in ref)
 
@@ -320,8 +308,8 @@ def test_forced_agreement_of_the_full_model_on_its_own_generation_is_one(tiny_wo
     model, processor = tiny_world_model
     cfg = BehaviourConfig(captions=4, pope=0, max_new_tokens=6)
     probe = Probe.build(model, processor, WorldConfig(seed=4), cfg)
-    _, ref = score(model, processor, probe, None, cfg)
-    forced = Forced.build(probe.caption_inputs, ref, processor.tokenizer.pad_token_id)
+    _, gen = score(model, processor, probe, None, cfg)
+    forced = Forced.build(probe.caption_inputs, gen.ids, processor.tokenizer.pad_token_id)
     assert forced_agreement(model, forced) == pytest.approx(1.0)
     with without_layers(model, [1, 2]) as variant:
         pruned = forced_agreement(variant, forced)
@@ -342,23 +330,29 @@ def test_overturns_count_a_switch_after_a_stable_alternative():
 def test_phantom_positions_find_the_absent_object_and_its_separator():
     processor = build_processor()
     tok = processor.tokenizer
-    rec = {"objects": ["circle"]}
+    sample = Sample(id="s", image=Path("unused.png"), objects=["circle"])
     ids = [tok.convert_tokens_to_ids(w) for w in "a red circle , a blue square .".split()]
-    objects, separators = phantom_positions(processor, [rec, rec], [ids[:4], ids])
+    objects, separators = phantom_positions(processor, [sample, sample], [ids[:4], ids])
     assert objects == [4 + 6] and separators == [4 + 3]
 
 
-def test_boundaries_follow_the_documented_definitions():
-    def curve(values, key):
-        return [{"layer": i + 1, key: v} for i, v in enumerate(values)]
+def _curve(values, key):
+    return [{"layer": i + 1, key: v} for i, v in enumerate(values)]
 
+
+def _curves_payload() -> dict:
+    """Hand-made curves of a 6-layer model: critical 3, mutation 5, layers [3, 4] removable."""
     exits = [{"layer": i + 1, "recall": r, "chair_i_in": c} for i, (r, c) in
              enumerate(zip([0.1, 0.5, 0.97, 1.0, 1.0, 1.0], [0.9, 0.4, 0.02, 0.0, 0.0, 0.0]))]
-    bypass = curve([0.5, 0.9, 0.95, 0.98, 0.6, 0.97], "agreement")
     oracle = [{"k": 1, "best": {"layers": [4], "agreement": 0.98, "recall": 1.0}},
               {"k": 2, "best": {"layers": [3, 4], "agreement": 0.92, "recall": 0.99}}]
-    payload = {"num_layers": 6, "full": {"recall": 1.0, "chair_i_in": 0.0}, "exit_curve": exits,
-               "bypass_curve": bypass, "oracle": oracle}
+    return {"num_layers": 6, "full": {"recall": 1.0, "chair_i_in": 0.0}, "exit_curve": exits,
+            "bypass_curve": _curve([0.5, 0.9, 0.95, 0.98, 0.6, 0.97], "agreement"), "oracle": oracle}
+
+
+def test_boundaries_follow_the_documented_definitions():
+    curve = _curve
+    payload = _curves_payload()
     b = boundaries(payload)
     assert b["critical_layer"] == 3  # first exit within 0.05 recall of the best and 0.05 CHAIR_i of the full model
     # post-critical changes 0.02, 0.4, 0.03: median 0.03, only layer 5 is >= 0.1 and >= 3x the median
@@ -400,7 +394,7 @@ def _store_with_traces(root: Path) -> None:
         trace = SampleTrace(token_ids=np.array([6 if i == 0 else 8]), layers=layers,
                             topk_ids=np.zeros((1, 5, 1), dtype=int), topk_p=np.zeros((1, 5, 1)))
         store.save(f"s{i}", trace, {"id": f"s{i}", "index": i})
-    write_json(root / "stages.json", {"num_layers": 4, "critical_layer": 2, "mutation_layers": [4]})
+    write_stages(root / "stages.json", stage_file(4, 2, [4]).payload)
 
 
 def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
@@ -421,23 +415,41 @@ def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
         assert z["js_prev"].dtype == np.float16 and z["js_prev"].shape == (1, 5)
 
 
-def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path):
+def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, monkeypatch, capsys):
     members = {"m": tiny_member_config()}
     root = tmp_path / "m"
     caption = {"recall": 0.9, "chair_i": 0.1}
     write_json(root / "model" / "metrics.json", {"train_seconds": 120, "held_out": {
         "in_distribution": {"caption": caption, "pope_random": {"accuracy": 0.6}},
-        "prior_breaking": {"caption": {"recall": 0.8, "chair_i": 0.3}, "pope_random": {"accuracy": 0.8}}}})
-    write_json(root / "behaviour.json", {"boundaries": {"critical_layer": 2, "mutation_layers": [],
-        "removable": {"1": {"layers": [3], "agreement": 0.97}, "2": {"layers": [2, 3], "agreement": 0.91}},
-        "removable_at_least_2": True}})
-    write_json(root / "analysis_a" / "stages.json", {"critical_layer": 1, "mutation_layers": [4]})
+        "prior_breaking": {"caption": {"recall": 0.8, "chair_i": 0.3}, "pope_random": {"accuracy": 0.8}}}}, schema="1.0")
+    # boundaries stored under an earlier, looser mutation rule: every post-critical change >= 0.01 was a mutation
+    payload = _curves_payload()
+    old_rules = BoundaryRules(mutation_min_change=0.01, mutation_ratio=0.5)
+    payload.update(rules=to_dict(old_rules), boundaries=boundaries(payload, old_rules))
+    assert payload["boundaries"]["mutation_layers"] == [4, 5, 6]
+    save_behaviour(root / "behaviour.json", payload)
+    write_stages(root / "analysis_a" / "stages.json", stage_file(6, 1, [4]).payload)
     table = zoo_table(members, tmp_path)
     row = table.splitlines()[2].split(" | ")
     assert row[:4] == ["| m", "tune", "llama", "4"]
     assert "2.0" in row and "0.900" in row and "0.300" in row and "0.700" in row  # minutes, recall, CHAIR pb, POPE
-    assert "[3] (0.97) / [2, 3] (0.91)" in table and "none" in row and "1 / [4]" in table
+    assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
+    assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-1] == "- |"  # analysis_b missing
+    # `zoo status --refresh` rewrites the stale file once; the table then shows it as current
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "m.yaml").write_text(yaml.safe_dump(to_dict(members["m"])))
+    code, out, err = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs), "--refresh")
+    assert code == 0 and "refreshed boundaries of 1 member(s): m" in err and "| 3 |" in out and "*" not in out
+    stored = json.loads((root / "behaviour.json").read_text())
+    assert stored["schema_version"] == "1.1" and stored["boundaries"]["mutation_layers"] == [5] and "stale" not in stored
+    assert refresh_truth(["m"], tmp_path) == [] and not read_behaviour(root / "behaviour.json")["stale"]
+    # a behaviour file without curves: '-' in the table, one error line from --refresh
+    write_json(root / "behaviour.json", {"boundaries": {}}, schema="1.1")
+    assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11] == "-"
+    code, _, err = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs), "--refresh")
+    assert code == 2 and err.startswith("error: ") and "without 'num_layers'" in err
 
 
 def test_saved_zoo_curves_are_small_consistent_and_hold_the_early_flip_pattern():

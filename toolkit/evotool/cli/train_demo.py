@@ -7,19 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from evotool.cli.options import NoWandb
+from evotool.cli.options import ConfigFile, NoWandb, SetPairs, option, overrides
+from evotool.world.config import TrainConfig as C
 
 
 def command(
-    config: Annotated[Optional[Path], typer.Option(help="YAML TrainConfig (default: the packaged train_demo.yaml)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder for the checkpoint and model card")] = Path("runs/train-demo"),
-    max_steps: Annotated[Optional[int], typer.Option(help="cap on every stage's steps (quick runs)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="config override a.b=value (repeatable)")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for the checkpoint and model card.")] = Path("runs/train-demo"),
+    max_steps: Annotated[Optional[int], option(C, "max_steps")] = None,
+    seed: Annotated[Optional[int], option(C, "seed")] = None,
+    config: ConfigFile = None,
+    set_: SetPairs = None,
     no_wandb: NoWandb = False,
 ) -> None:
-    """Train the demo VLM on the synthetic world (staged, as LLaVA) and save it with a model card."""
-    from evotool.world.train import load_train_config, train
+    """Train the demo VLM on the synthetic world (staged, as LLaVA) and save it with a model card.
 
-    overrides = list(set_ or []) + ([f"max_steps={max_steps}"] if max_steps is not None else [])
-    path = train(load_train_config(config, overrides), out, wandb=not no_wandb)
-    typer.echo(f"saved the demo model to {path}")
+    Without --config the packaged train_demo.yaml (the shipped model's config) is used."""
+    from evotool.world.config import load_train_config
+    from evotool.world.train import train
+
+    cfg = load_train_config(config, overrides({"max_steps": max_steps, "seed": seed}, set_))
+    typer.echo(f"saved the demo model to {train(cfg, out, wandb=not no_wandb)}")

@@ -1,4 +1,4 @@
-"""`evotool zoo build`: train the model zoo (cached checkpoints), its manifests, analyses and ground truth."""
+"""`evotool zoo build | status`: the model zoo (cached checkpoints), its manifests, analyses and ground truth."""
 
 from __future__ import annotations
 
@@ -7,29 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from evotool.cli.options import NoWandb
+from evotool.cli.options import ConfigFile, SetPairs, option, overrides
+from evotool.zoo.config import ZooConfig as C
 
 app = typer.Typer(help="The model zoo: many small world VLMs with behavioural ground truth.", no_args_is_help=True)
 
 
 @app.command("build")
 def build(
-    out: Annotated[Path, typer.Option(help="Zoo folder (one sub-folder per member).")] = Path("runs/zoo"),
-    members: Annotated[Optional[str], typer.Option(help="Comma-separated members (default: all).")] = None,
-    steps: Annotated[str, typer.Option(help="Comma-separated steps: train,manifests,analyze,truth.")] = "train,manifests,analyze,truth",
-    jobs: Annotated[int, typer.Option(help="Members built at once (one worker process each).")] = 1,
-    configs: Annotated[Optional[Path], typer.Option(help="Folder of member YAMLs (default: configs/zoo).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="ZooConfig override a.b=value (repeatable).")] = None,
-    no_wandb: NoWandb = False,
+    out: Annotated[Optional[Path], option(C, "out")] = None,
+    members: Annotated[Optional[str], option(C, "members")] = None,
+    steps: Annotated[Optional[str], option(C, "steps")] = None,
+    jobs: Annotated[Optional[int], option(C, "jobs")] = None,
+    configs: Annotated[Optional[Path], option(C, "configs")] = None,
+    wandb: Annotated[Optional[bool], option(C, "wandb", "--wandb/--no-wandb")] = None,
+    config: ConfigFile = None,
+    set_: SetPairs = None,
 ) -> None:
-    """Build every zoo member: train (skipped when the checkpoint's config hash matches), manifests, analyses, truth."""
-    from evotool.config import load_config, merge, parse_set
-    from evotool.zoo.build import ZooConfig, build_zoo
+    """Build zoo members: train (skipped when the checkpoint's config hash matches), manifests, analyses, truth."""
+    from evotool.config import load_config
+    from evotool.zoo.build import build_zoo
 
-    data = {"out": str(out), "steps": steps, "jobs": jobs, "wandb": not no_wandb,
-            "members": members or [], "configs": str(configs) if configs else None}
-    cfg = load_config(ZooConfig, None, merge(data, parse_set(set_ or [])))
-    status = build_zoo(cfg, set_ or [])
+    flags = {"out": out, "members": members, "steps": steps, "jobs": jobs, "configs": configs, "wandb": wandb}
+    cfg = load_config(C, config, overrides(flags, set_))
+    status = build_zoo(cfg)
     failed = [name for name, code in status.items() if code]
     if failed:
         typer.echo(f"failed members: {', '.join(failed)} (see {cfg.out}/<member>/build.log)", err=True)
@@ -39,11 +40,18 @@ def build(
 
 @app.command("status")
 def status(
-    out: Annotated[Path, typer.Option(help="Zoo folder.")] = Path("runs/zoo"),
-    configs: Annotated[Optional[Path], typer.Option(help="Folder of member YAMLs (default: configs/zoo).")] = None,
+    out: Annotated[Path, option(C, "out")] = C.out,
+    configs: Annotated[Optional[Path], option(C, "configs")] = None,
+    refresh: Annotated[bool, typer.Option(help="Rewrite behaviour.json files whose stored boundaries are stale "
+                                               "(re-derived from their curves under the current rules).")] = False,
 ) -> None:
-    """Print the member table: config, held-out metrics, behavioural boundaries, detector output."""
-    from evotool.zoo.build import load_members
+    """Print the member table: config, held-out metrics, behavioural boundaries (current rules), detector output."""
+    from evotool.zoo.build import refresh_truth
+    from evotool.zoo.config import load_members
     from evotool.zoo.report import zoo_table
 
-    typer.echo(zoo_table(load_members(configs), out))
+    members = load_members(configs)
+    if refresh:
+        rewritten = refresh_truth(list(members), out)
+        typer.echo(f"refreshed boundaries of {len(rewritten)} member(s): {', '.join(rewritten) or '-'}", err=True)
+    typer.echo(zoo_table(members, out))

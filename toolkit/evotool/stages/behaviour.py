@@ -18,6 +18,8 @@ On held-out world captions (half in distribution, half prior-breaking) and POPE 
 
 :func:`boundaries` turns these curves into the behavioural critical layer, mutation layer and removable
 sets; the definitions and their reasons are in docs/stages.md. Layers are numbered 1..L (0 = embeddings).
+The rules are cheap to re-apply: :func:`read_behaviour` re-derives the boundaries of a stored ``behaviour.json``
+from its curves with the current rules, so a refined rule never needs the curves measured again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,69 +38,35 @@ import torch
 from torch import nn
 
 from evotool.analysis.aggregate import decision_depth
-from evotool.errors import ConfigError, InputError
+from evotool.data.inputs import Sample
+from evotool.errors import InputError
 from evotool.evals.pope import pope_metrics
 from evotool.evals.world import caption_mentions, caption_scores
-from evotool.generation import build_inputs, decode, generate_ids
+from evotool.generation import Generations, build_inputs, generate_samples, load_images
+from evotool.hooks import capture_states
 from evotool.io import read_json, write_json
 from evotool.lens import NormedLens
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.prune.evaluate import token_agreement
-from evotool.prune.runtime import exit_after, skip_layers
+from evotool.prune.runtime import cache_reference_layers, exit_after, skip_layers
 from evotool.prune.static import remove_layers
+from evotool.world import records_to_samples
 from evotool.world.generator import WorldConfig, make_records
+from evotool.zoo.config import BehaviourConfig, BoundaryRules
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = "1.1"  # 1.1: string version; the curves are those of 1 (stored curves of 1 are reused)
 KIND = "evotool.behaviour"
-
-
-@dataclass(frozen=True)
-class BoundaryRules:
-    """How the behavioural boundaries are read from the curves (definitions and reasons in docs/stages.md)."""
-
-    recall_tolerance: float = field(default=0.05, metadata={"help": "critical: exit recall within this of the best exit"})
-    chair_tolerance: float = field(default=0.05, metadata={"help": "critical: exit in-distribution CHAIR_i within this "
-                                                                     "of the full model's"})
-    mutation_min_change: float = field(default=0.1, metadata={"help": "mutation: bypass must change at least this "
-                                                                        "share of tokens"})
-    mutation_ratio: float = field(default=3.0, metadata={"help": "mutation: its change must be this many times the "
-                                                                   "median post-critical change"})
-    removable_recall: float = field(default=0.02, metadata={"help": "removable: recall loss at most this"})
-    removable_agreement: float = field(default=0.9, metadata={"help": "removable: free-running agreement at least this"})
-
-
-@dataclass(frozen=True)
-class BehaviourConfig:
-    """What the ground truth is measured on, and the rules that read boundaries from it."""
-
-    captions: int = field(default=48, metadata={"help": "held-out captions (first half in distribution, rest prior-breaking)"})
-    pope: int = field(default=24, metadata={"help": "POPE questions (half pope_random, half pope_adversarial, prior-breaking)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens per caption"})
-    oracle_fraction: float = field(default=0.25, metadata={"help": "oracle removal for k = 1..ceil(L * fraction)"})
-    exhaustive_limit: int = field(default=500, metadata={"help": "exhaustive search when C(L, k) <= this"})
-    beam: int = field(default=4, metadata={"help": "beam width of the search beyond the exhaustive limit"})
-    rerank: int = field(default=4, metadata={"help": "best teacher-forced candidates re-scored free-running"})
-    batch_size: int = field(default=48, metadata={"help": "sequences per forward pass"})
-    rules: BoundaryRules = field(default_factory=BoundaryRules, metadata={"help": "boundary definitions"})
-
-    def __post_init__(self) -> None:
-        if self.captions < 2 or self.pope < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("behaviour: captions >= 2, pope >= 0, max_new_tokens and batch_size >= 1")
-        if not 0 < self.oracle_fraction < 1 or self.beam < 1 or self.rerank < 1 or self.exhaustive_limit < 1:
-            raise ConfigError("behaviour: oracle_fraction in (0, 1); beam, rerank, exhaustive_limit >= 1")
-
-    def measurement(self) -> dict[str, Any]:
-        """The settings the curves depend on (the rules are re-applied to stored curves)."""
-        return {k: v for k, v in asdict(self).items() if k != "rules"}
+BEHAVIOUR_FILE = "behaviour.json"
 
 
 @contextmanager
 def without_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Module]:
-    """``model`` with decoder layers ``layers`` (1..L) removed: runtime skipping, or a statically pruned copy
-    when layer 1 is among them (runtime skipping cannot drop layer 1). Both give the pruned model's outputs."""
+    """``model`` with decoder layers ``layers`` (1..L) removed: runtime skipping, or a statically pruned copy when
+    a cache-reference layer (layer 1, ...) is among them (runtime skipping cannot drop those). Both give the
+    pruned model's outputs."""
     if not layers:
         yield model
-    elif 1 in layers:
+    elif set(layers) & set(cache_reference_layers(model)):
         pruned = copy.deepcopy(model)
         remove_layers(pruned, layers)
         yield pruned
@@ -109,57 +77,45 @@ def without_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Modul
 
 @dataclass
 class Probe:
-    """The held-out inputs, prepared once: caption records and inputs, POPE records and inputs."""
+    """The held-out samples: captions (in distribution, then prior-breaking), POPE questions, and the captions'
+    prompt inputs for teacher forcing (built once)."""
 
-    captions: list[dict[str, Any]]
+    captions: list[Sample]
     caption_inputs: dict[str, torch.Tensor]
-    pope: list[dict[str, Any]]
-    pope_inputs: dict[str, torch.Tensor] | None
+    pope: list[Sample]
 
     @classmethod
     def build(cls, model: nn.Module, processor: Any, world: WorldConfig, cfg: BehaviourConfig) -> Probe:
         half = cfg.captions // 2
-        captions = make_records("caption", "test", cfg.captions - half, world) + make_records(
-            "caption", "prior_breaking", half, world)
-        pope = []
+        captions = records_to_samples(make_records("caption", "test", cfg.captions - half, world)
+                                      + make_records("caption", "prior_breaking", half, world))
+        records = []
         if cfg.pope:
-            pope = make_records("pope_random", "prior_breaking", cfg.pope - cfg.pope // 2, world)
-            pope += make_records("pope_adversarial", "prior_breaking", cfg.pope // 2, world) if cfg.pope > 1 else []
-
-        def inputs(records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return build_inputs(processor, [r["image"] for r in records], [r["prompt"] for r in records],
-                                model.device, model.dtype)
-
-        return cls(captions, inputs(captions), pope, inputs(pope) if pope else None)
-
-
-def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    n = inputs["input_ids"].shape[0]
-    out: list[list[int]] = []
-    for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
-        out += generate_ids(model, chunk, max_new_tokens)
-    return out
+            records = make_records("pope_random", "prior_breaking", cfg.pope - cfg.pope // 2, world)
+            records += make_records("pope_adversarial", "prior_breaking", cfg.pope // 2, world) if cfg.pope > 1 else []
+        _, images = load_images(captions)
+        inputs = build_inputs(processor, images, [s.prompt for s in captions], model.device, model.dtype)
+        return cls(captions, inputs, records_to_samples(records))
 
 
 def score(model: nn.Module, processor: Any, probe: Probe, reference: list[list[int]] | None,
-          cfg: BehaviourConfig, pope: bool = True) -> tuple[dict[str, float], list[list[int]]]:
+          cfg: BehaviourConfig, pope: bool = True) -> tuple[dict[str, float], Generations]:
     """Task metrics of ``model`` as it stands (greedy; POPE accuracy when ``pope``) and, given the full model's
-    ids, token agreement."""
-    ids = _generate(model, probe.caption_inputs, cfg.max_new_tokens, cfg.batch_size)
-    texts = decode(processor, ids)
+    ids, token agreement; and its caption generations."""
+    gen = generate_samples(model, processor, probe.captions, cfg.batch_size, cfg.max_new_tokens)
+    ids, texts = gen.ids, gen.texts
     half = len(probe.captions) - cfg.captions // 2
     both = caption_scores(texts, probe.captions, [len(i) for i in ids])
     ind = caption_scores(texts[:half], probe.captions[:half], [len(i) for i in ids[:half]])
     pb = caption_scores(texts[half:], probe.captions[half:], [len(i) for i in ids[half:]])
     out = {"recall": both["recall"], "chair_i": both["chair_i"], "chair_i_in": ind["chair_i"],
            "chair_i_pb": pb["chair_i"], "recall_pb": pb["recall"], "mean_length": both["mean_length"]}
-    if pope and probe.pope_inputs is not None:
-        answers = decode(processor, _generate(model, probe.pope_inputs, 3, cfg.batch_size))
-        out["pope_accuracy"] = pope_metrics(answers, [r["answer"] for r in probe.pope])["accuracy"]
+    if pope and probe.pope:
+        answers = generate_samples(model, processor, probe.pope, cfg.batch_size, 3).texts
+        out["pope_accuracy"] = pope_metrics(answers, [s.answer for s in probe.pope])["accuracy"]
     if reference is not None:
         out.update(token_agreement(reference, ids))
-    return out, ids
+    return out, gen
 
 
 @dataclass
@@ -201,24 +157,9 @@ def forced_agreement(model: nn.Module, forced: Forced) -> float:
 @torch.inference_mode()
 def layer_top1(model: nn.Module, parts: DecoderParts, forced: Forced) -> torch.Tensor:
     """Normed-lens top-1 at every layer 0..L for every generated token: [N_tokens, L+1]."""
-    states: list[torch.Tensor] = [torch.empty(0)] * (parts.num_layers + 1)
     span = forced.positions()
-
-    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        states[0] = (args[0] if args else kwargs["hidden_states"])[:, span]
-
-    def post(i: int):
-        def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
-            states[i] = (out[0] if isinstance(out, tuple) else out)[:, span]
-        return hook
-
-    handles = [parts.layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
-    handles += [layer.register_forward_hook(post(i)) for i, layer in enumerate(parts.layers, start=1)]
-    try:
+    with capture_states(parts.layers, lambda h: h[:, span].detach()) as states:
         model(**forced.inputs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     lens = NormedLens(parts)
     top1 = torch.stack([lens.logits(s[None])[0].argmax(-1) for s in states], -1)  # [N, T, L+1]
     return top1[forced.mask]
@@ -233,16 +174,16 @@ def overturn_layers(top1: np.ndarray, emitted: np.ndarray) -> np.ndarray:
     return out
 
 
-def phantom_positions(processor: Any, records: list[dict[str, Any]], ids: list[list[int]]) -> tuple[list[int], list[int]]:
+def phantom_positions(processor: Any, samples: Sequence[Sample], ids: list[list[int]]) -> tuple[list[int], list[int]]:
     """Flat token indices (over all generated tokens, row-major) of phantom object words (a shape absent from the
     image) and of the ``,`` that continued the list right before each phantom phrase (``, a <colour> <shape>``)."""
     tok = getattr(processor, "tokenizer", processor)
     objects, separators, offset = [], [], 0
-    for rec, row in zip(records, ids):
+    for sample, row in zip(samples, ids):
         words = tok.convert_ids_to_tokens(row)
         for j, word in enumerate(words):
             shapes = caption_mentions(word)
-            if shapes and shapes[0][1] not in rec["objects"]:
+            if shapes and shapes[0][1] not in (sample.objects or ()):
                 objects.append(offset + j)
                 sep = next((i for i in range(j - 1, max(-1, j - 4), -1) if words[i] == ","), None)
                 if sep is not None:
@@ -292,7 +233,8 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     parts = decoder_parts(model)
     n = parts.num_layers
     probe = Probe.build(model, processor, world, cfg)
-    full, ref = score(model, processor, probe, None, cfg)
+    full, reference = score(model, processor, probe, None, cfg)
+    ref = reference.ids
     say(f"full model: {full}")
 
     exit_curve = []
@@ -330,7 +272,7 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     overturns = overturn_stats(top1, emitted, {"phantom_object": objects, "phantom_separator": separators})
     return {"num_layers": n, "full": full, "exit_curve": exit_curve, "bypass_curve": bypass_curve,
             "oracle": oracle, "overturns": overturns,
-            "texts": decode(processor, ref), "record_ids": [r["id"] for r in probe.captions]}
+            "texts": reference.texts, "record_ids": [s.id for s in probe.captions]}
 
 
 def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dict[str, Any]:
@@ -370,6 +312,33 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     }
 
 
+def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None) -> bool:
+    """Set ``payload["rules"]`` and re-derive ``payload["boundaries"]`` from its curves (cheap); True when either
+    changed (the stored boundaries were stale, e.g. written under an earlier rule)."""
+    rules = rules or BoundaryRules()
+    old = (payload.get("rules"), payload.get("boundaries"))
+    payload["rules"] = asdict(rules)
+    payload["boundaries"] = boundaries(payload, rules)
+    return old != (payload["rules"], payload["boundaries"])
+
+
+def read_behaviour(path: Path, rules: BoundaryRules | None = None) -> dict[str, Any]:
+    """A stored ``behaviour.json`` with its boundaries re-derived under ``rules`` (default: the current ones);
+    ``stale`` in the result says whether the stored boundaries differed. :class:`InputError` for a missing or
+    corrupt file, another schema, or a file without curves."""
+    payload = read_json(Path(path), InputError, "behaviour file", schema=SCHEMA_VERSION)
+    missing = [k for k in ("num_layers", "full", "exit_curve", "bypass_curve", "oracle") if k not in payload]
+    if missing:
+        raise InputError(f"{path}: behaviour file without {missing[0]!r} (measure it with `evotool zoo build --steps truth`)")
+    payload["stale"] = apply_rules(payload, rules)
+    return payload
+
+
+def save_behaviour(path: Path, payload: dict[str, Any]) -> Path:
+    """Write a behaviour payload (versioned, atomic); returns ``path``."""
+    return write_json(Path(path), {k: v for k, v in payload.items() if k != "stale"}, schema=SCHEMA_VERSION)
+
+
 def write_behaviour(model_dir: Path, out: Path, world: WorldConfig, cfg: BehaviourConfig | None = None,
                     progress: Any = print) -> Path:
     """Measure ``model_dir`` and write ``out`` (behaviour.json). Curves stored for the same model and measurement
@@ -380,19 +349,12 @@ def write_behaviour(model_dir: Path, out: Path, world: WorldConfig, cfg: Behavio
     model, processor = load_model(str(model_dir))
     fp = fingerprint(model)
     settings = {"behaviour": cfg.measurement(), "world": asdict(world)}
-    payload = None
-    if out.is_file():
-        try:
-            old = read_json(out)
-        except InputError:
-            old = {}
-        if old.get("schema_version") == SCHEMA_VERSION and old.get("fingerprint") == fp and old.get("settings") == settings:
-            payload = old
-    if payload is None:
-        body = measure(model, processor, world, cfg, progress)
-        payload = {"schema_version": SCHEMA_VERSION, "kind": KIND, "model": str(model_dir), "fingerprint": fp,
-                   "settings": settings, **body}
-    payload["rules"] = asdict(cfg.rules)
-    payload["boundaries"] = boundaries(payload, cfg.rules)
-    write_json(out, payload)
-    return out
+    try:
+        payload: dict[str, Any] | None = read_behaviour(out, cfg.rules) if out.is_file() else None
+    except InputError:
+        payload = None
+    if payload is None or payload.get("fingerprint") != fp or payload.get("settings") != settings:
+        payload = {"kind": KIND, "model": str(model_dir), "fingerprint": fp, "settings": settings,
+                   **measure(model, processor, world, cfg, progress)}
+        apply_rules(payload, cfg.rules)
+    return save_behaviour(out, payload)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from evotool.data.inputs import Sample
 from evotool.errors import ConfigError
+from evotool.world.config import ModelConfig
 from evotool.world.generator import (
     COLOURS,
     SHAPES,
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-_LAZY = {"ModelConfig": "model", "build_model": "model", "build_processor": "processor", "build_tokenizer": "processor"}
+_LAZY = {"build_model": "model", "build_processor": "processor", "build_tokenizer": "processor"}
 
 
 def __getattr__(name: str) -> object:

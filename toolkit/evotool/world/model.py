@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -17,33 +14,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from evotool.errors import ConfigError
+from evotool.world.config import ModelConfig
 from evotool.world.generator import WorldConfig
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of the demo model."""
-
-    vision_width: int = field(default=128, metadata={"help": "vision tower hidden size"})
-    vision_layers: int = field(default=4, metadata={"help": "vision tower layers"})
-    width: int = field(default=128, metadata={"help": "decoder hidden size"})
-    layers: int = field(default=12, metadata={"help": "decoder layers"})
-    heads: int = field(default=4, metadata={"help": "attention heads (vision and decoder)"})
-    mlp: int = field(default=384, metadata={"help": "decoder MLP size"})
-    family: Literal["llama", "qwen2", "gemma"] = field(
-        default="llama",
-        metadata={"help": "decoder family (the LLaVA wrapper's text_config): llama; qwen2 (q/k/v biases); "
-                          "gemma ((1+w) RMSNorm, embeddings scaled by sqrt(width), GELU-tanh MLP)"},
-    )
-    tie_embeddings: bool = field(default=False, metadata={"help": "LM head shares the input embedding matrix"})
-
-    def __post_init__(self) -> None:
-        for name in ("vision_width", "vision_layers", "width", "layers", "heads", "mlp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.width % self.heads or self.vision_width % self.heads:
-            raise ConfigError(f"widths must be divisible by heads ({self.heads})")
 
 
 def build_model(tokenizer, world: WorldConfig, sizes: ModelConfig) -> LlavaForConditionalGeneration:

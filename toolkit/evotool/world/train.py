@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,132 +21,20 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from evotool.config import load_config, to_dict
+from evotool.config import to_dict
 from evotool.env import environment
-from evotool.errors import ConfigError
 from evotool.evals.world import evaluate_world, flatten
 from evotool.generation import chat_prompt
 from evotool.io import atomic_dir, write_json
 from evotool.tracking import Tracker
+from evotool.world.config import QUESTION_TASKS, DecoderConfig, TrainConfig, VisionConfig
 from evotool.world.generator import COLOURS, SHAPES, WorldConfig, make_records
-from evotool.world.model import ModelConfig, build_model, embedding_scale
+from evotool.world.model import build_model, embedding_scale
 from evotool.world.processor import build_processor
 
 LOG_EVERY = 25  # steps between W&B logs (each log costs a 2-core CPU run noticeably)
-QUESTION_TASKS = {"existence": ("pope_random", "pope_popular", "pope_adversarial"), "attribute": ("attribute",)}
-KINDS = ("caption", "existence", "attribute")
 VAL_RECORDS = 120  # held-out records per kind for the teacher-forced accuracy during training
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Training pool sizes (records of the world's train split); 0 leaves a kind out."""
-
-    caption: int = field(default=16000, metadata={"help": "caption records (also the vision stage's images)"})
-    existence: int = field(default=18000, metadata={"help": "yes/no questions, a third each of pope_random / "
-                                                             "pope_popular / pope_adversarial"})
-    attribute: int = field(default=6000, metadata={"help": "colour questions"})
-
-    def __post_init__(self) -> None:
-        if self.caption < 1:
-            raise ConfigError(f"data.caption must be >= 1 (the vision stage trains on its images), got {self.caption}")
-        if self.existence < 0 or self.attribute < 0:
-            raise ConfigError("data.existence and data.attribute must be >= 0")
-        if 0 < self.existence < len(QUESTION_TASKS["existence"]):
-            raise ConfigError(f"data.existence must be 0 or >= 3 (one per POPE kind), got {self.existence}")
-
-    def sizes(self) -> dict[str, int]:
-        """Pool size per kind, kinds with 0 records left out."""
-        return {k: getattr(self, k) for k in KINDS if getattr(self, k) > 0}
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """Stage 1: vision tower + per-cell shape / colour classifiers."""
-
-    steps: int = field(default=150, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=256, metadata={"help": "images per step"})
-    lr: float = field(default=3.0e-3, metadata={"help": "AdamW peak learning rate (warm-up 10%, cosine to 10%)"})
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("vision.steps and vision.batch_size must be >= 1 and vision.lr > 0")
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """Stage 2: projector + decoder on the task mix, vision tower frozen."""
-
-    steps: int = field(default=2400, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=48, metadata={"help": "examples per step (split over kinds by `mix`)"})
-    lr: float = field(default=2.0e-3, metadata={"help": "AdamW peak learning rate (cosine decay to 10%)"})
-    warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
-    mix: dict[str, float] = field(default_factory=lambda: {"caption": 0.35, "existence": 0.55, "attribute": 0.1},
-                                  metadata={"help": "share of each kind in a batch (caption / existence / attribute)"})
-    answer_weight: float = field(default=4.0, metadata={"help": "loss weight of a question's answer token"})
-    eval_every: int = field(default=200, metadata={"help": "steps between teacher-forced held-out answer accuracies"})
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0 or self.eval_every < 1:
-            raise ConfigError("decoder.steps, batch_size and eval_every must be >= 1, lr > 0, warmup >= 0")
-        unknown = set(self.mix) - set(KINDS)
-        if unknown:
-            raise ConfigError(f"decoder.mix: unknown kind {sorted(unknown)[0]!r} (kinds: {', '.join(KINDS)})")
-        if any(v < 0 for v in self.mix.values()) or not any(self.counts().values()):
-            raise ConfigError(f"decoder.mix must be non-negative and give at least one example per batch, got {self.mix}")
-
-    def counts(self) -> dict[str, int]:
-        """Examples of each kind per batch."""
-        return {k: round(v * self.batch_size) for k, v in self.mix.items()}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The final held-out evaluation (``evotool.evals.world.evaluate_world``)."""
-
-    n: int = field(default=150, metadata={"help": "held-out records per task and group"})
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"eval.n must be >= 1, got {self.n}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run of a world VLM (``configs/train_demo.yaml`` is the shipped model's)."""
-
-    seed: int = field(default=0, metadata={"help": "torch seed (init, batch order)"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1: a second busy process makes 2-thread "
-                                                      "steps ~15x slower)"})
-    max_steps: int | None = field(default=None, metadata={"help": "cap on every stage's steps (quick smoke runs); "
-                                                                  "null = the stages' own steps"})
-    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world (data)"})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "architecture and sizes"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training pool sizes"})
-    vision: VisionConfig = field(default_factory=VisionConfig, metadata={"help": "stage 1"})
-    decoder: DecoderConfig = field(default_factory=DecoderConfig, metadata={"help": "stage 2"})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "final held-out evaluation"})
-    card_notes: str = field(default="", metadata={"help": "free text appended to the model card"})
-
-    def __post_init__(self) -> None:
-        if self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or null (no cap), got {self.max_steps}")
-        pools = self.data.sizes()
-        starved = [k for k, n in self.decoder.counts().items() if n and k not in pools]
-        if starved:
-            raise ConfigError(f"decoder.mix draws {starved[0]} examples but data.{starved[0]} is 0")
-
-    def steps(self) -> tuple[int, int]:
-        """(vision steps, decoder steps) after the ``max_steps`` cap."""
-        cap = self.max_steps or max(self.vision.steps, self.decoder.steps)
-        return min(self.vision.steps, cap), min(self.decoder.steps, cap)
-
-
-def load_train_config(path: str | Path | None = None, overrides: Any = ()) -> TrainConfig:
-    """A :class:`TrainConfig` from YAML (default: the packaged ``train_demo.yaml``) plus ``--set`` overrides."""
-    return load_config(TrainConfig, path, overrides, default=None if path is not None else "train_demo.yaml")
+METRICS_SCHEMA = "1.0"  # metrics.json of a trained checkpoint
 
 
 class Pool:
@@ -365,11 +253,10 @@ def model_card(cfg: TrainConfig, metrics: dict[str, Any], n_params: int, seconds
 
 
 def train(cfg: TrainConfig, out_dir: Path, wandb: bool = True, title: str = "evotool demo model",
-          extra_files: dict[str, Any] | None = None) -> Path:
+          finish: Callable[[Path], None] | None = None) -> Path:
     """Train, evaluate and save a world VLM into ``out_dir`` (atomically); returns ``out_dir``.
 
-    ``extra_files``: further JSON files (name -> payload) saved inside the checkpoint folder before it
-    appears (e.g. the zoo's config hash).
+    ``finish(folder)`` may add files to the checkpoint folder before it appears (e.g. the zoo's config hash).
     """
     vision_steps, decoder_steps = cfg.steps()
     torch.set_num_threads(cfg.threads)
@@ -406,8 +293,8 @@ def train(cfg: TrainConfig, out_dir: Path, wandb: bool = True, title: str = "evo
         processor.save_pretrained(tmp)
         env = environment()
         n_params = sum(p.numel() for p in model.parameters())
-        write_json(tmp / "metrics.json", {**metrics, "environment": env})
-        for name, payload in (extra_files or {}).items():
-            write_json(tmp / name, payload)
+        write_json(tmp / "metrics.json", {**metrics, "environment": env}, schema=METRICS_SCHEMA)
         (tmp / "README.md").write_text(model_card(cfg, metrics, n_params, seconds, env, title))
+        if finish is not None:
+            finish(tmp)
     return out_dir

@@ -1,5 +1,9 @@
-"""The model zoo: many small world VLMs, their evaluation manifests, analyses and behavioural ground truth."""
+"""The model zoo: many small world VLMs, their evaluation manifests, analyses and behavioural ground truth.
 
-from evotool.zoo.build import ZooConfig, ZooMember, build_zoo, load_members
+``evotool.zoo.config`` holds the (torch-free) configs, ``build`` the build steps, ``report`` the member table,
+``curves`` the compact per-token curves of an analysis run.
+"""
 
-__all__ = ["ZooConfig", "ZooMember", "build_zoo", "load_members"]
+from evotool.zoo.config import ZooConfig, ZooMember, load_members
+
+__all__ = ["ZooConfig", "ZooMember", "load_members"]

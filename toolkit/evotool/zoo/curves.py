@@ -19,6 +19,8 @@ import numpy as np
 from evotool.analysis.aggregate import decision_depth
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
+from evotool.stages.behaviour import read_behaviour
+from evotool.stages.file import StageFile
 
 
 def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.ndarray]:
@@ -58,12 +60,12 @@ def flips_after_js_drop(curves: dict[str, np.ndarray], fraction: float = 0.1, un
 def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) -> Path:
     """Write the run's compact curves to ``out`` (.npz, with a ``meta`` JSON string); returns ``out``."""
     curves = token_curves(run_dir, max_tokens)
-    stages = json.loads((Path(run_dir) / "stages.json").read_text())
-    meta = {"member": member, "num_layers": stages["num_layers"], "run": str(run_dir), "tokens": len(curves["token_id"]),
+    stages = StageFile.read(run_dir)
+    meta = {"member": member, "num_layers": stages.num_layers, "run": str(run_dir), "tokens": len(curves["token_id"]),
             "flips_after_js_drop": flips_after_js_drop(curves)}
     behaviour = Path(run_dir).parent / "behaviour.json"
     if behaviour.is_file():
-        bounds = json.loads(behaviour.read_text())["boundaries"]
+        bounds = read_behaviour(behaviour)["boundaries"]
         meta["behaviour"] = {k: bounds[k] for k in ("critical_layer", "mutation_layer", "removable_at_least_2")}
     arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v.astype(np.int16 if k != "top1_flip" else bool))
               for k, v in curves.items()}

@@ -1,28 +1,35 @@
 """The zoo's member table: configuration, held-out metrics, behavioural boundaries and detector output.
 
 Read from a built zoo folder (``OUT/<member>/model/metrics.json``, ``behaviour.json``,
-``analysis_{a,b}/stages.json``); a missing piece shows as ``-``. Detector output is only reported here,
-never used to choose anything.
+``analysis_{a,b}/stages.json``); a missing or unreadable piece shows as ``-``. The behavioural boundaries are
+re-derived from the stored curves under the current rules (:func:`evotool.stages.behaviour.read_behaviour`),
+so a refined rule shows without measuring again; a member whose stored boundaries were stale is marked ``*``.
+Detector output is only reported here, never used to choose anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from evotool.errors import InputError
+from evotool.errors import EvotoolError
 from evotool.io import read_json
-from evotool.zoo.build import ZooMember
+from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour
+from evotool.stages.file import StageFile
+from evotool.zoo.config import ZooMember
+
+T = TypeVar("T")
 
 COLUMNS = ("member", "split", "family", "L", "width", "steps", "train min", "recall", "CHAIR_i in", "CHAIR_i pb",
            "POPE acc", "beh. critical", "beh. mutation", "removable k=1 / k=2", ">=2 removable",
            "detector a (C / M)", "detector b (C / M)")
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: Path, reader: Callable[[Path], T]) -> T | None:
     try:
-        return read_json(path)
-    except InputError:
+        return reader(path)
+    except EvotoolError:
         return None
 
 
@@ -32,8 +39,8 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]:
     """One table row (column -> text) for a member."""
-    metrics = _read(member_dir / "model" / "metrics.json")
-    behaviour = _read(member_dir / "behaviour.json")
+    metrics = _read(member_dir / "model" / "metrics.json", read_json)
+    behaviour = _read(member_dir / BEHAVIOUR_FILE, read_behaviour)
     family = member.model.family + (" (tied)" if member.model.tie_embeddings else "")
     row = {"member": name, "split": member.split, "family": family, "L": str(member.model.layers),
            "width": str(member.model.width), "steps": str(member.train_config().steps()[1])}
@@ -49,13 +56,13 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
         b = behaviour["boundaries"]
         removable = b["removable"]
         sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
-        row.update({"beh. critical": str(b["critical_layer"]),
+        row.update({"beh. critical": str(b["critical_layer"]) + ("*" if behaviour["stale"] else ""),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
     for tag in ("a", "b"):
-        stages = _read(member_dir / f"analysis_{tag}" / "stages.json")
+        stages = _read(member_dir / f"analysis_{tag}", StageFile.read)
         if stages:
-            row[f"detector {tag} (C / M)"] = f"{stages['critical_layer']} / {stages['mutation_layers'] or '-'}"
+            row[f"detector {tag} (C / M)"] = f"{stages.critical_layer} / {stages.mutation_layers or '-'}"
     return {c: row.get(c, "-") for c in COLUMNS}
 
 
@@ -65,4 +72,7 @@ def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
     rows = [member_row(n, members[n], out / n) for n in order]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    if any(r["beh. critical"].endswith("*") for r in rows):
+        lines += ["", "\\* boundaries re-derived from the stored curves under the current rules (the stored ones are "
+                  "stale; `evotool zoo status --refresh` rewrites them)."]
     return "\n".join(lines)
