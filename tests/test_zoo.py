@@ -260,6 +260,40 @@ def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatc
     assert code == 2 and "unknown zoo member 'nope'" in err
 
 
+@pytest.mark.slow
+def test_zoo_build_workers_read_the_resolved_config(tmp_path: Path, monkeypatch, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("a", "b"):
+        (configs / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config())))
+    out = tmp_path / "zoo"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs),
+                              "--steps", "manifests", "--jobs", "2", "--no-wandb", "--set", "manifest.captions=3",
+                              "--set", "manifest.pope=1", "--set", "manifest.analysis_samples=2")
+    assert code == 0 and "zoo in" in stdout
+    resolved = yaml.safe_load((out / "zoo_build.yaml").read_text())
+    assert resolved["manifest"]["captions"] == 3 and resolved["jobs"] == 2 and resolved["wandb"] is False
+    for name in ("a", "b"):  # each worker built its member with the parent's --set values
+        assert len((out / name / "val" / "manifest.jsonl").read_text().splitlines()) == 2 * 3 + 2 * 3 * 1
+        assert len((out / name / "samples_a" / "manifest.jsonl").read_text().splitlines()) == 2
+    assert (out / "build.log").read_text().count("started (pid") == 2
+
+
+def test_zoo_build_and_train_demo_flags_take_their_help_from_the_configs():
+    import typer
+
+    from evotool.config import config_keys, field_help
+    from evotool.world.config import TrainConfig as Train
+    from evotool.zoo.config import ZooConfig
+
+    commands = typer.main.get_command(app).commands
+    for command, cls in ((commands["zoo"].commands["build"], ZooConfig), (commands["train-demo"], Train)):
+        helps = {field_help(cls, key) for key in config_keys(cls)}
+        flags = [p for p in command.params if p.name not in ("help", "config", "set_", "no_wandb", "out")
+                 or (cls is ZooConfig and p.name == "out")]
+        assert flags and all(p.help in helps for p in flags), [(p.name, p.help) for p in flags]
+
+
 # --- behavioural ground truth ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -304,6 +338,34 @@ def test_exit_and_bypass_curves_match_independent_computations(tiny_world_model)
     assert sum(counts["decision_depth"]) == counts["tokens"] == sum(len(r) for r in ref)
 
 
+def test_write_behaviour_reuses_stored_curves_and_reapplies_the_rules(tmp_path: Path, monkeypatch):
+    import evotool.stages.behaviour as behaviour
+
+    model_dir = tmp_path / "m"
+    tiny_world_llava(3, save_to=model_dir, seed=5)
+    cfg = BehaviourConfig(captions=4, pope=2, max_new_tokens=4)
+    path = behaviour.write_behaviour(model_dir, tmp_path / "behaviour.json", WorldConfig(seed=4), cfg, progress=None)
+    stored = json.loads(path.read_text())
+    assert stored["schema_version"] == "1.1" and stored["kind"] == "evotool.behaviour"
+    assert stored["boundaries"] == boundaries(stored) and stored["rules"] == to_dict(BoundaryRules())
+    # a file written before schema 1.1, under other rules: its curves are reused, its boundaries re-derived
+    stored.update(schema_version=1, boundaries={"critical_layer": 99}, rules={"mutation_ratio": 2.0})
+    path.write_text(json.dumps(stored))
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(behaviour, "measure", no_measuring)
+    loose = BoundaryRules(recall_tolerance=1.0, chair_tolerance=1.0)
+    behaviour.write_behaviour(model_dir, path, WorldConfig(seed=4), BehaviourConfig(captions=4, pope=2, max_new_tokens=4,
+                                                                                   rules=loose), progress=None)
+    again = json.loads(path.read_text())
+    assert again["schema_version"] == "1.1" and again["exit_curve"] == stored["exit_curve"]
+    assert again["boundaries"]["critical_layer"] == 1 and again["rules"] == to_dict(loose)  # every exit is within 1.0
+    with pytest.raises(AssertionError, match="measured again"):  # other measurement settings: measured again
+        behaviour.write_behaviour(model_dir, path, WorldConfig(seed=4), BehaviourConfig(captions=6, pope=2), progress=None)
+
+
 def test_forced_agreement_of_the_full_model_on_its_own_generation_is_one(tiny_world_model):
     model, processor = tiny_world_model
     cfg = BehaviourConfig(captions=4, pope=0, max_new_tokens=6)
@@ -311,6 +373,10 @@ def test_forced_agreement_of_the_full_model_on_its_own_generation_is_one(tiny_wo
     _, gen = score(model, processor, probe, None, cfg)
     forced = Forced.build(probe.caption_inputs, gen.ids, processor.tokenizer.pad_token_id)
     assert forced_agreement(model, forced) == pytest.approx(1.0)
+    pad, image = processor.tokenizer.pad_token_id, model.config.image_token_id
+    odd = Forced.build(probe.caption_inputs, [[5, image]] * 4, pad, image)  # a generated image placeholder is fed as pad
+    assert odd.targets[0].tolist() == [5, image] and odd.inputs["input_ids"][0, -2:].tolist() == [5, pad]
+    assert 0.0 <= forced_agreement(model, odd) <= 1.0
     with without_layers(model, [1, 2]) as variant:
         pruned = forced_agreement(variant, forced)
     assert 0.0 <= pruned < 1.0

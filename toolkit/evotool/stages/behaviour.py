@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from evotool.hooks import capture_states
 from evotool.io import read_json, write_json
 from evotool.lens import NormedLens
 from evotool.models.registry import DecoderParts, decoder_parts
+from evotool.patch_lens import image_token_id
 from evotool.prune.evaluate import token_agreement
 from evotool.prune.runtime import cache_reference_layers, exit_after, skip_layers
 from evotool.prune.static import remove_layers
@@ -128,7 +129,10 @@ class Forced:
     prompt_len: int
 
     @classmethod
-    def build(cls, inputs: dict[str, torch.Tensor], ids: list[list[int]], pad_id: int) -> Forced:
+    def build(cls, inputs: dict[str, torch.Tensor], ids: list[list[int]], pad_id: int, image_token: int | None = None
+              ) -> Forced:
+        """``image_token``: a generated image placeholder id is fed back as ``pad_id`` (the model would otherwise
+        look for image features for it); it still counts as a target."""
         n, prompt_len = inputs["input_ids"].shape
         width = max(1, max(len(r) for r in ids))
         targets = torch.full((n, width), pad_id, dtype=torch.long, device=inputs["input_ids"].device)
@@ -137,7 +141,8 @@ class Forced:
             targets[b, : len(row)] = torch.tensor(row, device=targets.device)
             mask[b, : len(row)] = True
         full = dict(inputs)
-        full["input_ids"] = torch.cat([inputs["input_ids"], targets], 1)
+        fed = targets if image_token is None else targets.masked_fill(targets == image_token, pad_id)
+        full["input_ids"] = torch.cat([inputs["input_ids"], fed], 1)
         full["attention_mask"] = torch.cat([inputs["attention_mask"], mask.long()], 1)
         return cls(full, targets, mask, prompt_len)
 
@@ -226,7 +231,7 @@ def _search(model: nn.Module, num_layers: int, k: int, previous: list[tuple[floa
 
 
 def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: BehaviourConfig | None = None,
-            progress: Any = None) -> dict[str, Any]:
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every behavioural curve of ``model`` (see module docstring), as the ``behaviour.json`` payload body."""
     cfg = cfg or BehaviourConfig()
     say = progress or (lambda _msg: None)
@@ -251,7 +256,7 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     say("bypass curve done")
 
     pad = getattr(processor, "tokenizer", processor).pad_token_id
-    forced = Forced.build(probe.caption_inputs, ref, pad if pad is not None else 0)
+    forced = Forced.build(probe.caption_inputs, ref, pad if pad is not None else 0, image_token_id(model.config))
     oracle, previous, cache = [], [(1.0, ())], {}
     for k in range(1, min(n - 1, math.ceil(n * cfg.oracle_fraction)) + 1):
         ranked, method = _search(model, n, k, previous, forced, cfg, cache)
@@ -340,7 +345,7 @@ def save_behaviour(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def write_behaviour(model_dir: Path, out: Path, world: WorldConfig, cfg: BehaviourConfig | None = None,
-                    progress: Any = print) -> Path:
+                    progress: Callable[[str], None] | None = print) -> Path:
     """Measure ``model_dir`` and write ``out`` (behaviour.json). Curves stored for the same model and measurement
     settings are reused; the boundary rules are always re-applied."""
     from evotool.models.loading import fingerprint, load_model

@@ -56,7 +56,8 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
         b = behaviour["boundaries"]
         removable = b["removable"]
         sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
-        row.update({"beh. critical": str(b["critical_layer"]) + ("*" if behaviour["stale"] else ""),
+        critical = "none" if b["critical_layer"] is None else str(b["critical_layer"])
+        row.update({"beh. critical": critical + ("*" if behaviour["stale"] else ""),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
     for tag in ("a", "b"):
