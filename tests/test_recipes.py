@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from conftest import tiny_world_llava
 from typer.testing import CliRunner
 
@@ -18,7 +19,7 @@ from evotool.stages import write_stages
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # recipe -> smoke test below (train_demo is smoke-run in tests/test_world.py)
 SMOKE = {"prune_pipeline": "test_prune_recipe", "mitigate_pipeline": "test_mitigate_recipe",
-         "train_demo": "test_world.py::test_retraining_a_few_steps_saves_a_loadable_model"}
+         "train_demo": "test_world.py::test_retraining_a_few_steps_saves_a_loadable_model", "zoo": "test_zoo_recipe"}
 
 
 def test_every_recipe_has_a_smoke_run() -> None:
@@ -76,3 +77,21 @@ def test_mitigate_recipe(tiny, tmp_path: Path) -> None:
     assert {"greedy", "dola", "lora_all"} <= set(summary["metrics"])
     assert set(summary["metrics"]) | set(summary["skipped"]) == {"greedy", "dola", "smoothing", "lora_all"}
     assert (tmp_path / "table.md").is_file() and (tmp_path / "eval" / "greedy" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_zoo_recipe(tmp_path: Path) -> None:
+    from tiny_zoo import tiny_member_config
+
+    from evotool.config import to_dict
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config(steps=10))))
+    out = tmp_path / "zoo"
+    output = invoke("zoo", "--set", f"out={out}", "--set", f"configs={configs}", "--set", "steps=train,manifests,analyze",
+                    "--set", "wandb=false", "--set", "manifest.captions=2", "--set", "manifest.pope=1",
+                    "--set", "manifest.analysis_samples=2", "--set", "analysis_max_new_tokens=4",
+                    "--export", "tiny", "--export-to", str(tmp_path / "curves"))
+    assert "exported" in output and "| tiny | tune | llama | 4 |" in output
+    assert (out / "tiny" / "analysis_b" / "stages.json").is_file() and (tmp_path / "curves" / "tiny.npz").is_file()

@@ -153,16 +153,8 @@ def test_shipped_model_grounds_answers_but_hallucinates_in_captions(shipped):
 def test_retraining_a_few_steps_saves_a_loadable_model(tmp_path: Path):
     from evotool.recipes.train_demo import run
 
-    overrides = {
-        "max_steps": 2,
-        "model.layers": 2,
-        "data.caption": 32,
-        "data.existence": 33,
-        "data.attribute": 16,
-        "vision.batch_size": 16,
-        "decoder.batch_size": 16,
-        "eval.n": 2,
-    }
+    overrides = ["max_steps=2", "model.layers=2", "data.caption=32", "data.existence=33", "data.attribute=16",
+                 "vision.batch_size=16", "decoder.batch_size=16", "eval.n=2"]
     out = run(None, tmp_path, overrides=overrides, no_wandb=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["held_out"]) == {"in_distribution", "prior_breaking"}
@@ -171,4 +163,4 @@ def test_retraining_a_few_steps_saves_a_loadable_model(tmp_path: Path):
     assert model.config.text_config.num_hidden_layers == 2
     assert torch.isfinite(next(model.parameters())).all()
     with pytest.raises(ConfigError):
-        run(None, tmp_path, overrides={"decoder.nope": 1}, no_wandb=True)
+        run(None, tmp_path, overrides=["decoder.nope=1"], no_wandb=True)
