@@ -76,6 +76,15 @@ def test_train_demo_yaml_rebuilds_the_shipped_architecture():
     assert cfg.steps() == (150, 2400)
 
 
+def test_training_and_zoo_configs_import_no_torch():
+    """The CLI builds the zoo and train-demo flags from these at startup, so they must stay torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, evotool.world.config, evotool.zoo.config, evotool.cli.zoo, evotool.cli.train_demo; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_train_config_rejects_bad_values_with_the_key_and_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="max_steps"):
         load_train_config(None, ["max_steps=0"])
