@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning of a VLM's decoder on (image, prompt, answer) samples (peft).
 
 Shared by ``prune --heal`` (heal a pruned model) and ``mitigate`` (targeted fine-tuning of the mutation
-stage). The training example is the same as the demo model's (``recipes/train_demo.py``): the model's
+stage). The training example is the same as the demo model's (``evotool.world.train``): the model's
 chat prompt around one image, then ``" " + answer`` and EOS; the loss is next-token cross-entropy on
 the answer tokens only.
 
