@@ -189,3 +189,14 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def demo_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stages.json of the shipped demo model from a short `evotool analyze` run (8 world captions)."""
+    from evotool.analysis.config import AnalyzeConfig
+    from evotool.analysis.run import run_analysis
+
+    out = tmp_path_factory.mktemp("demo_analysis")
+    return run_analysis(AnalyzeConfig(out=out, wandb=False, world_samples=8, max_new_tokens=24, figures=False,
+                                      keep_features=False, batch_size=8))

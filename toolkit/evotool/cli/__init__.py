@@ -39,6 +39,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("eval", "eval"),
     ("report", "report"),
     ("generate", "generate"),
+    ("export", "export-generate"),
 )
 
 for _module_name, _command_name in SUBCOMMANDS:

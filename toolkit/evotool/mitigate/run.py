@@ -56,13 +56,14 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     return MethodSpec(method, dict(options or {}), stages)
 
 
-def load_stages_for(model: nn.Module, spec: MethodSpec) -> StageFile | None:
-    """The spec's stage file validated against ``model``; None when the method needs none and none is given."""
+def load_stages_for(model: nn.Module | None, spec: MethodSpec) -> StageFile | None:
+    """The spec's stage file, validated against ``model`` when one is given; None when the method needs none
+    and none is given."""
     if spec.stages is None:
         if method_class(spec.method).needs_stages:
             raise StageFileError(f"method {spec.method!r} needs a stage file: pass --stages (from `evotool analyze`)")
         return None
-    return StageFile.for_model(spec.stages, model)
+    return StageFile.for_model(spec.stages, model) if model is not None else StageFile.read(spec.stages)
 
 
 def method_for(model: nn.Module, spec: MethodSpec) -> Method:
