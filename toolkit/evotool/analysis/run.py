@@ -40,7 +40,7 @@ from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
 from evotool.trace import trace_batch
-from evotool.tracking import Tracker
+from evotool.tracking import ArtifactRef, Tracker
 
 
 def resolve_model_id(model: str | None) -> str:
@@ -275,6 +275,9 @@ def _track(cfg: AnalyzeConfig, payload: dict[str, Any], figs: dict[str, Path]) -
                      "stages": payload["stages"], "fingerprint": payload["fingerprint"],
                      "share_mutated": payload["mutation_stats"]["share_mutated"]})
     tracker.log_images(figs)
+    tracker.log_artifact(ArtifactRef.stages(cfg.out, payload["fingerprint"], model=payload["model"],
+                                            critical_layer=payload["critical_layer"],
+                                            mutation_layers=payload["mutation_layers"]))
     tracker.finish()
     if tracker.dir is not None:
         atomic_write_text(cfg.out / "wandb_run.txt", str(tracker.dir) + "\n")
