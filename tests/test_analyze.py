@@ -19,6 +19,7 @@ from conftest import tiny_config
 from evotool.stages import StageFile
 from evotool.cli import main
 from tiny_checkpoints import save_tiny, write_images
+from wandb_log import read_records
 
 MAX_NEW = "4"
 
@@ -149,26 +150,8 @@ def test_bad_lens(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
-    """(history rows, summary) from an offline run's ``run-*.wandb`` file (LevelDB-log framed protobuf records:
-    7-byte file header, 32 KiB blocks, per chunk crc32 / length / type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = next(run_dir.glob("run-*.wandb")).read_bytes()
-    pos, chunk, records = 7, b"", []
-    while pos + 7 <= len(raw):
-        if 32768 - pos % 32768 < 7:  # block trailer too short for a chunk header
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
-        if length == 0 and kind == 0:
-            break
-        chunk += raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
+    """(history rows, summary) from an offline run's ``run-*.wandb`` file."""
+    records = read_records(run_dir)
     key = lambda item: item.key or "/".join(item.nested_key)
     history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
     summary = {key(i): json.loads(i.value_json) for r in records if r.HasField("summary") for i in r.summary.update}

@@ -4,15 +4,14 @@ Hub metadata, and --push-to-hub failing cleanly with nothing lost locally, on th
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForImageTextToText
-from wandb.proto import wandb_internal_pb2
 
 from evotool.analysis.config import AnalyzeConfig
 from evotool.analysis.run import run_analysis
@@ -23,35 +22,16 @@ from evotool.models.loading import fingerprint
 from evotool.prune.config import PruneConfig
 from evotool.prune.run import run_prune
 from evotool.stages import StageFile
+from wandb_log import read_records
 
 
-def wandb_artifacts(out: Path) -> list[wandb_internal_pb2.ArtifactRecord]:
-    """The artifact records of the one offline W&B run under ``out/wandb``, read from its ``.wandb`` file.
-
-    The file is W&B's 7-byte header followed by LevelDB log records (32 KiB blocks; each chunk is
-    crc32 (4), length (2, little endian), kind (1: full, 2: first, 3: middle, 4: last), payload).
-    """
-    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B"
-    pos, chunk, records = 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7]) if left >= 7 else (0, 0)
-        if left < 7 or (length, kind) == (0, 0):  # block trailer / zero padding
-            pos += left
-            continue
-        chunk += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
-    return [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+def wandb_artifacts(out: Path) -> list:
+    """The artifact records of the one offline W&B run under ``out/wandb``."""
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    return [r.artifact for r in read_records(run_dir) if r.WhichOneof("record_type") == "artifact"]
 
 
-def one(artifacts: list, kind: str, used: bool) -> wandb_internal_pb2.ArtifactRecord:
+def one(artifacts: list, kind: str, used: bool) -> Any:
     (found,) = [a for a in artifacts if a.type == kind and a.use_after_commit == used]
     return found
 
