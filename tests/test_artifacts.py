@@ -116,8 +116,10 @@ def test_failed_push_keeps_the_checkpoint(lineage, monkeypatch, capsys, tmp_path
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    (tmp_path / "prune.yaml").write_text("agreement_samples: 0\n")  # no quality eval: only the push matters here
     code, out, err = cli(monkeypatch, capsys, "prune", "--stages", str(root / "an"), "--layers", "5", "--no-wandb",
-                         "--push-to-hub", "someone/pruned", "--out", str(tmp_path / "p"))
+                         "--config", str(tmp_path / "prune.yaml"), "--push-to-hub", "someone/pruned",
+                         "--out", str(tmp_path / "p"))
     (line,) = [l for l in err.splitlines() if l.startswith("error:")]  # stderr also holds progress bars
     assert code == 2 and "Connection refused" in line and "intact" in line and "Traceback" not in err, err
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "p")
