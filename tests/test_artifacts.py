@@ -4,18 +4,17 @@ Hub metadata, and --push-to-hub failing cleanly with nothing lost locally, on th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import run_cli
 from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForImageTextToText
 
 from evotool.analysis.config import AnalyzeConfig
 from evotool.analysis.run import run_analysis
-from evotool.cli import main
 from evotool.config import load_config
 from evotool.integrations.hub import card_with_metadata
 from evotool.models.loading import fingerprint
@@ -36,17 +35,6 @@ def one(artifacts: list, kind: str, used: bool) -> Any:
     return found
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["evotool", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
     """analyze (W&B on) -> prune with its stages.json (W&B on) -> `evotool eval world` of the pruned checkpoint."""
@@ -60,7 +48,7 @@ def lineage(tmp_path_factory):
 
 def test_offline_runs_record_artifacts_and_their_use(lineage, monkeypatch, capsys):
     root, record = lineage
-    code, _, err = cli(monkeypatch, capsys, "eval", "world", "--model", str(root / "pruned"), "--n", "1",
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "world", "--model", str(root / "pruned"), "--n", "1",
                        "--batch-size", "10", "--max-new-tokens", "4", "--out", str(root / "eval"))
     assert code == 0, err
     analysis, prune, evaluation = (wandb_artifacts(root / d) for d in ("an", "pruned", "eval"))
@@ -100,11 +88,11 @@ def test_pruned_card_carries_hub_metadata(lineage):
 def test_push_to_hub_offline_is_refused_before_any_work(lineage, monkeypatch, capsys, tmp_path):
     root, _ = lineage
     assert constants.HF_HUB_OFFLINE  # as in the tests and CI
-    code, out, err = cli(monkeypatch, capsys, "prune", "--stages", str(root / "an"), "--layers", "5", "--no-wandb",
+    code, out, err = run_cli(monkeypatch, capsys, "prune", "--stages", str(root / "an"), "--layers", "5", "--no-wandb",
                          "--push-to-hub", "someone/pruned", "--out", str(tmp_path / "p"))
     assert code == 2 and err.count("\n") == 1 and "offline" in err and "Traceback" not in err, err
     assert not (tmp_path / "p").exists()
-    code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "greedy", "--push-to-hub", "a/b", "--no-wandb",
+    code, _, err = run_cli(monkeypatch, capsys, "mitigate", "--method", "greedy", "--push-to-hub", "a/b", "--no-wandb",
                        "--out", str(tmp_path / "m"))
     assert code == 2 and "only for lora" in err
 
@@ -117,7 +105,7 @@ def test_failed_push_keeps_the_checkpoint(lineage, monkeypatch, capsys, tmp_path
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     (tmp_path / "prune.yaml").write_text("agreement_samples: 0\n")  # no quality eval: only the push matters here
-    code, out, err = cli(monkeypatch, capsys, "prune", "--stages", str(root / "an"), "--layers", "5", "--no-wandb",
+    code, out, err = run_cli(monkeypatch, capsys, "prune", "--stages", str(root / "an"), "--layers", "5", "--no-wandb",
                          "--config", str(tmp_path / "prune.yaml"), "--push-to-hub", "someone/pruned",
                          "--out", str(tmp_path / "p"))
     (line,) = [l for l in err.splitlines() if l.startswith("error:")]  # stderr also holds progress bars

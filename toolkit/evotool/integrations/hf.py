@@ -138,8 +138,8 @@ def generate_with(model: nn.Module, record: dict[str, Any], inputs: torch.Tensor
     config = kwargs.get("generation_config") or model.generation_config
     if method.changes_batch:
         if kwargs.get("do_sample", config.do_sample) or kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
-            raise ConfigError(f"method {method.name!r} decodes paired rows greedily and returns token ids only: "
-                              "pass do_sample=False and no return_dict_in_generate")
+            raise ConfigError(f"method {method.name!r} picks one token per pair of rows and returns token ids only: "
+                              "pass do_sample=False (sample with its option sample=true) and no return_dict_in_generate")
         kwargs.update(method.prepare({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
     with method.generation_kwargs(rows) as extra:
         processors = LogitsProcessorList([*(logits_processor or []), *extra.get("logits_processor", [])])
