@@ -34,7 +34,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from evotool.errors import ConfigError, InputError
 from evotool.evals.chair import chair_metrics
-from evotool.evals.world import GROUPS, POPE_TASKS, mentioned_objects
+from evotool.evals.world import GROUPS, POPE_TASKS, caption_mentions
 from evotool.generation import build_inputs, context_length, decode
 from evotool.io import atomic_write_text
 from evotool.mitigate.methods import make_config
@@ -155,13 +155,14 @@ def world_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, 
 
 
 def world_caption_results(doc: dict[str, Any], results: Sequence[str]) -> dict[str, dict[str, list[str]]]:
-    """Per caption: the world shapes it mentions and those present, under every CHAIR metric."""
-    item = {"mentioned": sorted(mentioned_objects(results[0])), "truth": list(doc["objects"])}
+    """Per caption: its world shape mentions (repeats kept, as CHAIR_i counts them) and the shapes present,
+    under every CHAIR metric."""
+    item = {"mentioned": [shape for _, shape in caption_mentions(results[0])], "truth": list(doc["objects"])}
     return {"chair_s": item, "chair_i": item, "recall": item}
 
 
 def _chair(items: Sequence[dict[str, list[str]]], key: str) -> float:
-    return chair_metrics([set(i["mentioned"]) for i in items], [set(i["truth"]) for i in items], [0] * len(items))[key]
+    return chair_metrics([i["mentioned"] for i in items], [set(i["truth"]) for i in items], [0] * len(items))[key]
 
 
 def world_chair_s(items: Sequence[dict[str, list[str]]]) -> float:
