@@ -19,7 +19,9 @@ from evotool.stages import StageFile
 from evotool.world import WorldConfig, default_model_path, make_records
 
 STEPS = 24
-STAGE_AWARE = {"stage_contrast": {}, "smoothing": {"alpha": 0.0}, "stable_readout": {}}
+STAGE_AWARE = {"stage_contrast": {}, "smoothing": {"alpha": 0.0}, "stable_readout": {},
+               "stage_speculative": {"layers": [6, 7], "max_draft": 3}}
+LOSSLESS = ("greedy", "stage_speculative")  # same tokens as plain greedy by construction
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,15 @@ def test_decoding_kwargs_equal_method_generate(demo, name):
     stages = stages if name in STAGE_AWARE else None
     expected = reference(model, inputs, name, options, stages)
     with evotool.decoding(model, name, stages=stages, batch_size=inputs["input_ids"].shape[0], **options) as kw:
-        assert ("logits_processor" in kw) == (name not in ("greedy", "smoothing"))
+        assert ("logits_processor" in kw) == (name not in ("greedy", "smoothing", "stage_speculative"))
+        assert ("custom_generate" in kw) == (name == "stage_speculative")  # the draft-and-verify loop
         out = model.generate(**inputs, **kw, **GREEDY, max_new_tokens=STEPS)
     assert new_ids(model, out, inputs) == expected
     plain = new_ids(model, model.generate(**inputs, **GREEDY, max_new_tokens=STEPS), inputs)
-    assert (plain == expected) == (name == "greedy"), "each method changes these captions; hooks leave with the block"
+    assert (plain == expected) == (name in LOSSLESS), "each lossy method changes these captions; hooks leave with the block"
 
 
-@pytest.mark.parametrize("name", ["greedy", "vcd", "stage_contrast", "smoothing"])
+@pytest.mark.parametrize("name", ["greedy", "vcd", "stage_contrast", "smoothing", "stage_speculative"])
 def test_exported_custom_generate_equals_method_generate(demo, tmp_path, name):
     model, inputs, stages = demo
     options = STAGE_AWARE.get(name, {})

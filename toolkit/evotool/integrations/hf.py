@@ -83,6 +83,7 @@ def decoding(model: nn.Module, method: str | Path = "greedy", stages: str | Path
     empty for hook-only methods) goes to ``model.generate(**inputs, **kw)``. The logits processors check
     every step against ``batch_size`` (so beam search is refused). Methods that change the batch (VCD adds
     noised-image rows) are refused: run them with :func:`export_generate` or ``Method.generate``.
+    ``stage_speculative`` yields transformers' ``custom_generate`` callable (``skip=auto`` calibrates at ``batch_size``).
     """
     bound = bind_method(model, method, stages, **options)
     if bound.changes_batch:
@@ -142,6 +143,6 @@ def generate_with(model: nn.Module, record: dict[str, Any], inputs: torch.Tensor
                               "pass do_sample=False (sample with its option sample=true) and no return_dict_in_generate")
         kwargs.update(method.prepare({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
     with method.generation_kwargs(rows) as extra:
-        processors = LogitsProcessorList([*(logits_processor or []), *extra.get("logits_processor", [])])
-        out = type(model).generate(model, logits_processor=processors, **kwargs)
+        processors = LogitsProcessorList([*(logits_processor or []), *extra.pop("logits_processor", [])])
+        out = type(model).generate(model, logits_processor=processors, **kwargs, **extra)
     return out[:rows] if method.changes_batch else out
