@@ -11,13 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
-
+# before huggingface_hub is imported: it reads HF_HUB_OFFLINE once, at import
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 VOCAB = 96

@@ -10,13 +10,13 @@ lmms_eval = pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
-from evotool.analysis.schema import read_stages  # noqa: E402
 from evotool.errors import ConfigError, InputError  # noqa: E402
 from evotool.evals.world import evaluate_world  # noqa: E402
 from evotool.generation import build_inputs, decode  # noqa: E402
 from evotool.integrations.lmms import EvotoolLMM, StopOnStrings, write_world_tasks  # noqa: E402
 from evotool.mitigate.methods import build_method  # noqa: E402
 from evotool.models.loading import load_model  # noqa: E402
+from evotool.stages import StageFile  # noqa: E402
 from evotool.world import WorldConfig, default_model_path, make_records  # noqa: E402
 
 N = 8
@@ -33,7 +33,7 @@ def test_world_tasks_through_lmms_eval_equal_evotool_eval(demo_stages, tmp_path)
     out = simple_evaluate(model="evotool", model_args=args, tasks=[CAPTION, POPE], batch_size=4, bootstrap_iters=0,
                           task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
     model, processor = load_model(default_model_path())  # a fresh copy: nothing shared with the plugin's model
-    method = build_method("stage_contrast", model, {"weight": 0.5, "alpha": 0.01}, read_stages(demo_stages))
+    method = build_method("stage_contrast", model, {"weight": 0.5, "alpha": 0.01}, StageFile.read(demo_stages))
     ref = evaluate_world(model, processor, N, WorldConfig(seed=0), batch_size=4, max_new_tokens=32, generate_fn=method.generate)
     caption, pope = out["results"][CAPTION], out["results"][POPE]
     for key in ("chair_s", "chair_i", "recall"):
