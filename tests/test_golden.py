@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from evotool.analysis.config import AnalyzeConfig
-from evotool.analysis.run import run_analysis
 from evotool.evals.world import caption_scores
 from evotool.generation import generate_samples
 from evotool.mitigate.methods import build_method
@@ -29,12 +27,10 @@ TUNED = {"premature": "critical", "weight": 1.0, "alpha": 0.01}
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> tuple[Path, object, object]:
-    out = tmp_path_factory.mktemp("golden") / "analysis"
-    path = run_analysis(AnalyzeConfig(world_samples=8, max_new_tokens=24, out=out, wandb=False, figures=False,
-                                      keep_features=False, batch_size=8))
+def shipped(demo_stages: Path) -> tuple[Path, object, object]:
+    """The shipped model's analysis (conftest: 8 world captions, 24 tokens each) and the model."""
     model, processor = load_model(default_model_path())
-    return path, model, processor
+    return demo_stages, model, processor
 
 
 def test_shipped_model_boundaries(shipped) -> None:
