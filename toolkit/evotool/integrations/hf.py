@@ -30,7 +30,6 @@ from evotool import __version__
 from evotool.config import to_dict
 from evotool.errors import ConfigError, StageFileError
 from evotool.io import atomic_write_text, write_json
-from evotool.mitigate.base import Method
 from evotool.mitigate.methods import build_method, make_config
 from evotool.mitigate.run import MethodSpec, load_stages_for, method_for, resolve_spec
 from evotool.models.loading import fingerprint
@@ -67,13 +66,6 @@ def _spec(method: str | Path, stages: str | Path | None, options: dict[str, Any]
     return spec
 
 
-def bind_method(model: nn.Module, method: str | Path = "greedy", stages: str | Path | None = None,
-                **options: Any) -> Method:
-    """``method`` (a name or an ``evotool mitigate`` run directory) bound to ``model``, with ``options``
-    overriding its settings; the stage file (stage-aware methods) must belong to ``model``."""
-    return method_for(model, _spec(method, stages, options))
-
-
 @contextmanager
 def decoding(model: nn.Module, method: str | Path = "greedy", stages: str | Path | None = None, batch_size: int = 1,
              **options: Any) -> Iterator[dict[str, Any]]:
@@ -84,8 +76,10 @@ def decoding(model: nn.Module, method: str | Path = "greedy", stages: str | Path
     every step against ``batch_size`` (so beam search is refused). Methods that change the batch (VCD adds
     noised-image rows) are refused: run them with :func:`export_generate` or ``Method.generate``.
     ``stage_speculative`` yields transformers' ``custom_generate`` callable (``skip=auto`` calibrates at ``batch_size``).
+    ``method`` is a name or an ``evotool mitigate`` run directory (``options`` override its settings); the
+    stage file (stage-aware methods) must belong to ``model``.
     """
-    bound = bind_method(model, method, stages, **options)
+    bound = method_for(model, _spec(method, stages, options))
     if bound.changes_batch:
         raise ConfigError(f"method {bound.name!r} adds rows to the batch, which plain generate kwargs cannot do; "
                           "use `evotool export-generate` and model.generate(custom_generate=DIR, trust_remote_code=True)")
