@@ -162,9 +162,10 @@ def test_wandb_offline_run_holds_the_results(llava: Path, tmp_path: Path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     write_images(tmp_path / "images", 2)
     run = tmp_path / "run"
-    code, err = evotool(analyze(llava, tmp_path / "images", run), monkeypatch, capsys)
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--set", "stages.min_tokens=1"), monkeypatch, capsys)
     assert code == 0, err
     stages = StageFile.read(run).payload
+    assert stages["critical_layer"] is not None
     wandb_dir = Path((run / "wandb_run.txt").read_text().strip())
     assert wandb_dir.is_relative_to(run) and wandb_dir.name.startswith("offline-run-")
     history, summary = wandb_records(wandb_dir)
@@ -208,3 +209,15 @@ def test_two_processes_match_one(llava: Path, tmp_path: Path, monkeypatch, capsy
         for stat, values in curve.items():
             np.testing.assert_allclose(np.array(stages_multi["curves"][name][stat], dtype=float),
                                        np.array(values, dtype=float), rtol=1e-4, atol=1e-6, err_msg=f"{name} {stat}")
+
+
+def test_too_few_tokens_warns_and_leaves_boundaries_null(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)
+    assert code == 0, err
+    stages = StageFile.read(run)
+    assert stages.payload["tokens"] < 50
+    assert (stages.critical_layer, stages.mutation_layers, stages.stages["stabilization"]) == (None, [], None)
+    assert stages.flags == ["too_few_tokens"]
+    assert "warning: too_few_tokens: too few generated tokens" in err
