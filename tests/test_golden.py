@@ -37,7 +37,9 @@ def shipped(demo_stages: Path) -> tuple[Path, object, object]:
 def test_shipped_model_boundaries(shipped) -> None:
     stages = StageFile.read(shipped[0])
     assert stages.boundaries() == SHIPPED
-    assert stages.flags == ["short_stable_stage"]
+    assert "short_stable_stage" in stages.flags
+    lo, hi = stages.payload["interval"]["critical"]  # 8 samples: the bootstrap interval is honest about it
+    assert lo <= 11 <= hi
     assert (stages.payload["samples"], stages.num_layers) == (8, 12)
 
 
