@@ -20,7 +20,8 @@ Rules (thresholds in :class:`StageConfig`; chosen on the tune half of the model 
 * **Flags**: ``too_few_tokens`` (fewer than ``min_tokens``: no boundaries at all, never made-up ones),
   ``no_direct_effect`` (no ``direct_flip`` curves: mutation undecided), ``no_stable_stage`` / ``short_stable_stage``
   (stabilization empty / shorter than 2 layers), ``wide_interval`` (critical interval wider than
-  ``max_interval`` layers).
+  ``max_interval`` layers), ``uncertain_mutation`` (most bootstrap resamples disagree with the point estimate on
+  whether a mutation stage exists).
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         interval = _bootstrap(p_token, direct_flip, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
+        if "mutation_share" in interval and (interval["mutation_share"] >= 0.5) != bool(mutations):
+            flags.append("uncertain_mutation")
     stages = stage_ranges(num_layers, critical, mutations)
     if critical is not None:
         stab = stages["stabilization"]
