@@ -194,6 +194,21 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
 
 
 @pytest.fixture(scope="session")
+def demo_set_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage file of the shipped demo model with hand-set boundaries that leave room in every stage (critical 3,
+    mutation 11), for tests of method mechanics; what the detector finds for this model is tested in test_golden."""
+    from evotool.models.loading import fingerprint, load_model
+    from evotool.stages import stage_ranges, write_stages
+    from evotool.world import default_model_path
+
+    model, _ = load_model(default_model_path())
+    path = tmp_path_factory.mktemp("demo_set_stages") / "stages.json"
+    write_stages(path, {"model": "demo", "fingerprint": fingerprint(model), "num_layers": 12, "critical_layer": 3,
+                        "mutation_layers": [11], "stages": stage_ranges(12, 3, [11])})
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """stages.json of the shipped demo model from a short `evotool analyze` run (8 world captions)."""
     from evotool.analysis.config import AnalyzeConfig

@@ -25,12 +25,12 @@ LOSSLESS = ("greedy", "stage_speculative")  # same tokens as plain greedy by con
 
 
 @pytest.fixture(scope="module")
-def demo(demo_stages):
+def demo(demo_set_stages):
     """The shipped model, a batch of prior-breaking captions (where methods change the text), the stage file."""
     model, processor = load_model(default_model_path())
     records = make_records("caption", "prior_breaking", 6, WorldConfig(seed=0))
     inputs = build_inputs(processor, [r["image"] for r in records], [r["prompt"] for r in records])
-    return model, inputs, demo_stages
+    return model, inputs, demo_set_stages
 
 
 def reference(model, inputs, name, options, stages):
