@@ -11,13 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
-
+# before huggingface_hub is imported: it reads HF_HUB_OFFLINE once, at import
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 VOCAB = 96
@@ -191,3 +193,29 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def demo_set_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage file of the shipped demo model with hand-set boundaries that leave room in every stage (critical 3,
+    mutation 11), for tests of method mechanics; what the detector finds for this model is tested in test_golden."""
+    from evotool.models.loading import fingerprint, load_model
+    from evotool.stages import stage_ranges, write_stages
+    from evotool.world import default_model_path
+
+    model, _ = load_model(default_model_path())
+    path = tmp_path_factory.mktemp("demo_set_stages") / "stages.json"
+    write_stages(path, {"model": "demo", "fingerprint": fingerprint(model), "num_layers": 12, "critical_layer": 3,
+                        "mutation_layers": [11], "stages": stage_ranges(12, 3, [11])})
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stages.json of the shipped demo model from a short `evotool analyze` run (8 world captions)."""
+    from evotool.analysis.config import AnalyzeConfig
+    from evotool.analysis.run import run_analysis
+
+    out = tmp_path_factory.mktemp("demo_analysis")
+    return run_analysis(AnalyzeConfig(out=out, wandb=False, world_samples=8, max_new_tokens=24, figures=False,
+                                      keep_features=False, batch_size=8))

@@ -19,6 +19,7 @@ from conftest import tiny_config
 from evotool.stages import StageFile
 from evotool.cli import main
 from tiny_checkpoints import save_tiny, write_images
+from wandb_log import read_records
 
 MAX_NEW = "4"
 
@@ -149,26 +150,8 @@ def test_bad_lens(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
-    """(history rows, summary) from an offline run's ``run-*.wandb`` file (LevelDB-log framed protobuf records:
-    7-byte file header, 32 KiB blocks, per chunk crc32 / length / type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = next(run_dir.glob("run-*.wandb")).read_bytes()
-    pos, chunk, records = 7, b"", []
-    while pos + 7 <= len(raw):
-        if 32768 - pos % 32768 < 7:  # block trailer too short for a chunk header
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
-        if length == 0 and kind == 0:
-            break
-        chunk += raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
+    """(history rows, summary) from an offline run's ``run-*.wandb`` file."""
+    records = read_records(run_dir)
     key = lambda item: item.key or "/".join(item.nested_key)
     history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
     summary = {key(i): json.loads(i.value_json) for r in records if r.HasField("summary") for i in r.summary.update}
@@ -179,9 +162,10 @@ def test_wandb_offline_run_holds_the_results(llava: Path, tmp_path: Path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     write_images(tmp_path / "images", 2)
     run = tmp_path / "run"
-    code, err = evotool(analyze(llava, tmp_path / "images", run), monkeypatch, capsys)
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--set", "stages.min_tokens=1"), monkeypatch, capsys)
     assert code == 0, err
     stages = StageFile.read(run).payload
+    assert stages["critical_layer"] is not None
     wandb_dir = Path((run / "wandb_run.txt").read_text().strip())
     assert wandb_dir.is_relative_to(run) and wandb_dir.name.startswith("offline-run-")
     history, summary = wandb_records(wandb_dir)
@@ -225,3 +209,15 @@ def test_two_processes_match_one(llava: Path, tmp_path: Path, monkeypatch, capsy
         for stat, values in curve.items():
             np.testing.assert_allclose(np.array(stages_multi["curves"][name][stat], dtype=float),
                                        np.array(values, dtype=float), rtol=1e-4, atol=1e-6, err_msg=f"{name} {stat}")
+
+
+def test_too_few_tokens_warns_and_leaves_boundaries_null(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)
+    assert code == 0, err
+    stages = StageFile.read(run)
+    assert stages.payload["tokens"] < 50
+    assert (stages.critical_layer, stages.mutation_layers, stages.stages["stabilization"]) == (None, [], None)
+    assert stages.flags == ["too_few_tokens"]
+    assert "warning: too_few_tokens: too few generated tokens" in err

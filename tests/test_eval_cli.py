@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli, tiny_world_llava
+from huggingface_hub import ModelCard
 
 from evotool.stages import write_stages
 from evotool.data.inputs import Sample
@@ -144,6 +145,9 @@ def test_lora_mutation_trains_only_the_mutation_stage(world_model, tmp_path, mon
     base, tuned = load_file(world_model / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     changed = {k.split(".layers.")[1].split(".")[0] for k in base if not torch.equal(base[k], tuned[k])}
     assert changed == {"4", "5"}  # decoder layers 5 and 6 are parts.layers[4], parts.layers[5]
+    card = ModelCard.load(run / "model" / "README.md")  # Hub metadata of the merged checkpoint
+    assert card.data.pipeline_tag == "image-text-to-text" and "hallucination-mitigation" in card.data.tags
+    assert card.data.evotool["lora_layers"] == [5, 6] and card.data.evotool["base_stages"]["mutation_layers"] == [5]
     code, _, err = cli(monkeypatch, capsys, "eval", "world", "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)
     assert code == 0, err
     assert read_results(tmp_path / "ev")["config"]["model"] == str(run / "model")

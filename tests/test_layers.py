@@ -23,9 +23,12 @@ LAYERS = {
     "evotool.evals": 2,  # metrics and the eval harness
     "evotool.analysis": 3, "evotool.prune": 3, "evotool.mitigate": 3, "evotool.world.train": 3,  # jobs
     "evotool.stages.behaviour": 3, "evotool.zoo": 3,
+    "evotool.integrations": 3,  # evotool inside transformers, lmms-eval and the Hub
     "evotool.cli": 4, "evotool.__main__": 4,
     "evotool.recipes": 5,  # compositions: nothing imports them
 }
+# The package root's one public shortcut, ``evotool.decoding`` (imported on first use, see evotool/__init__.py).
+FACADE = {("evotool", "evotool.integrations.hf")}
 
 
 def package_dirs() -> dict[str, Path]:
@@ -69,7 +72,13 @@ def imports(name: str) -> set[str]:
             visit(child)
 
     visit(ast.parse(known[name].read_text()))
-    return {m for m in found if m in known and m != name}
+    "evotool.stages.behaviour": 3, "evotool.zoo": 3,
+    "evotool.integrations": 3,  # evotool inside transformers, lmms-eval and the Hub
+    "evotool.cli": 4, "evotool.__main__": 4,
+    "evotool.recipes": 5,  # compositions: nothing imports them
+}
+# The package root's one public shortcut, ``evotool.decoding`` (imported on first use, see evotool/__init__.py).
+FACADE = {("evotool", "evotool.integrations.hf")}
 
 
 def layer(name: str) -> int:

@@ -35,7 +35,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model on 4 world samples (2 prior-breaking), with the patch lens and figures."""
     out = tmp_path_factory.mktemp("report") / "demo"
     result = CliRunner().invoke(app, ["analyze", "--out", str(out), "--world-samples", "4", "--max-new-tokens",
-                                      str(MAX_NEW), "--patch-lens", "--no-wandb"])
+                                      str(MAX_NEW), "--patch-lens", "--no-wandb",
+                                      "--set", "stages.min_tokens=10"])  # 4 short captions: below the default floor
     assert result.exit_code == 0, result.output
     return out
 
@@ -366,7 +367,7 @@ def test_atlas_of_several_runs(browser: Any, demo_run: Path, tmp_path: Path, art
                               " [...tr.children].map((td) => td.textContent))")
         demo = json.loads((demo_run / "stages.json").read_text())
         assert [(c[0], c[3], c[4], c[9]) for c in cells] == [
-            ("demo", str(demo["critical_layer"]), ", ".join(map(str, demo["mutation_layers"])), ""),
+            ("demo", str(demo["critical_layer"]), ", ".join(map(str, demo["mutation_layers"])) or "none", ""),
             ("zoo-member", "5", "10", "4 / 9")]
         assert page.evaluate("document.querySelectorAll('#atlas-grid .atlas-cell').length") == 2
         lines = page.evaluate("[...document.querySelectorAll('#atlas-grid line title')].map((t) => t.textContent)")

@@ -82,7 +82,7 @@ def test_missing_null_and_foreign_files(tmp_path: Path) -> None:
         StageFile.read(dump(tmp_path, {"schema_version": "1.1", **BASE}), fingerprint="ffff")
 
 
-def test_for_model_checks_fingerprint_and_depth(tmp_path: Path) -> None:
+def test_for_model_checks_fingerprint_and_depth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from conftest import build_tiny
 
     from evotool.models.loading import fingerprint
@@ -92,6 +92,12 @@ def test_for_model_checks_fingerprint_and_depth(tmp_path: Path) -> None:
                          "critical_layer": 1, "mutation_layers": [],
                          "stages": {"rapid_evolution": [0, 1], "stabilization": [2, 4], "mutation": None}}, "ok.json")
     assert StageFile.for_model(ok, model).stable_range == (2, 4)
+    assert capsys.readouterr().err == ""
+    flagged = dump(tmp_path, {**json.loads(ok.read_text()), "flags": ["short_stable_stage", "future_flag"]}, "flagged.json")
+    StageFile.for_model(flagged, model)  # commands acting on flagged boundaries say so, one line per flag
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {flagged}: short_stable_stage: the stabilization stage is a single layer; stable-stage pruning "
+        "and readouts have little room", f"warning: {flagged}: future_flag"]
     deep = dump(tmp_path, {"schema_version": "1.1", **BASE, "fingerprint": fingerprint(model)}, "deep.json")
     with pytest.raises(StageFileError, match="describes 12 layers, the model has 4"):
         StageFile.for_model(deep, model)

@@ -1,4 +1,5 @@
-"""Stage detection recovers boundaries planted in constructed curves, and reports degenerate curves as such."""
+"""Stage detection recovers boundaries planted in constructed curves, reports its uncertainty, and flags degenerate
+curves instead of forcing boundaries."""
 
 from __future__ import annotations
 
@@ -6,75 +7,127 @@ import numpy as np
 import pytest
 
 from evotool.errors import ConfigError
-from evotool.stages import StageConfig, detect_stages, token_critical_layer
+from evotool.stages import StageConfig, detect_stages
 
 
-def planted(num_layers: int, critical: int, mutation: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Curves of one token: large JS up to `critical`, quiet after, one spike at `mutation`."""
-    js = np.full(num_layers + 1, np.nan)
-    js[1 : critical + 1] = rng.uniform(0.4, 1.0, critical)
-    js[critical + 1 :] = rng.uniform(0.001, 0.01, num_layers - critical)
-    p = np.zeros(num_layers + 1)
-    p[critical:] = rng.uniform(0.7, 0.9)
+def planted(num_layers: int, critical: int, mutation: int | None, tokens: int, rng: np.random.Generator,
+            late_flips: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Curves of ``tokens`` tokens: p_token [N, L+1] rising until ``critical``, then flat; direct_flip [N, L+1] with
+    rare background flips, a third of the tokens decided by ``mutation``'s own update and a quarter by the layer
+    right after the critical one (the tail of rapid evolution), or by ``late_flips`` when given."""
+    p = np.empty((tokens, num_layers + 1))
+    for i in range(tokens):
+        top = rng.uniform(0.8, 0.99)
+        p[i, : critical + 1] = np.linspace(0.0, 0.9 * top, critical + 1)
+        p[i, critical:] = top * rng.uniform(0.97, 1.0, num_layers + 1 - critical)
+    flip = (rng.random((tokens, num_layers + 1)) < 0.002).astype(float)
+    tail = critical + 1 if late_flips is None else late_flips
+    flip[: tokens // 4, tail] = 1.0
     if mutation is not None:
-        js[mutation] = rng.uniform(0.3, 0.6)
-        p[mutation:] = 0.1
-    return js, p
+        flip[tokens // 3 : 2 * tokens // 3, mutation] = 1.0
+    flip[:, 0] = np.nan
+    return p, flip
 
 
-@pytest.mark.parametrize("num_layers,critical,mutation", [(32, 18, 28), (12, 5, 10), (24, 9, 24)])
+@pytest.mark.parametrize("num_layers,critical,mutation", [(32, 18, 28), (12, 5, 10), (24, 9, 24), (8, 3, 6)])
 def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mutation: int) -> None:
-    rng = np.random.default_rng(critical)
-    curves = [planted(num_layers, critical, mutation if i % 3 else None, rng) for i in range(30)]
-    # a few tokens mutate elsewhere, too rarely to count as a dataset mutation layer
-    curves += [planted(num_layers, critical, critical + 2, rng) for _ in range(3)]
-    js, p = map(np.stack, zip(*curves))
-    res = detect_stages(js, p)
+    p, flip = planted(num_layers, critical, mutation, 400, np.random.default_rng(critical))
+    groups = np.arange(400) % 40  # every sample holds tokens of each kind
+    res = detect_stages(p, flip, groups)
     assert res.critical_layer == critical
-    assert res.mutation_layers == [mutation]
+    assert res.mutation_layers == [mutation]  # the flips right after the critical layer are not a mutation
     assert res.stages == {
         "rapid_evolution": [0, critical],
         "stabilization": [critical + 1, mutation - 1],
         "mutation": [mutation, num_layers],
     }
-    assert res.mutation_stats["histogram"][mutation] == 20
-    assert res.critical_spread["iqr"] == [critical, critical]
+    assert res.interval["critical"] == [critical, critical]
+    assert res.interval["mutation"][0] <= mutation == res.interval["mutation"][1]
+    assert res.flags == []
+    assert res.mutation_stats["histogram"][mutation] >= 400 // 3
 
 
-def test_per_token_critical_ignores_isolated_late_spike() -> None:
-    js, p = planted(16, 6, 13, np.random.default_rng(0))
-    assert token_critical_layer(js, p, StageConfig()) == 6
+def test_evidence_curves_are_the_median_probability_and_flip_share() -> None:
+    p, flip = planted(12, 5, 10, 60, np.random.default_rng(0))
+    res = detect_stages(p, flip, cfg=StageConfig(bootstrap=0))
+    np.testing.assert_allclose(res.evidence["median_p"], np.median(p, axis=0))
+    assert res.evidence["direct_flip"][0] is None
+    np.testing.assert_allclose(res.evidence["direct_flip"][1:], flip[:, 1:].mean(axis=0))
+    assert res.interval == {"critical": None, "mutation": None}
 
 
-def test_probability_must_have_risen() -> None:
-    js, p = planted(16, 6, None, np.random.default_rng(1))
-    p[:] = 0.0
-    p[10:] = 0.9  # JS is quiet from layer 7 but the emitted token only appears at layer 10
-    assert token_critical_layer(js, p, StageConfig()) == 10
+def test_rise_fraction_moves_the_critical_layer() -> None:
+    p = np.tile([0.0, 0.1, 0.5, 0.8, 0.92, 0.96, 1.0], (60, 1))
+    assert detect_stages(p, cfg=StageConfig(bootstrap=0)).critical_layer == 5
+    assert detect_stages(p, cfg=StageConfig(bootstrap=0, rise_fraction=0.9)).critical_layer == 4
+    assert detect_stages(p, cfg=StageConfig(bootstrap=0, rise_fraction=0.5)).critical_layer == 2
 
 
 def test_no_mutation_is_reported_not_forced() -> None:
-    rng = np.random.default_rng(2)
-    js, p = map(np.stack, zip(*[planted(20, 8, None, rng) for _ in range(10)]))
-    res = detect_stages(js, p)
+    p, flip = planted(20, 8, None, 80, np.random.default_rng(2))
+    res = detect_stages(p, flip)
     assert res.critical_layer == 8
     assert res.mutation_layers == []
-    assert res.stages["mutation"] is None
-    assert res.stages["stabilization"] == [9, 20]
+    assert res.stages["mutation"] is None and res.stages["stabilization"] == [9, 20]
+    assert res.interval["mutation"] is None
 
 
-def test_no_stable_stage_is_reported_not_forced() -> None:
-    rng = np.random.default_rng(3)
-    js = np.concatenate([np.full((10, 1), np.nan), rng.uniform(0.3, 1.0, (10, 16))], axis=1)
-    p = np.tile(np.linspace(0, 1, 17), (10, 1))
-    res = detect_stages(js, p)
-    assert res.critical_layer is None
-    assert res.mutation_layers == []
-    assert res.stages == {"rapid_evolution": [0, 16], "stabilization": None, "mutation": None}
+def test_weak_late_change_is_not_a_mutation() -> None:
+    """A layer deciding 1% of the tokens stays below mutation_min_flip, however quiet the other layers are."""
+    p, flip = planted(16, 6, None, 200, np.random.default_rng(3))
+    flip[:, 1:] = 0.0
+    flip[:2, 12] = 1.0
+    assert detect_stages(p, flip).mutation_layers == []
+
+
+def test_critical_at_the_output_has_no_stable_stage() -> None:
+    p = np.tile(np.r_[np.zeros(11), 1.0], (60, 1))  # the emitted token only appears at the last layer
+    res = detect_stages(p, np.zeros_like(p))
+    assert res.critical_layer == 11
+    assert res.stages == {"rapid_evolution": [0, 11], "stabilization": None, "mutation": None}
+    assert "no_stable_stage" in res.flags
+
+
+def test_one_layer_stable_stage_is_flagged() -> None:
+    p, flip = planted(12, 5, 7, 90, np.random.default_rng(4))
+    res = detect_stages(p, flip)
+    assert res.stages["stabilization"] == [6, 6]
+    assert "short_stable_stage" in res.flags
+
+
+def test_too_few_tokens_gives_null_boundaries() -> None:
+    p, flip = planted(12, 5, 10, 20, np.random.default_rng(5))
+    res = detect_stages(p, flip)
+    assert res.critical_layer is None and res.mutation_layers == []
+    assert res.stages == {"rapid_evolution": [0, 12], "stabilization": None, "mutation": None}
+    assert res.flags == ["too_few_tokens"]
+
+
+def test_missing_direct_effect_leaves_mutation_undecided() -> None:
+    p, _ = planted(12, 5, 10, 60, np.random.default_rng(6))
+    res = detect_stages(p)
+    assert res.critical_layer == 5 and res.mutation_layers == []
+    assert "no_direct_effect" in res.flags
+
+
+def test_disagreeing_samples_widen_the_interval() -> None:
+    """Half the samples settle at layer 3, half at layer 9: the bootstrap interval spans both, and is flagged."""
+    rng = np.random.default_rng(7)
+    early, f1 = planted(16, 3, None, 60, rng)
+    late, f2 = planted(16, 9, None, 60, rng)
+    groups = np.repeat(np.arange(12), 10)
+    res = detect_stages(np.concatenate([early, late]), np.concatenate([f1, f2]), groups)
+    lo, hi = res.interval["critical"]
+    assert lo <= 4 and hi >= 8
+    assert "wide_interval" in res.flags
 
 
 def test_bad_config_and_shapes_rejected() -> None:
+    with pytest.raises(ConfigError, match="rise_fraction"):
+        StageConfig(rise_fraction=1.5)
+    with pytest.raises(ConfigError, match="mutation_ratio"):
+        StageConfig(mutation_ratio=0.5)
     with pytest.raises(ConfigError):
-        StageConfig(stable_fraction=1.5)
-    with pytest.raises(ConfigError):
-        detect_stages(np.zeros((0, 5)), np.zeros((0, 5)))
+        detect_stages(np.zeros((0, 5)))
+    with pytest.raises(ConfigError, match="direct_flip"):
+        detect_stages(np.zeros((60, 5)), np.zeros((60, 4)))

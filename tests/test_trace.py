@@ -85,3 +85,31 @@ def test_trace_matches_generate_and_per_step_forward() -> None:
     tok = traces[1].token_ids[1]
     np.testing.assert_allclose(traces[1].layers["p_token"][1], logp[:, tok].exp().numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(traces[1].features[1, :-1].astype(np.float32), hs[:-1].numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_direct_effect_against_hidden_states() -> None:
+    """direct_flip / direct_js of layer l: the lens of the final state without layer l's own update h_l - h_{l-1}."""
+    model = build_tiny("llava", layers=6)
+    parts = decoder_parts(model)
+    inputs = make_inputs(model, "llava", batch=1)
+    trace = trace_batch(model, parts, NormedLens(parts), inputs, max_new_tokens=4)[0]
+    layers = trace.layers
+    assert np.isnan(layers["direct_flip"][:, 0]).all() and np.isnan(layers["direct_js"][:, 0]).all()
+    # without its update, the last layer leaves layer L-1's state: the same readout as the lens at L-1
+    np.testing.assert_allclose(layers["direct_js"][:, -1], layers["js_final"][:, -2], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(layers["direct_flip"][:, -1], (layers["top1"][:, -2] != trace.token_ids).astype(float))
+    # step 0, layer 3, recomputed from output_hidden_states and the last layer's raw output (a plain forward hook)
+    last: list[torch.Tensor] = []
+    handle = parts.layers[-1].register_forward_hook(lambda _m, _a, out: last.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    handle.remove()
+    hs = [h[0, -1] for h in out.hidden_states]
+    state = last[0][0, -1] - (hs[3] - hs[2])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.lm_head(parts.norm(state)).float(), -1)
+        final = torch.log_softmax(out.logits[0, -1].float(), -1)
+    mix = 0.5 * (logp.exp() + final.exp())
+    js = 0.5 * ((logp.exp() * (logp - mix.log())).sum() + (final.exp() * (final - mix.log())).sum())
+    np.testing.assert_allclose(layers["direct_js"][0, 3], js.item(), rtol=1e-3, atol=1e-6)
+    assert layers["direct_flip"][0, 3] == float(logp.argmax() != final.argmax())

@@ -26,3 +26,7 @@ class StageFileError(EvotoolError):
 
 class ConfigError(EvotoolError):
     """An option or config value outside its valid range."""
+
+
+class HubError(EvotoolError):
+    """The Hugging Face Hub cannot be reached or refuses a push (offline, no token, no access)."""

@@ -26,7 +26,7 @@ from evotool.lens import Lens
 from evotool.models.registry import DecoderParts
 
 # Per-(token, layer) metrics kept for every sample; arrays of shape [T, L+1].
-METRICS = ("p_token", "rank", "entropy", "js_prev", "js_final", "cos_prev", "top1")
+METRICS = ("p_token", "rank", "entropy", "js_prev", "js_final", "cos_prev", "top1", "direct_flip", "direct_js")
 
 
 def last_position(hidden: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,37 @@ class LayerCapture:
         return torch.stack(self.states, dim=0)  # type: ignore[arg-type]
 
 
-def reduce_step(logp: torch.Tensor, states: torch.Tensor, topk: int, js_base: float = math.e) -> dict[str, torch.Tensor]:
+def without_update(states: torch.Tensor) -> torch.Tensor:
+    """[L+1, ..., H] -> [L, ...]: the final state minus layer l's own update ``h_l - h_{l-1}``, for l = 1..L."""
+    return states[-1:] - (states[1:] - states[:-1])
+
+
+def lens_with_direct(lens: Lens, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lens log-probs of every layer [L+1, ..., V] and of the final state without each layer's update [L, ..., V],
+    in one head matmul over [2L+1, ..., H]."""
+    n_layers = states.shape[0]
+    logp = lens.log_probs(torch.cat([states, without_update(states)]))
+    return logp[:n_layers], logp[n_layers:]
+
+
+def direct_effect(logp: torch.Tensor, direct: torch.Tensor, js_base: float = math.e) -> dict[str, torch.Tensor]:
+    """Layer l's direct effect on the output: ``direct_flip`` (the final top-1 changes without its update, 0/1) and
+    ``direct_js`` (JS to the final distribution), [L+1, ...] with NaN at layer 0, from logp [L+1, ..., V] and
+    direct [L, ..., V] (:func:`lens_with_direct`)."""
+    nan_row = torch.full((1, *logp.shape[1:-1]), float("nan"), device=logp.device)
+    final = logp[-1:]
+    flip = (direct.argmax(-1) != final.argmax(-1)).float()
+    return {"direct_flip": torch.cat([nan_row, flip]),
+            "direct_js": torch.cat([nan_row, metrics.js_divergence(direct, final.expand_as(direct), js_base)])}
+
+
+def reduce_step(logp: torch.Tensor, direct: torch.Tensor, states: torch.Tensor, topk: int,
+                js_base: float = math.e) -> dict[str, torch.Tensor]:
     """Per-layer metrics of one step for the token the model emits (top-1 of the last layer).
 
-    logp [L+1, B, V] lens log-probabilities, states [L+1, B, H]. Returns tensors [L+1, B]
-    (``js_prev`` and ``cos_prev`` NaN at layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and
-    ``token`` [B].
+    logp [L+1, B, V] lens log-probabilities, direct [L, B, V] those of the final state without each layer's update,
+    states [L+1, B, H]. Returns tensors [L+1, B] (``js_prev``, ``cos_prev`` and the direct-effect metrics NaN at
+    layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and ``token`` [B].
     """
     n_layers, batch = logp.shape[:2]
     token = logp[-1].argmax(-1)
@@ -84,6 +109,7 @@ def reduce_step(logp: torch.Tensor, states: torch.Tensor, topk: int, js_base: fl
         "top1": top_i[..., 0].float(),
         "topk_ids": top_i,
         "topk_p": top_p.exp(),
+        **direct_effect(logp, direct, js_base),
     }
 
 
@@ -123,7 +149,7 @@ def trace_batch(
 
     def on_forward() -> None:
         states = capture.stacked()
-        steps.append(reduce_step(lens.log_probs(states), states, topk, js_base))
+        steps.append(reduce_step(*lens_with_direct(lens, states), states, topk, js_base))
         if keep_features:
             feats.append(states.to(torch.float16))
 

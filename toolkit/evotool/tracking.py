@@ -2,14 +2,54 @@
 
 Offline (syncable later with ``wandb sync``) unless an API key is configured; any W&B failure is
 reported once as a warning and tracking is switched off for the rest of the run.
+
+Artifacts carry the lineage analysis ``stages.json`` -> checkpoint -> eval results: every run logs what
+it wrote (:meth:`Tracker.log_artifact`) and declares what it read (:meth:`Tracker.use_artifact`) as an
+:class:`ArtifactRef` whose name says what it is and of which model (``stages-<fingerprint>``,
+``model-<fingerprint>``, ``method-<name>-<fingerprint>``, ``results-<task>-<fingerprint>``), so the
+producing and the consuming run name the same artifact and W&B draws the graph.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A local file (uploaded) or folder (its top-level files by reference: checkpoints are not copied) as a
+    W&B artifact."""
+
+    name: str
+    kind: str
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def stages(cls, path: str | Path, fingerprint: str, **metadata: Any) -> ArtifactRef:
+        """A ``stages.json`` (or the analyze run directory holding it) of the model with ``fingerprint``."""
+        path = Path(path)
+        return cls(f"stages-{fingerprint}", "stages", path / "stages.json" if path.is_dir() else path, metadata)
+
+    @classmethod
+    def model(cls, path: str | Path, fingerprint: str, **metadata: Any) -> ArtifactRef:
+        """A checkpoint folder (``save_pretrained`` layout) whose weights have ``fingerprint``."""
+        return cls(f"model-{fingerprint}", "model", Path(path), metadata)
+
+    @classmethod
+    def method(cls, path: str | Path, name: str, fingerprint: str, **metadata: Any) -> ArtifactRef:
+        """An ``evotool mitigate`` run's ``method.json`` (or its run directory) for the model with ``fingerprint``."""
+        path = Path(path)
+        return cls(f"method-{name}-{fingerprint}", "method", path / "method.json" if path.is_dir() else path, metadata)
+
+    @classmethod
+    def results(cls, path: str | Path, task: str, fingerprint: str, **metadata: Any) -> ArtifactRef:
+        """An eval's ``results.json`` of ``task`` on the model with ``fingerprint``."""
+        return cls(f"results-{task}-{fingerprint}", "results", Path(path), metadata)
 
 
 class Tracker:
@@ -89,6 +129,40 @@ class Tracker:
         try:
             for key, value in values.items():
                 self.run.summary[key] = value
+        except Exception as err:
+            self._disable(err)
+
+    def log_artifact(self, ref: ArtifactRef) -> None:
+        """``ref`` as an output of this run."""
+        self._artifact(ref, use=False)
+
+    def use_artifact(self, ref: ArtifactRef) -> None:
+        """``ref`` as an input of this run (name and content equal to where it was logged: one lineage graph).
+
+        W&B refuses ``use_artifact`` offline; there the run records the artifact with ``use_after_commit``,
+        the record ``use_artifact`` itself writes for an artifact built locally, which ``wandb sync`` replays.
+        """
+        self._artifact(ref, use=True)
+
+    def _artifact(self, ref: ArtifactRef, use: bool) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(ref.name, type=ref.kind, metadata=ref.metadata)
+            path = Path(ref.path).resolve()
+            if path.is_dir():  # the checkpoint's own files, by reference (not its wandb/ or adapter/ subfolders)
+                for item in sorted(p for p in path.iterdir() if p.is_file()):
+                    artifact.add_reference(item.as_uri(), name=item.name, checksum=False)
+            else:
+                artifact.add_file(str(path))
+            if not use:
+                self.run.log_artifact(artifact)
+            elif self.run.offline:
+                self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            else:
+                self.run.use_artifact(artifact)
         except Exception as err:
             self._disable(err)
 

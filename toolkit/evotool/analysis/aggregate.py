@@ -21,17 +21,22 @@ def decision_depth(top1: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     return agree.shape[1] - run.sum(axis=1)
 
 
+def metric(trace: SampleTrace, name: str) -> np.ndarray:
+    """One metric of one sample [T, L+1]; NaN when the run predates it."""
+    values = trace.layers.get(name)
+    return values if values is not None else np.full(trace.layers["p_token"].shape, np.nan)
+
+
 def stacked(traces: list[SampleTrace], name: str) -> np.ndarray:
     """One metric of every token of every sample: [N, L+1]."""
-    return np.concatenate([t.layers[name] for t in traces], axis=0)
+    return np.concatenate([metric(t, name) for t in traces], axis=0)
 
 
 def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
-    """Stage boundaries of the whole run."""
-    top1 = stacked(traces, "top1")
-    flip = np.zeros_like(top1, dtype=bool)
-    flip[:, 1:] = top1[:, 1:] != top1[:, :-1]
-    return detect_stages(stacked(traces, "js_prev"), stacked(traces, "p_token"), cfg, flip)
+    """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap)."""
+    groups = np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)])
+    direct = stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
+    return detect_stages(stacked(traces, "p_token"), direct, groups, cfg)
 
 
 def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:
@@ -67,7 +72,7 @@ def write_token_table(path: Path, records: list[dict[str, Any]], traces: list[Sa
             vals = np.array([-1 if v is None else v for v in per_tok[offset : offset + t]])
             cols[key].append(np.repeat(vals, n))
         for k in METRICS:
-            cols[k].append(trace.layers[k].reshape(-1))
+            cols[k].append(metric(trace, k).reshape(-1))
         offset += t
     data = {k: np.concatenate(v) for k, v in cols.items()}
     data["top1_id"] = data.pop("top1").astype(np.int64)

@@ -148,15 +148,15 @@ def feature_maps(features: np.ndarray, layer_stage: Sequence[str], path: Path, t
 
 
 def mutation_histogram(histogram: dict[int, int], num_layers: int, path: Path) -> Path:
-    """How many tokens mutate at each layer."""
+    """How many tokens have their top-1 decided by each post-critical layer's own update (direct effect)."""
     counts = np.zeros(num_layers + 1)
     for layer, c in histogram.items():
         counts[int(layer)] = c
     fig, ax = plt.subplots(figsize=(6, 2.8))
     ax.bar(np.arange(num_layers + 1), counts, color=STAGE_COLOURS["mutation"])
     ax.set_xlabel("layer")
-    ax.set_ylabel("mutated tokens")
-    ax.set_title("per-token mutation layer")
+    ax.set_ylabel("tokens")
+    ax.set_title("top-1 decided by the layer's own update")
     return _save(fig, path)
 
 

@@ -10,7 +10,7 @@ from evotool.io import atomic_write_text
 
 def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], records: list[dict[str, Any]]) -> None:
     """``report.md``: boundaries, spreads, figure gallery and the first generated texts."""
-    spread = payload["critical_spread"]
+    interval = payload.get("interval", {})
     mut = payload["mutation_stats"]
     stages = payload["stages"]
     lines = [
@@ -21,11 +21,11 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
         "",
         "| | value |",
         "|---|---|",
-        f"| critical layer | {payload['critical_layer']} (IQR {spread.get('iqr', 'n/a')}, "
-        f"{spread['share_with_critical']:.0%} of tokens settle) |",
-        f"| mutation layers | {payload['mutation_layers'] or 'none'} ({mut['share_mutated']:.0%} of tokens mutate"
-        + (f", {mut['share_top1_flip']:.0%} of those flip the top-1 token" if "share_top1_flip" in mut else "")
-        + ") |",
+        f"| critical layer | {payload['critical_layer']} (bootstrap interval {interval.get('critical') or 'n/a'}; "
+        f"median emitted-token probability reaches {payload['config']['stages']['rise_fraction']:.0%} of its maximum) |",
+        f"| mutation layers | {payload['mutation_layers'] or 'none'} (interval {interval.get('mutation') or 'n/a'}; "
+        f"{mut['share_mutated']:.0%} of tokens have their top-1 decided by a layer's own update after the critical layer) |",
+        f"| flags | {', '.join(payload.get('flags', [])) or 'none'} |",
     ]
     for name in ("rapid_evolution", "stabilization", "mutation"):
         rng = stages[name]

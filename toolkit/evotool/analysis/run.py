@@ -39,8 +39,8 @@ from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
-from evotool.trace import trace_batch
-from evotool.tracking import Tracker
+from evotool.trace import direct_effect, lens_with_direct, trace_batch
+from evotool.tracking import ArtifactRef, Tracker
 
 
 def resolve_model_id(model: str | None) -> str:
@@ -97,6 +97,8 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
         for batch in batches(pending, cfg.batch_size):
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index)
             bar.update(len(batch))
+    if state.is_main_process:
+        _add_direct_effect(store, lens, model, math.e if cfg.js_unit == "nats" else 2.0)
     state.wait_for_everyone()
     if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
         todo = [s for s in samples if store.is_done(s.id) and not store.has_patch_lens(s.id)]
@@ -136,6 +138,21 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
                   "objects": sample.objects, "answer": sample.answer,
                   "image": str(sample.image) if isinstance(sample.image, Path) else None, "meta": sample.meta}
         store.save(sample.id, trace, record)
+
+
+def _add_direct_effect(store: RunStore, lens: Lens, model: nn.Module, js_base: float) -> None:
+    """Samples traced before the direct-effect metrics existed get them from their kept features (float16 states)."""
+    for record in store.records():
+        if store.has_metric(record["id"], "direct_flip"):
+            continue
+        trace = store.load_trace(record["id"])
+        if trace.features is None:
+            continue  # no states kept: the detector flags no_direct_effect
+        states = torch.from_numpy(trace.features).to(model.device, model.dtype).transpose(0, 1)  # [L+1, T, H]
+        with torch.inference_mode():
+            effect = direct_effect(*lens_with_direct(lens, states), js_base)
+        trace.layers.update({k: v.float().T.cpu().numpy() for k, v in effect.items()})  # [T, L+1]
+        store.save(record["id"], trace, record)
 
 
 def _inputs(batch: Sequence[Sample], images: list[Any], processor: Any, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -275,6 +292,9 @@ def _track(cfg: AnalyzeConfig, payload: dict[str, Any], figs: dict[str, Path]) -
                      "stages": payload["stages"], "fingerprint": payload["fingerprint"],
                      "share_mutated": payload["mutation_stats"]["share_mutated"]})
     tracker.log_images(figs)
+    tracker.log_artifact(ArtifactRef.stages(cfg.out, payload["fingerprint"], model=payload["model"],
+                                            critical_layer=payload["critical_layer"],
+                                            mutation_layers=payload["mutation_layers"]))
     tracker.finish()
     if tracker.dir is not None:
         atomic_write_text(cfg.out / "wandb_run.txt", str(tracker.dir) + "\n")

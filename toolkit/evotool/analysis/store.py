@@ -141,11 +141,16 @@ class RunStore:
         with self._open_npz(self.samples_dir / f"{safe_name(sample_id)}.npz") as z:
             return SampleTrace(
                 token_ids=z["token_ids"],
-                layers={k: z[f"layer_{k}"] for k in METRICS},
+                layers={k: z[f"layer_{k}"] for k in METRICS if f"layer_{k}" in z},  # runs before 0.2 lack direct_*
                 topk_ids=z["topk_ids"],
                 topk_p=z["topk_p"],
                 features=z["features"] if features and "features" in z else None,
             )
+
+    def has_metric(self, sample_id: str, name: str) -> bool:
+        """Whether a finished sample's file holds metric ``name`` (older runs lack newer metrics)."""
+        with self._open_npz(self.samples_dir / f"{safe_name(sample_id)}.npz") as z:
+            return f"layer_{name}" in z.files
 
     def load_all(self) -> list[tuple[dict[str, Any], SampleTrace]]:
         """Every finished sample as (record, trace), in sample order."""

@@ -40,6 +40,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("report", "report"),
     ("generate", "generate"),
     ("zoo", "zoo"),
+    ("export", "export-generate"),
 )
 
 for _module_name, _command_name in SUBCOMMANDS:

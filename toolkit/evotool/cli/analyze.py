@@ -32,7 +32,7 @@ def command(
     quantization: Annotated[Optional[str], option(C, "load.quantization")] = None,
     trust_remote_code: Annotated[Optional[bool], option(C, "load.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")] = None,
     world_samples: Annotated[Optional[int], option(C, "world_samples")] = None,
-    stable_fraction: Annotated[Optional[float], option(C, "stages.stable_fraction")] = None,
+    rise_fraction: Annotated[Optional[float], option(C, "stages.rise_fraction")] = None,
     mutation_ratio: Annotated[Optional[float], option(C, "stages.mutation_ratio")] = None,
     config: ConfigFile = None,
     set_: SetPairs = None,
@@ -41,16 +41,20 @@ def command(
     from evotool.analysis.run import run_analysis
     from evotool.config import load_config, parse_set
     from evotool.stages import StageFile
+    from evotool.stages.file import flag_message
 
     flags = {"model": model, "data": data, "split": split, "columns": parse_set(columns.split(",")) if columns else None,
              "prompt": prompt, "max_new_tokens": max_new_tokens, "lens": lens, "out": out, "wandb": wandb,
              "figures": figures, "patch_lens": patch_lens, "on_error": on_error, "batch_size": batch_size, "limit": limit, "js_unit": js_unit,
              "load.dtype": dtype, "load.device": device, "load.device_map": device_map, "load.quantization": quantization,
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
-             "stages.stable_fraction": stable_fraction, "stages.mutation_ratio": mutation_ratio}
+             "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}
     path = run_analysis(load_config(C, config, overrides(flags, set_)))
     if path.is_file():
         st = StageFile.read(path)
-        typer.echo(f"critical layer {st.critical_layer}, mutation layers {st.mutation_layers}, "
-                   f"stages {st.boundaries()['stages']}")
+        interval = st.payload.get("interval", {})
+        typer.echo(f"critical layer {st.critical_layer} (interval {interval.get('critical')}), mutation layers "
+                   f"{st.mutation_layers} (interval {interval.get('mutation')}), stages {st.boundaries()['stages']}")
+        for flag in st.flags:
+            typer.echo(f"warning: {flag_message(flag)}", err=True)
         typer.echo(f"wrote {path}, {path.parent / 'report.md'} and {path.parent / 'report.html'}")

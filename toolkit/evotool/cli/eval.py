@@ -9,6 +9,7 @@ The method and greedy decode the same batches interleaved; ``latency_ratio`` is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -16,6 +17,7 @@ import typer
 
 from evotool.cli.options import Device, Model, NoWandb
 from evotool.mitigate.methods import method_names
+from evotool.tracking import ArtifactRef, Tracker
 
 app = typer.Typer(help="Evaluate a decoding method on POPE, CHAIR, AMBER or the synthetic world.", no_args_is_help=True)
 
@@ -53,6 +55,7 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
     from evotool.config import parse_set
     from evotool.mitigate.methods import BASELINE, make_config
     from evotool.mitigate.run import method_for, resolve_spec
+    from evotool.models.loading import fingerprint
 
     spec = resolve_spec(method, parse_set(options or []), stages)
     make_config(spec.method, spec.options)  # option errors before the model loads
@@ -66,17 +69,25 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
     full_config = {"task": task, "model": model_id, "method": spec.method, "options": spec.options,
                    "stages": spec.stages, "length_unit": "tokens", **config}
     meta = {"method": chosen.describe(), "baseline": scores.get(BASELINE) if spec.method != BASELINE else None}
-    _finish(task, out, metrics, full_config, meta, wandb)
+    fp = fingerprint(m)
+    inputs = [ArtifactRef.model(model_id, fp)] if Path(model_id).is_dir() else []
+    inputs += [ArtifactRef.stages(spec.stages, fp)] if spec.stages is not None else []
+    inputs += [ArtifactRef.method(method, spec.method, fp)] if Path(method).is_dir() else []
+    _finish(task, out, metrics, full_config, meta, wandb, fp, inputs)
 
 
-def _finish(task: str, out: Path, metrics: dict[str, float], config: dict[str, Any], meta: dict | None, wandb: bool) -> None:
-    """Write results.json, log to W&B, print the headline metrics."""
+def _finish(task: str, out: Path, metrics: dict[str, float], config: dict[str, Any], meta: dict | None, wandb: bool,
+            source: str, inputs: Sequence[ArtifactRef] = ()) -> None:
+    """Write results.json, log to W&B (``inputs`` as the run's input artifacts, results.json as
+    ``results-<task>-<source>``: the model fingerprint, or ``predictions``), print the headline metrics."""
     from evotool.evals.results import write_results
-    from evotool.tracking import Tracker
 
     path = write_results(out, metrics, config, meta)
     tracker = Tracker(f"eval-{task}", config, out, enabled=wandb)
     tracker.summary(metrics)
+    for ref in inputs:
+        tracker.use_artifact(ref)
+    tracker.log_artifact(ArtifactRef.results(path, task, source, method=config.get("method")))
     tracker.finish()
     keys = [k for k in ("chair_s", "chair_i", "recall", "pope_f1", "pope_random_f1", "pope_adversarial_f1",
                         "exact_match", "amber_chair", "amber_f1", "latency_ratio") if k in metrics]
@@ -93,7 +104,7 @@ def _score_file(task: str, predictions: Path, samples: list, out: Path, protocol
     metrics = score(matched, texts)
     full_config = {"task": task, "predictions": str(predictions), "protocol": protocol, "n": len(matched),
                    "length_unit": "words", **config}
-    _finish(task, out, metrics, full_config, None, wandb)
+    _finish(task, out, metrics, full_config, None, wandb, "predictions")
 
 
 def _samples_eval(samples: list, batch_size: int, max_new_tokens: int, score: Callable[[list, Any], dict[str, float]]):

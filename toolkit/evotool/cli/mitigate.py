@@ -23,6 +23,7 @@ def command(
     lora_steps: Annotated[Optional[int], option(C, "lora.steps", "--lora-steps")] = None,
     out: Annotated[Optional[str], option(C, "out")] = None,
     wandb: Annotated[Optional[bool], option(C, "wandb", "--wandb/--no-wandb")] = None,
+    push_to_hub: Annotated[Optional[str], option(C, "push_to_hub")] = None,
 ) -> None:
     """Tune and record a mitigation method; `evotool eval ... --method RUN_DIR` then decodes with it."""
     from evotool.config import load_config, parse_set
@@ -30,6 +31,6 @@ def command(
 
     flags = {"method": method, "model": model, "stages": stages, "options": parse_set(set_ or []) or None,
              "grid": parse_set(grid or []) or None, "tune": tune, "n": n, "seed": seed, "batch_size": batch_size,
-             "lora.steps": lora_steps, "out": out, "wandb": wandb}
+             "lora.steps": lora_steps, "out": out, "wandb": wandb, "push_to_hub": push_to_hub}
     path = run_mitigate(load_config(C, None, overrides(flags)))
     typer.echo(f"wrote {path}")

@@ -26,6 +26,7 @@ def command(
     eval_n: Annotated[Optional[int], option(C, "eval_n")] = None,
     speed: Annotated[Optional[bool], option(C, "speed", "--speed/--no-speed")] = None,
     wandb: Annotated[Optional[bool], option(C, "wandb", "--wandb/--no-wandb")] = None,
+    push_to_hub: Annotated[Optional[str], option(C, "push_to_hub")] = None,
     dtype: Annotated[Optional[str], option(C, "load.dtype")] = None,
     device: Annotated[Optional[str], option(C, "load.device")] = None,
     config: ConfigFile = None,
@@ -38,7 +39,7 @@ def command(
 
     flags = {"model": model, "stages": stages, "keep_critical": keep_critical, "keep_mutation": keep_mutation,
              "selector": selector, "redundancy": redundancy, "heal": heal, "out": out, "eval_n": eval_n, "speed": speed,
-             "wandb": wandb, "load.dtype": dtype, "load.device": device}
+             "wandb": wandb, "push_to_hub": push_to_hub, "load.dtype": dtype, "load.device": device}
     budget = {"drop": drop, "ratio": ratio, "speedup": speedup, "layers": layers}
     given = overrides(flags, set_)
     if any(v is not None for v in budget.values()):  # one budget flag replaces the config file's budget
@@ -49,3 +50,5 @@ def command(
     for name, row in (record.get("metrics") or {}).items():
         typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline(row).items()))
     typer.echo(f"wrote {cfg.out} ({cfg.out / 'prune.json'}, {cfg.out / 'README.md'})")
+    if record.get("hub_url"):
+        typer.echo(f"pushed to {record['hub_url']}")

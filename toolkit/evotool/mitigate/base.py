@@ -38,13 +38,15 @@ class Method:
     :meth:`prepare`, :meth:`processors`, :meth:`hooks` and :meth:`layers_used` as needed.
 
     ``needs_stages``: the method reads the model's :class:`StageFile`; ``uses_capture``: its processors read
-    :class:`LayerCapture` states.
+    :class:`LayerCapture` states; ``changes_batch``: :meth:`prepare` adds rows (VCD), so paired rows must
+    decode greedily and plain ``generate`` kwargs cannot express the method.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
     needs_stages: ClassVar[bool] = False
     uses_capture: ClassVar[bool] = False
+    changes_batch: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         self.model = model
@@ -67,16 +69,27 @@ class Method:
         """Forward hooks active during generation."""
         yield
 
-    def generate_ids(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
-        """New token ids per input row (cut after EOS)."""
-        rows = inputs["input_ids"].shape[0]
-        batch = self.prepare(inputs)
+    @contextmanager
+    def generation_kwargs(self, rows: int = 1) -> Iterator[dict[str, Any]]:
+        """The method's hooks (and layer capture) active; yields the ``model.generate`` keyword arguments of
+        one generation call over ``rows`` input rows, on a batch already passed through :meth:`prepare`
+        (``logits_processor``, if any)."""
         with ExitStack() as stack:
             stack.enter_context(self.hooks())
             capture = stack.enter_context(LayerCapture(self.parts)) if self.uses_capture else None
             procs = self.processors(capture, rows)
-            kwargs = {"logits_processor": LogitsProcessorList(procs)} if procs else {}
-            ids = generate_ids(self.model, batch, max_new_tokens, **kwargs)
+            yield {"logits_processor": LogitsProcessorList(procs)} if procs else {}
+
+    def generate_ids(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, **generate_kwargs: Any) -> list[list[int]]:
+        """New token ids per input row (cut after EOS); greedy unless ``generate_kwargs`` say otherwise
+        (e.g. ``stopping_criteria``, or sampling settings)."""
+        if self.changes_batch and generate_kwargs.get("do_sample"):
+            raise ConfigError(f"method {self.name!r} picks one token for each pair of rows: sample with its own "
+                              "option sample=true, not with generate's do_sample")
+        rows = inputs["input_ids"].shape[0]
+        batch = self.prepare(inputs)
+        with self.generation_kwargs(rows) as kwargs:
+            ids = generate_ids(self.model, batch, max_new_tokens, **kwargs, **generate_kwargs)
         return ids[:rows]
 
     def generate(self, model: nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],

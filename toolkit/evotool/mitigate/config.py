@@ -62,6 +62,7 @@ class MitigateConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings of the trained methods (layers set by the method)"})
     train_samples: int = field(default=400, metadata={"help": "truthful world samples (test + prior-breaking splits) to fine-tune on"})
     train_seed: int = field(default=2, metadata={"help": "world seed of the fine-tuning samples (differs from validation and test)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "trained methods: Hub repo id (user/name) for the merged checkpoint"})
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -69,6 +70,8 @@ class MitigateConfig:
             raise ConfigError("n, batch_size and max_new_tokens must be positive")
         if self.method not in TRAINED:
             make_config(self.method, self.options)
+            if self.push_to_hub is not None:
+                raise ConfigError(f"--push-to-hub uploads a trained checkpoint: only for {', '.join(TRAINED)}")
             if self.grid is not None:
                 self.grid = typed_grid(self.method, self.grid)
         self.out = Path(self.out)

@@ -70,8 +70,9 @@ class RowCheckedProcessor(LogitsProcessor):
 
     def check_rows(self, scores: torch.Tensor) -> None:
         if scores.shape[0] != self.rows:
-            raise ConfigError(f"{type(self).__name__} was built for {self.rows} rows per step and got {scores.shape[0]}: "
-                              "beam search (num_beams > 1) and batches doubled by another method are not supported")
+            raise ConfigError(f"{type(self).__name__} was built for a batch of {self.rows} rows and got {scores.shape[0]} "
+                              "rows: build it for the batch it decodes; beam search (num_beams > 1) and batches doubled "
+                              "by another method are not supported")
 
 
 class LayerContrast(RowCheckedProcessor):

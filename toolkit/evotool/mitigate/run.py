@@ -19,7 +19,8 @@ from torch import nn
 
 from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
-from evotool.io import read_json, write_json
+from evotool.integrations.hub import card_with_metadata, check_push, push_folder
+from evotool.io import atomic_write_text, read_json, write_json
 from evotool.mitigate.base import Method
 from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
 from evotool.mitigate.methods import BASELINE, build_method, method_class
@@ -56,13 +57,14 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     return MethodSpec(method, dict(options or {}), stages)
 
 
-def load_stages_for(model: nn.Module, spec: MethodSpec) -> StageFile | None:
-    """The spec's stage file validated against ``model``; None when the method needs none and none is given."""
+def load_stages_for(model: nn.Module | None, spec: MethodSpec) -> StageFile | None:
+    """The spec's stage file, validated against ``model`` when one is given; None when the method needs none
+    and none is given."""
     if spec.stages is None:
         if method_class(spec.method).needs_stages:
             raise StageFileError(f"method {spec.method!r} needs a stage file: pass --stages (from `evotool analyze`)")
         return None
-    return StageFile.for_model(spec.stages, model)
+    return StageFile.for_model(spec.stages, model) if model is not None else StageFile.read(spec.stages)
 
 
 def method_for(model: nn.Module, spec: MethodSpec) -> Method:
@@ -91,7 +93,7 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
     from evotool.analysis.run import resolve_model_id
     from evotool.evals.harness import evaluate_world_methods
     from evotool.models.loading import load_model
-    from evotool.tracking import Tracker
+    from evotool.tracking import ArtifactRef, Tracker
     from evotool.world import WorldConfig
 
     model_id = resolve_model_id(cfg.model)
@@ -122,6 +124,10 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
         "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}, schema=METHOD_SCHEMA)
     write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
+    fp = fingerprint(model)
+    if stages is not None:
+        tracker.use_artifact(ArtifactRef.stages(stages.source, fp))
+    tracker.log_artifact(ArtifactRef.method(path, spec.method, fp))
     if tried:
         keys = ["chair_i", "chair_s", "recall", "pope_adversarial_f1", "latency_ratio"]
         tracker.log_table("tuning", ["options", *keys],
@@ -136,15 +142,17 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     samples, steps, rank and learning rate; saves the merged checkpoint as ``cfg.out/model``."""
     from evotool.finetune import lora_finetune, merge_and_save, world_samples
     from evotool.models.loading import load_model
-    from evotool.tracking import Tracker
+    from evotool.tracking import ArtifactRef, Tracker
 
+    check_push(cfg.push_to_hub)
     model, processor = load_model(model_id)  # a private copy: peft wraps it in place
     base_fingerprint = fingerprint(model)
     layers = None
+    base_stages = StageFile.for_model(cfg.stages, model) if cfg.stages is not None else None
     if cfg.method == "lora_mutation":
-        if cfg.stages is None:
+        if base_stages is None:
             raise StageFileError("method 'lora_mutation' needs a stage file: pass --stages (from `evotool analyze`)")
-        layers = StageFile.for_model(cfg.stages, model).stage_layers("mutation")
+        layers = base_stages.stage_layers("mutation")
         if not layers:
             raise StageFileError(f"{cfg.stages} has no mutation stage")
     settings = replace(cfg.lora, layers_to_transform=layers)
@@ -154,16 +162,38 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     result = lora_finetune(model, processor, samples, settings, on_log=lambda step, loss: tracker.log({"lora/loss": loss}, step))
     checkpoint = cfg.out / "model"
     merged = merge_and_save(result.model, processor, checkpoint)
-    path = write_json(cfg.out / METHOD_FILE, {
+    record = {
         "method": BASELINE, "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
         "model": model_id, "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged),
         "checkpoint": str(checkpoint), "layers": {"lora": layers or "all"}, "lora": result.settings,
         "losses": result.losses, "trainable_parameters": result.trainable_parameters,
-        "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}},
-        schema=METHOD_SCHEMA)
+        "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
+    path = write_json(cfg.out / METHOD_FILE, record, schema=METHOD_SCHEMA)
+    atomic_write_text(checkpoint / "README.md", lora_card(record, base_stages))
+    if base_stages is not None:
+        tracker.use_artifact(ArtifactRef.stages(base_stages.source, base_fingerprint))
+    tracker.log_artifact(ArtifactRef.model(checkpoint, record["fingerprint"], source_model=model_id, trained=cfg.method))
+    tracker.log_artifact(ArtifactRef.method(path, BASELINE, record["fingerprint"], trained=cfg.method))
     tracker.summary({"method": cfg.method, "trainable_parameters": result.trainable_parameters})
     tracker.finish()
+    if cfg.push_to_hub:
+        push_folder(checkpoint, cfg.push_to_hub)
     return path
+
+
+def lora_card(record: dict[str, Any], base_stages: StageFile | None) -> str:
+    """Model card (with Hub metadata) of a trained method's merged checkpoint; ``record`` is its method.json."""
+    lora, losses = record["lora"], record["losses"]
+    body = "\n".join([
+        f"# {record['trained']}: hallucination mitigation by LoRA (evotool mitigate)", "",
+        f"Base model `{record['model']}` (fingerprint {record['base_fingerprint']}); LoRA r={lora['r']} on "
+        f"{TRAINED[record['trained']]} (decoder layers {record['layers']['lora']}), {lora['steps']} steps on "
+        f"{record['train']['samples']} truthful synthetic-world samples; loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}. "
+        "The adapters are merged into these weights: decode greedily.", "",
+        "Load with `AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.", ""])
+    meta = {"method": record["trained"], "base_fingerprint": record["base_fingerprint"],
+            "lora_layers": record["layers"]["lora"], "base_stages": base_stages.boundaries() if base_stages else None}
+    return card_with_metadata(body, record["model"], ["lora", "hallucination-mitigation"], meta)
 
 
 def require_file(path: str | Path | None, what: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evotool.integrations.hub import card_with_metadata
 from evotool.io import atomic_write_text, write_json
 
 PRUNE_FILE = "prune.json"
@@ -20,8 +21,14 @@ def write_card(out: Path, record: dict[str, Any], metrics_table: str | None = No
 
 
 def model_card(record: dict[str, Any], metrics_table: str | None = None) -> str:
-    """Markdown card: source model, stages, removed layers and why, healing, measured quality/speed."""
+    """Markdown card under Hub metadata (base model, pipeline tag, tags, the stage summary and the removed
+    layers): source model, stages, removed layers and why, healing, measured quality/speed."""
     st = record["stages"]
+    meta = {"source_model": record["source_model"], "source_fingerprint": record["source_fingerprint"],
+            "num_layers": record["num_layers"], "kept_layers": record["kept_layers"],
+            "removed_layers": record["removed_layers"], "selector": record["selector"], "healed": bool(record.get("heal")),
+            "stages": st}
+    tags = ["pruned", "layer-pruning", "vision-language-model", *(["lora-healed"] if record.get("heal") else [])]
     lines = [
         "# Pruned model (evotool prune)",
         "",
@@ -53,4 +60,4 @@ def model_card(record: dict[str, Any], metrics_table: str | None = None) -> str:
                   f"{h['losses'][-1][1]:.3f}. Adapters in `adapter/`, merged into these weights.", ""]
     if metrics_table:
         lines += ["## Measured", "", metrics_table, ""]
-    return "\n".join(lines)
+    return card_with_metadata("\n".join(lines), record["source_model"], tags, meta)

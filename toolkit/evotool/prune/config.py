@@ -37,6 +37,7 @@ class PruneConfig:
     speed: bool = field(default=False, metadata={"help": "measure prefill / decode speed of full vs pruned"})
     seed: int = field(default=0, metadata={"help": "random selector and data seed"})
     wandb: bool = field(default=True, metadata={"help": "log the run to Weights & Biases (offline without an API key)"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id (user/name) to upload the checkpoint to; needs a token"})
     load: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the model is loaded"})
 
     def __post_init__(self) -> None:

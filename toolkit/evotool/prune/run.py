@@ -22,6 +22,7 @@ from evotool.env import environment
 from evotool.errors import ConfigError, StageFileError
 from evotool.finetune import FinetuneResult, lora_finetune, merge_and_save, save_adapter, world_samples
 from evotool.generation import build_inputs, load_images
+from evotool.integrations.hub import check_push, push_folder
 from evotool.io import atomic_write_text, write_json
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
@@ -35,7 +36,7 @@ from evotool.prune.select import SELECTORS, Selection, needs_stats
 from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
 from evotool.stages import StageFile
-from evotool.tracking import Tracker
+from evotool.tracking import ArtifactRef, Tracker
 from evotool.world import default_samples
 
 COMPARE_SCHEMA = "1.0"
@@ -128,12 +129,15 @@ def speed_table(full: nn.Module, pruned: nn.Module, processor: Any, k: int, batc
 
 
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
-    """``evotool prune``: analysis (if needed) -> prune -> heal (optional) -> eval (optional); returns the prune record."""
+    """``evotool prune``: analysis (if needed) -> prune -> heal (optional) -> eval (optional) -> push (optional);
+    returns the prune record."""
+    check_push(cfg.push_to_hub)
     tracker = Tracker("prune", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     model_id = resolve_model_id(cfg.model)
     model, processor = load_model(model_id, cfg.load)
     source_fp = fingerprint(model)
     stages = resolve_stages(model, model_id, cfg)
+    tracker.use_artifact(ArtifactRef.stages(stages.source, source_fp))
     selection, _ = plan(model, processor, stages, cfg)
     evaluating = cfg.agreement_samples > 0 or cfg.eval_n > 0
     full = copy.deepcopy(model) if evaluating or cfg.speed else None
@@ -162,7 +166,11 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         tracker.summary({f"{k}/{m}": v for k, r in rows.items() for m, v in r.items() if isinstance(v, float)})
     record["environment"] = environment()
     write_card(cfg.out, record, table)
+    tracker.log_artifact(ArtifactRef.model(cfg.out, record["fingerprint"], source_model=model_id,
+                                           removed_layers=record["removed_layers"], healed=cfg.heal))
     tracker.finish()
+    if cfg.push_to_hub:
+        record["hub_url"] = push_folder(cfg.out, cfg.push_to_hub)
     return record
 
 

@@ -1,21 +1,27 @@
-"""Automatic stage boundaries: the critical layer and the mutation layer(s).
+"""Automatic stage boundaries: the critical layer and the mutation layer(s), with a bootstrap interval and flags.
 
-Layer numbering: 0 = embedding output, 1..L = decoder layer outputs; ``js[l]`` is the JS divergence
-between the lens distributions of layers ``l`` and ``l - 1`` (undefined at 0).
+Layer numbering: 0 = embedding output, 1..L = decoder layer outputs. Inputs are per-token curves over the
+whole run, [N, L+1] each (N generated tokens):
 
-Rules (thresholds in :class:`StageConfig`):
+* ``p_token[t, l]``: the lens probability, at layer ``l``, of the token the model emitted (level 1);
+* ``direct_flip[t, l]`` (optional): 1 when removing layer ``l``'s own update ``h_l - h_{l-1}`` from the final
+  state changes the final top-1 token (the layer's *direct effect*), NaN at layer 0.
 
-* **Critical layer of a token**: the first layer ``c`` whose next step is already quiet
-  (``js[c+1] <= stable_fraction * max(js)``), after which at least ``stay_fraction`` of all remaining
-  steps stay quiet, and at which the emitted token's probability has risen to ``rise_fraction`` of
-  its maximum over layers. The dataset's critical layer is the median over tokens (spread: IQR).
-* **Mutation of a token**: the step after the dataset's critical layer with the largest JS, if it is at
-  least ``mutation_min_js`` and ``mutation_ratio`` times the token's median JS over those steps.
-* **Mutation layers of the dataset**: the layers holding at least ``mutation_share`` of the most
-  frequent layer's mutations; none when fewer than ``min_mutation_tokens`` of tokens mutate.
-* Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``
-  with ``M`` the first mutation layer. Degenerate cases (no quiet stage, no mutation) give ``None``
-  for the missing parts rather than forced values.
+Rules (thresholds in :class:`StageConfig`; chosen on the tune half of the model zoo, see docs/stages.md):
+
+* **Critical layer**: the first layer at which the median over tokens of ``p_token`` reaches
+  ``rise_fraction`` of its maximum over layers: where the emitted tokens' probability has stopped rising fast.
+* **Mutation layers**: layers ``l >= critical + 2`` (so the tail of rapid evolution is never a mutation) whose
+  direct-effect flip share is at least ``mutation_min_flip`` (and ``mutation_min_tokens`` tokens) and
+  ``mutation_ratio`` times the median share over the layers after the critical one. The first of them starts the mutation stage.
+* Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
+* **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
+  together); the ``interval`` central share of the resampled values.
+* **Flags**: ``too_few_tokens`` (fewer than ``min_tokens``: no boundaries at all, never made-up ones),
+  ``no_direct_effect`` (no ``direct_flip`` curves: mutation undecided), ``no_stable_stage`` / ``short_stable_stage``
+  (stabilization empty / shorter than 2 layers), ``wide_interval`` (critical interval wider than
+  ``max_interval`` layers), ``uncertain_mutation`` (most bootstrap resamples disagree with the point estimate on
+  whether a mutation stage exists).
 """
 
 from __future__ import annotations
@@ -32,48 +38,55 @@ from evotool.errors import ConfigError
 class StageConfig:
     """Thresholds of the stage-detection rules (see the module docstring)."""
 
-    stable_fraction: float = field(default=0.1, metadata={"help": "quiet step: JS below this fraction of the token's peak JS"})
-    stay_fraction: float = field(default=0.75, metadata={"help": "share of steps after the critical layer that must stay quiet"})
-    rise_fraction: float = field(default=0.5, metadata={"help": "token probability at the critical layer, relative to its max"})
-    mutation_ratio: float = field(default=4.0, metadata={"help": "mutation spike / the token's median JS after the critical layer"})
-    mutation_min_js: float = field(default=0.02, metadata={"help": "minimum JS (nats) of a mutation spike"})
-    mutation_share: float = field(default=0.5, metadata={"help": "a mutation layer holds this share of the top layer's mutations"})
-    min_mutation_tokens: float = field(default=0.02, metadata={"help": "fewer mutated tokens than this share: no mutation stage"})
+    rise_fraction: float = field(default=0.95, metadata={
+        "help": "critical layer: first layer whose median emitted-token probability reaches this share of its maximum"})
+    mutation_ratio: float = field(default=3.0, metadata={
+        "help": "mutation: direct-effect flip share / its median over the layers after the critical one"})
+    mutation_min_flip: float = field(default=0.015, metadata={
+        "help": "mutation: minimum share of tokens whose top-1 the layer's own update decides"})
+    mutation_min_tokens: int = field(default=5, metadata={
+        "help": "mutation: minimum number of such tokens (a noise floor for small runs)"})
+    min_tokens: int = field(default=50, metadata={"help": "fewer generated tokens than this: no boundaries (flag too_few_tokens)"})
+    bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the samples for the intervals (0: none)"})
+    interval: float = field(default=0.9, metadata={"help": "central share of the bootstrap values reported as the interval"})
+    max_interval: int = field(default=2, metadata={"help": "a critical interval wider than this many layers is flagged"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
     def __post_init__(self) -> None:
-        for name in ("stable_fraction", "stay_fraction", "rise_fraction", "mutation_share", "min_mutation_tokens"):
+        for name in ("rise_fraction", "mutation_min_flip", "interval"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"stage option {name}={value} must lie in [0, 1]")
-        if self.mutation_ratio < 1.0 or self.mutation_min_js < 0.0:
-            raise ConfigError("mutation_ratio must be >= 1 and mutation_min_js >= 0")
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"stage option {name}={value} must lie in (0, 1]")
+        if self.mutation_ratio < 1.0:
+            raise ConfigError(f"stage option mutation_ratio={self.mutation_ratio} must be >= 1")
+        for name in ("mutation_min_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
 
 
-def token_critical_layer(js: np.ndarray, p_token: np.ndarray, cfg: StageConfig) -> int | None:
-    """Critical layer of one token from its curves js [L+1] (js[0] unused) and p_token [L+1]; None if the token never settles."""
-    steps = np.nan_to_num(js[1:], nan=0.0)  # steps[i] = js[i + 1]
-    num_layers = len(steps)
-    peak = steps.max()
-    if peak <= 0:
-        return None
-    quiet = steps <= cfg.stable_fraction * peak
-    p_ok = p_token >= cfg.rise_fraction * p_token.max()
-    for c in range(num_layers):  # candidate layer c, next step is steps[c]
-        if quiet[c] and p_ok[c] and quiet[c:].mean() >= cfg.stay_fraction:
-            return c
-    return None
+def critical_from_curve(median_p: np.ndarray, cfg: StageConfig) -> int:
+    """Critical layer from the median emitted-token probability per layer [L+1]."""
+    return int(np.argmax(median_p >= cfg.rise_fraction * median_p.max()))
 
 
-def token_mutation_layer(js: np.ndarray, critical: int, cfg: StageConfig) -> int | None:
-    """Mutation layer of one token after the dataset's ``critical`` layer, or None when there is no spike."""
-    after = np.nan_to_num(js[critical + 1 :], nan=0.0)
-    if len(after) == 0:
-        return None
-    i = int(after.argmax())
-    spike = after[i]
-    if spike >= cfg.mutation_min_js and spike >= cfg.mutation_ratio * np.median(after):
-        return critical + 1 + i
-    return None
+def mutations_from_curve(flip_share: np.ndarray, critical: int, tokens: int, cfg: StageConfig) -> list[int]:
+    """Mutation layers from the direct-effect flip share per layer [L+1] (NaN at 0) of ``tokens`` tokens after
+    ``critical``."""
+    after = np.nan_to_num(flip_share[critical + 1 :], nan=0.0)
+    if len(after) < 2:
+        return []
+    floor = max(cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens, cfg.mutation_ratio * float(np.median(after)))
+    return [critical + 1 + i for i, share in enumerate(after) if i >= 1 and share >= floor]
+
+
+def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[int]) -> dict[str, list[int] | None]:
+    """Inclusive [first, last] ranges of the three stages; None for a stage that does not exist."""
+    if critical is None:
+        return {"rapid_evolution": [0, num_layers], "stabilization": None, "mutation": None}
+    first_mut = min(mutation_layers) if mutation_layers else num_layers + 1
+    stab = [critical + 1, min(first_mut - 1, num_layers)] if min(first_mut - 1, num_layers) >= critical + 1 else None
+    mut = [first_mut, num_layers] if mutation_layers else None
+    return {"rapid_evolution": [0, critical], "stabilization": stab, "mutation": mut}
 
 
 @dataclass
@@ -84,6 +97,9 @@ class StageResult:
     critical_layer: int | None
     mutation_layers: list[int]
     stages: dict[str, list[int] | None]
+    flags: list[str]
+    interval: dict[str, list[int] | None]
+    evidence: dict[str, list[float | None]]
     critical_spread: dict[str, Any]
     mutation_stats: dict[str, Any]
     per_token_critical: list[int | None]
@@ -95,60 +111,103 @@ class StageResult:
         return out
 
 
-def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[int]) -> dict[str, list[int] | None]:
-    """Inclusive [first, last] ranges of the three stages; None for a stage that does not exist."""
-    if critical is None:
-        return {"rapid_evolution": [0, num_layers], "stabilization": None, "mutation": None}
-    first_mut = min(mutation_layers) if mutation_layers else num_layers + 1
-    stab = [critical + 1, first_mut - 1] if first_mut - 1 >= critical + 1 else None
-    mut = [first_mut, num_layers] if mutation_layers else None
-    return {"rapid_evolution": [0, critical], "stabilization": stab, "mutation": mut}
+def flip_share_curve(direct_flip: np.ndarray) -> np.ndarray:
+    """[N, L+1] -> [L+1]: share of tokens whose top-1 each layer's own update decides (NaN at layer 0)."""
+    return np.r_[np.nan, direct_flip[:, 1:].mean(axis=0)]
 
 
-def detect_stages(js: np.ndarray, p_token: np.ndarray, cfg: StageConfig | None = None,
-                  top1_flip: np.ndarray | None = None) -> StageResult:
-    """Stage boundaries from per-token curves js [N, L+1] and p_token [N, L+1] (N tokens over the dataset).
+def _boundaries(p_token: np.ndarray, direct_flip: np.ndarray | None, cfg: StageConfig) -> tuple[int, list[int]]:
+    critical = critical_from_curve(np.median(p_token, axis=0), cfg)
+    if direct_flip is None:
+        return critical, []
+    return critical, mutations_from_curve(flip_share_curve(direct_flip), critical, len(direct_flip), cfg)
 
-    ``top1_flip`` [N, L+1] (bool, optional): whether the layer's top-1 token differs from the previous
-    layer's; used to report how often mutations overturn the top token.
+
+def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.ndarray,
+               cfg: StageConfig) -> dict[str, list[int] | None]:
+    """Central ``cfg.interval`` range of the boundaries over resamples of the groups (samples)."""
+    ids = np.unique(groups)
+    if cfg.bootstrap == 0 or len(ids) < 2:
+        return {"critical": None, "mutation": None}
+    rng = np.random.default_rng(cfg.seed)
+    rows = {g: np.flatnonzero(groups == g) for g in ids}
+    crit, mut = [], []
+    for _ in range(cfg.bootstrap):
+        pick = np.concatenate([rows[g] for g in rng.choice(ids, len(ids))])
+        c, m = _boundaries(p_token[pick], None if direct_flip is None else direct_flip[pick], cfg)
+        crit.append(c)
+        mut.append(m[0] if m else -1)
+    lo, hi = (1 - cfg.interval) / 2 * 100, (1 + cfg.interval) / 2 * 100
+
+    def central(values: list[int]) -> list[int]:
+        return [int(np.floor(np.percentile(values, lo))), int(np.ceil(np.percentile(values, hi)))]
+
+    found = [m for m in mut if m >= 0]
+    return {"critical": central(crit),
+            "mutation": central(found) if direct_flip is not None and len(found) >= len(mut) / 2 else None,
+            "mutation_share": len(found) / len(mut)}
+
+
+def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, groups: np.ndarray | None = None,
+                  cfg: StageConfig | None = None) -> StageResult:
+    """Stage boundaries from per-token curves p_token [N, L+1] and direct_flip [N, L+1] (optional; NaN at layer 0).
+
+    ``groups`` [N]: the sample of each token, resampled together by the bootstrap (default: each token alone).
     """
     cfg = cfg or StageConfig()
-    if js.ndim != 2 or js.shape != p_token.shape or js.shape[0] == 0:
-        raise ConfigError(f"stage detection needs matching non-empty [tokens, layers] curves, got {js.shape} and {p_token.shape}")
-    n_tok, n_layers = js.shape
+    if p_token.ndim != 2 or p_token.shape[0] == 0 or p_token.shape[1] < 2:
+        raise ConfigError(f"stage detection needs non-empty [tokens, layers] curves, got {p_token.shape}")
+    if direct_flip is not None and direct_flip.shape != p_token.shape:
+        raise ConfigError(f"direct_flip {direct_flip.shape} must match p_token {p_token.shape}")
+    n_tok, n_layers = p_token.shape
     num_layers = n_layers - 1
-    per_c = [token_critical_layer(js[i], p_token[i], cfg) for i in range(n_tok)]
-    found = np.array([c for c in per_c if c is not None])
-    spread: dict[str, Any] = {"tokens": n_tok, "share_with_critical": len(found) / n_tok}
+    groups = np.arange(n_tok) if groups is None else np.asarray(groups)
+    flags = [] if direct_flip is not None else ["no_direct_effect"]
+    median_p = np.median(p_token, axis=0)
+    flip_share = flip_share_curve(direct_flip) if direct_flip is not None else np.full(n_layers, np.nan)
+    per_c = [int(np.argmax(row >= cfg.rise_fraction * row.max())) if row.max() > 0 else None for row in p_token]
     critical: int | None = None
-    if len(found) and len(found) >= 0.5 * n_tok:
-        critical = int(np.floor(np.median(found)))
+    mutations: list[int] = []
+    interval: dict[str, Any] = {"critical": None, "mutation": None}
+    if n_tok < cfg.min_tokens:
+        flags.append("too_few_tokens")
+    else:
+        critical, mutations = _boundaries(p_token, direct_flip, cfg)
+        interval = _bootstrap(p_token, direct_flip, groups, cfg)
+        if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
+            flags.append("wide_interval")
+        if "mutation_share" in interval and (interval["mutation_share"] >= 0.5) != bool(mutations):
+            flags.append("uncertain_mutation")
+    stages = stage_ranges(num_layers, critical, mutations)
+    if critical is not None:
+        stab = stages["stabilization"]
+        if stab is None:
+            flags.append("no_stable_stage")
+        elif stab[1] - stab[0] + 1 < 2:
+            flags.append("short_stable_stage")
+    per_m: list[int | None] = [None] * n_tok
+    histogram: dict[int, int] = {}
+    if direct_flip is not None and critical is not None:
+        late = np.nan_to_num(direct_flip[:, critical + 2 :], nan=0.0) > 0  # [N, L-C-1]
+        per_m = [critical + 2 + int(row.argmax()) if row.any() else None for row in late]
+        histogram = {critical + 2 + int(i): int(c) for i, c in enumerate(late.sum(axis=0)) if c}
+    found = np.array([c for c in per_c if c is not None])
+    spread: dict[str, Any] = {"tokens": n_tok, "samples": int(len(np.unique(groups)))}
+    if len(found):
         q25, q75 = np.percentile(found, [25, 75])
         spread.update(median=float(np.median(found)), iqr=[float(q25), float(q75)], min=int(found.min()), max=int(found.max()))
-    if critical is not None and critical >= num_layers - 1:
-        critical = None  # settles only at the output: no stable stage
-    per_m: list[int | None] = [None] * n_tok
-    mutation_layers: list[int] = []
-    mut_stats: dict[str, Any] = {"share_mutated": 0.0, "histogram": {}}
-    if critical is not None:
-        per_m = [token_mutation_layer(js[i], critical, cfg) for i in range(n_tok)]
-        mutated = [m for m in per_m if m is not None]
-        counts = np.bincount(np.asarray(mutated, dtype=int), minlength=n_layers) if mutated else np.zeros(n_layers, int)
-        mut_stats = {"share_mutated": len(mutated) / n_tok,
-                     "histogram": {int(l): int(c) for l, c in enumerate(counts) if c}}
-        if top1_flip is not None and mutated:
-            flips = [bool(top1_flip[i, m]) for i, m in enumerate(per_m) if m is not None]
-            mut_stats["share_top1_flip"] = float(np.mean(flips))
-        if mutated and len(mutated) / n_tok >= cfg.min_mutation_tokens:
-            mutation_layers = [int(l) for l in np.flatnonzero(counts >= cfg.mutation_share * counts.max())]
-            mut_stats["mode"] = int(counts.argmax())
+    mutated = [m for m in per_m if m is not None]
     return StageResult(
         num_layers=num_layers,
         critical_layer=critical,
-        mutation_layers=mutation_layers,
-        stages=stage_ranges(num_layers, critical, mutation_layers),
+        mutation_layers=mutations,
+        stages=stages,
+        flags=flags,
+        interval=interval,
+        evidence={"median_p": [float(x) for x in median_p],
+                  "direct_flip": [float(x) if np.isfinite(x) else None for x in flip_share]},
         critical_spread=spread,
-        mutation_stats=mut_stats,
+        mutation_stats={"share_mutated": len(mutated) / n_tok, "histogram": histogram},
         per_token_critical=per_c,
         per_token_mutation=per_m,
     )

@@ -14,6 +14,7 @@ Layer numbering: 0 = embedding output, 1..L = decoder layers (``num_layers`` = L
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ from evotool.errors import StageFileError
 from evotool.io import read_json, write_json
 
 SCHEMA_VERSION = "1.1"
+# What each detector flag means for the user (evotool.stages.detect sets them).
+FLAGS = {
+    "too_few_tokens": "too few generated tokens to place the boundaries; they are null (analyse more samples or tokens)",
+    "no_direct_effect": "the run holds no direct-effect metrics (traced before evotool 0.2 without features); "
+                        "mutation layers were not searched (re-run the analysis into a new directory)",
+    "no_stable_stage": "no stabilization stage: the emitted tokens settle only at the output",
+    "short_stable_stage": "the stabilization stage is a single layer; stable-stage pruning and readouts have little room",
+    "wide_interval": "the critical layer's bootstrap interval is wide: the samples disagree (see stages.json 'interval')",
+    "uncertain_mutation": "most bootstrap resamples disagree with the reported mutation stage (its presence is uncertain; "
+                          "analyse more samples before acting on it)",
+}
 STAGES_FILE = "stages.json"
 STAGE_NAMES = ("rapid_evolution", "stabilization", "mutation")
 REQUIRED = ("model", "fingerprint", "num_layers", "critical_layer", "mutation_layers", "stages")
@@ -66,6 +78,7 @@ class StageFile:
         from evotool.models.registry import decoder_parts
 
         stage_file = cls.read(path_or_run_dir, fingerprint(model))
+        stage_file.warn_flags()
         depth = decoder_parts(model).num_layers
         if stage_file.num_layers != depth:
             raise StageFileError(f"{stage_file.source} describes {stage_file.num_layers} layers, the model has {depth}")
@@ -125,6 +138,11 @@ class StageFile:
                    mutation_layers=[layer(m, "mutation_layers") for m in mutation], stages=stages, flags=list(flags),
                    payload=payload, source=source)
 
+    def warn_flags(self) -> None:
+        """One ``warning:`` line on stderr per detector flag, so commands that act on these boundaries say so."""
+        for flag in self.flags:
+            print(f"warning: {self.source}: {flag_message(flag)}", file=sys.stderr)
+
     def boundaries(self) -> dict[str, Any]:
         """``critical_layer``, ``mutation_layers`` and ``stages`` (ranges as lists), as stored in downstream records."""
         return {"critical_layer": self.critical_layer, "mutation_layers": list(self.mutation_layers),
@@ -170,6 +188,11 @@ def write_stages(path: str | Path, payload: dict[str, Any]) -> StageFile:
     stage_file = StageFile.from_payload(payload, str(path))
     write_json(Path(path), payload, schema=SCHEMA_VERSION)
     return stage_file
+
+
+def flag_message(flag: str) -> str:
+    """The explanation of a detector flag (unknown flags from newer versions are shown as they are)."""
+    return f"{flag}: {FLAGS[flag]}" if flag in FLAGS else flag
 
 
 def _is_int(value: Any) -> bool:

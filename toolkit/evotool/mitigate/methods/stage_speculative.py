@@ -3,14 +3,13 @@ layers (:mod:`evotool.prune.speculative`, with its config :class:`~evotool.prune
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-import torch
 from PIL import Image
 from torch import nn
 
-from evotool.generation import generate_ids
 from evotool.mitigate.base import Method
 from evotool.prune.speculative import SpeculativeConfig, SpeculativeStats, resolve_plan
 from evotool.stages import StageFile
@@ -40,9 +39,10 @@ class StageSpeculative(Method):
                                                        batch_size)
         return self.plan
 
-    def generate_ids(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
-        plan = self.resolve(inputs["input_ids"].shape[0])
-        return generate_ids(self.model, inputs, max_new_tokens, **plan.generate_kwargs(self.stats))
+    @contextmanager
+    def generation_kwargs(self, rows: int = 1) -> Iterator[dict[str, Any]]:
+        """The draft plan as ``model.generate`` kwargs (transformers' ``custom_generate`` callable and its options)."""
+        yield self.resolve(rows).generate_kwargs(self.stats)
 
     def generate(self, model: nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
                  max_new_tokens: int = 256) -> tuple[list[list[int]], list[str]]:

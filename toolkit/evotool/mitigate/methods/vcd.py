@@ -62,6 +62,7 @@ class Vcd(Method):
 
     name = "vcd"
     config_cls = VcdConfig
+    changes_batch = True
 
     def __init__(self, model: nn.Module, config: Any = None, stages: Any = None) -> None:
         super().__init__(model, config, stages)
