@@ -72,13 +72,7 @@ def imports(name: str) -> set[str]:
             visit(child)
 
     visit(ast.parse(known[name].read_text()))
-    "evotool.stages.behaviour": 3, "evotool.zoo": 3,
-    "evotool.integrations": 3,  # evotool inside transformers, lmms-eval and the Hub
-    "evotool.cli": 4, "evotool.__main__": 4,
-    "evotool.recipes": 5,  # compositions: nothing imports them
-}
-# The package root's one public shortcut, ``evotool.decoding`` (imported on first use, see evotool/__init__.py).
-FACADE = {("evotool", "evotool.integrations.hf")}
+    return {m for m in found if m in known and m != name and (name, m) not in FACADE}
 
 
 def layer(name: str) -> int:
