@@ -510,7 +510,8 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert "2.0" in row and "0.900" in row and "0.300" in row and "0.700" in row  # minutes, recall, CHAIR pb, POPE
     assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
-    assert row[-1] == "- |"  # analysis_b missing
+    assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
+    assert "Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0." in table
     # `zoo status --refresh` rewrites the stale file once; the table then shows it as current
     configs = tmp_path / "configs"
     configs.mkdir()

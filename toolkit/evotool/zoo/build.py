@@ -31,7 +31,6 @@ from evotool.config import to_dict
 from evotool.errors import ConfigError
 from evotool.evals.world import POPE_TASKS
 from evotool.io import atomic_dir, atomic_write_text, read_json, write_json
-from evotool.stages import STAGES_FILE
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour, save_behaviour, write_behaviour
 from evotool.world.generator import WorldConfig, make_records, write_manifest
 from evotool.world.train import train
@@ -104,14 +103,13 @@ def world_records(world: WorldConfig, in_distribution: int, prior_breaking: int,
 
 
 def analyze_member(member_dir: Path, cfg: ZooConfig) -> None:
-    """``analysis_a`` / ``analysis_b``: the analysis on the two sample sets (resumes; done runs are kept)."""
+    """``analysis_a`` / ``analysis_b``: the analysis on the two sample sets (resumes: traced samples are kept, and a
+    finished run is only re-aggregated, so a new detector re-places the boundaries in seconds)."""
     from evotool.analysis.config import AnalyzeConfig
     from evotool.analysis.run import run_analysis
 
     for tag in ("a", "b"):
         out = member_dir / f"analysis_{tag}"
-        if (out / STAGES_FILE).is_file():
-            continue
         run_analysis(AnalyzeConfig(model=str(member_dir / "model"), data=str(member_dir / f"samples_{tag}" / "manifest.jsonl"),
                                    max_new_tokens=cfg.analysis_max_new_tokens, out=out, figures=False, wandb=cfg.wandb))
 

@@ -2,7 +2,8 @@
 
 :func:`export_curves` keeps, for up to ``max_tokens`` generated tokens of an ``evotool analyze`` run, the
 per-layer arrays the detector reads ([T, L+1], layer 0 = embeddings): ``js_prev``, ``p_token``,
-``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's) and the per-token ``decision_depth``,
+``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's), ``direct_flip`` (the layer's own update
+decides the final top-1; runs that hold it) and the per-token ``decision_depth``,
 plus ``sample`` (index of the sample each token belongs to) and ``token_id``. Floats are stored as float16;
 ``meta`` (a JSON string) names the member and, when the member has a ``behaviour.json``, its behavioural
 critical / mutation layers.
@@ -42,6 +43,8 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
         "sample": np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)]),
         "token_id": token_id,
     }
+    if all("direct_flip" in t.layers for t in traces):
+        curves["direct_flip"] = np.nan_to_num(np.concatenate([t.layers["direct_flip"] for t in traces])).astype(bool)
     return {k: v[:max_tokens] for k, v in curves.items()} if max_tokens else curves
 
 
@@ -66,8 +69,8 @@ def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) 
     behaviour = Path(run_dir).parent / "behaviour.json"
     if behaviour.is_file():
         bounds = read_behaviour(behaviour)["boundaries"]
-        meta["behaviour"] = {k: bounds[k] for k in ("critical_layer", "mutation_layer", "removable_at_least_2")}
-    arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v.astype(np.int16 if k != "top1_flip" else bool))
+        meta["behaviour"] = {k: bounds[k] for k in ("critical_layer", "mutation_layers", "removable_at_least_2")}
+    arrays = {k: (v.astype(np.float16) if v.dtype.kind == "f" else v.astype(bool if v.dtype == bool else np.int16))
               for k, v in curves.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **arrays)

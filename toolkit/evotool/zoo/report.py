@@ -23,7 +23,27 @@ T = TypeVar("T")
 
 COLUMNS = ("member", "split", "family", "L", "width", "steps", "train min", "recall", "CHAIR_i in", "CHAIR_i pb",
            "POPE acc", "beh. critical", "beh. mutation", "removable k=1 / k=2", ">=2 removable",
-           "detector a (C / M)", "detector b (C / M)")
+           "detector a (C / M)", "interval a (C / M)", "flags a", "detector b (C / M)", "verdict")
+CHECKS = ("critical", "mutation", "stabilization", "a/b")
+
+
+def verdict(boundaries: dict, a: StageFile, b: StageFile | None, tolerance: int = 1) -> dict[str, bool | None]:
+    """The detector (set A, and set B for agreement) against the behavioural ``boundaries`` (issue targets):
+    critical within ``tolerance``; first mutation within ``tolerance`` of a behavioural mutation layer, or none where
+    the behaviour shows none; stabilization of >= 2 layers wherever >= 2 layers are removable; sets A and B within
+    ``tolerance`` of each other on both boundaries. None where the behaviour gives no answer."""
+    crit, muts = boundaries["critical_layer"], boundaries["mutation_layers"]
+
+    def close(x: int | None, y: int | None) -> bool:
+        return x is None and y is None or x is not None and y is not None and abs(x - y) <= tolerance
+
+    stab = a.stages["stabilization"]
+    return {
+        "critical": None if crit is None else close(a.critical_layer, crit),
+        "mutation": None if crit is None else (a.mutation is None if not muts else any(close(a.mutation, m) for m in muts)),
+        "stabilization": (stab is not None and stab[1] - stab[0] + 1 >= 2) if boundaries["removable_at_least_2"] else None,
+        "a/b": None if b is None else close(a.critical_layer, b.critical_layer) and close(a.mutation, b.mutation),
+    }
 
 
 def _read(path: Path, reader: Callable[[Path], T]) -> T | None:
@@ -60,11 +80,21 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
         row.update({"beh. critical": critical + ("*" if behaviour["stale"] else ""),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
-    for tag in ("a", "b"):
-        stages = _read(member_dir / f"analysis_{tag}", StageFile.read)
+    runs = {tag: _read(member_dir / f"analysis_{tag}", StageFile.read) for tag in ("a", "b")}
+    for tag, stages in runs.items():
         if stages:
             row[f"detector {tag} (C / M)"] = f"{stages.critical_layer} / {stages.mutation_layers or '-'}"
-    return {c: row.get(c, "-") for c in COLUMNS}
+    a = runs["a"]
+    if a:
+        interval = a.payload.get("interval", {})
+        row["interval a (C / M)"] = " / ".join("-".join(map(str, v)) if v else "-" for v in
+                                              (interval.get("critical"), interval.get("mutation")))
+        row["flags a"] = ", ".join(a.flags) or "-"
+    if a and behaviour:
+        checks = verdict(behaviour["boundaries"], a, runs["b"])
+        row["verdict"] = ", ".join(f"{k} {'ok' if v else 'MISS'}" for k, v in checks.items() if v is not None)
+        row.update({f"_{k}": v for k, v in checks.items()})
+    return {c: row.get(c, "-") for c in COLUMNS} | {k: v for k, v in row.items() if k.startswith("_")}
 
 
 def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
@@ -73,6 +103,11 @@ def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
     rows = [member_row(n, members[n], out / n) for n in order]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    for split in ("tune", "holdout"):
+        part = [r for r in rows if r["split"] == split]
+        scores = [f"{k} {sum(r.get(f'_{k}') is True for r in part)}/{sum(r.get(f'_{k}') is not None for r in part)}"
+                  for k in CHECKS]
+        lines += ["", f"Detector vs behaviour on the {split} members: " + ", ".join(scores) + "."]
     if any(r["beh. critical"].endswith("*") for r in rows):
         lines += ["", "\\* boundaries re-derived from the stored curves under the current rules (the stored ones are "
                   "stale; `evotool zoo status --refresh` rewrites them)."]
