@@ -46,15 +46,15 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import SHAPES, build, make_inputs  # noqa: E402
 
-from evotool.analysis.schema import read_stages  # noqa: E402
 from evotool.data.inputs import load_samples  # noqa: E402
 from evotool.generation import GREEDY, cut_at_eos  # noqa: E402
-from evotool.models.loading import fingerprint, load_model, synchronize  # noqa: E402
+from evotool.models.loading import load_model, synchronize  # noqa: E402
 from evotool.models.registry import decoder_parts  # noqa: E402
 from evotool.prune.runtime import skip_layers  # noqa: E402
 from evotool.prune.speculative import DraftPlan, SpeculativeStats, calibrate_draft, skip_ranking  # noqa: E402
 from evotool.prune.speculative.plan import calibration_inputs  # noqa: E402
 from evotool.prune.speed import CLOCKS  # noqa: E402
+from evotool.stages import StageFile  # noqa: E402
 
 
 @contextmanager
@@ -137,7 +137,7 @@ def spec_runner(model: torch.nn.Module, plan: DraftPlan) -> Runner:
 
 def trained(args: argparse.Namespace) -> dict[str, Any]:
     model, processor = load_model(args.model or Path(__file__).resolve().parents[1] / "toolkit/evotool/assets/demo_model")
-    stages = read_stages(args.stages, fingerprint(model))
+    stages = StageFile.for_model(args.stages, model)
     L = decoder_parts(model).num_layers
     clock = "wall" if model.device.type == "cuda" else "cpu"
     if args.data:
@@ -152,8 +152,8 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
         cal = world_samples(args.calibration_n)
     ranking = skip_ranking(model, stages, args.redundancy)
     stable = DraftPlan(sorted(ranking), 4)
-    print(f"# {args.model or 'shipped demo model'}: {L} layers; stages critical {stages['critical_layer']}, "
-          f"stabilization {stages['stages']['stabilization']}; ranking ({args.redundancy}) {ranking}")
+    print(f"# {args.model or 'shipped demo model'}: {L} layers; stages critical {stages.critical_layer}, "
+          f"stabilization {stages.stages['stabilization']}; ranking ({args.redundancy}) {ranking}")
     print(f"# tuned on {len(cal)} calibration samples ({args.calibration_data or 'world train split'}), reported on "
           f"{len(test)} held-out samples ({args.data or 'world test split'}); {args.max_new_tokens} new tokens max; "
           f"{clock} clock, median of {args.repeats}")
