@@ -1,5 +1,5 @@
 """Options of one ``evotool analyze`` run (CLI flags, ``--config`` YAML and ``--set`` map onto these fields) and of
-its interactive report (``evotool report``)."""
+its interactive report (``evotool report``) and of the cross-model atlas (``evotool atlas``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,23 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if self.samples < 1 or self.tokens < 1:
             raise ConfigError(f"report samples and tokens must be positive, got {self.samples} and {self.tokens}")
+
+
+@dataclass
+class AtlasConfig:
+    """Where ``evotool atlas`` writes the cross-model page and where it finds behavioural ground truth."""
+
+    out: Path = field(default=Path("atlas"), metadata={"help": "folder for atlas.md, atlas.png and atlas.html"})
+    behaviour: list[Path] = field(default_factory=list, metadata={
+        "help": "behaviour.json files, matched to the runs by model fingerprint (default: each run's "
+                "<member>/behaviour.json beside <member>/analysis_*)"})
+    html: bool = field(default=True, metadata={"help": "also write atlas.html (the interactive report of every run)"})
+    columns: int = field(default=6, metadata={"help": "panels per row of atlas.png"})
+    report: ReportConfig = field(default_factory=ReportConfig, metadata={"help": "what atlas.html embeds"})
+
+    def __post_init__(self) -> None:
+        if self.columns < 1:
+            raise ConfigError(f"atlas columns must be positive, got {self.columns}")
 
 
 @dataclass

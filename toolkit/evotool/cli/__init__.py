@@ -38,6 +38,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("mitigate", "mitigate"),
     ("eval", "eval"),
     ("report", "report"),
+    ("atlas", "atlas"),
     ("generate", "generate"),
     ("zoo", "zoo"),
     ("export", "export-generate"),

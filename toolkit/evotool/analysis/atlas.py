@@ -1,0 +1,273 @@
+"""The cross-model stage atlas: the boundaries and stage curves of many analysis runs side by side.
+
+``evotool atlas RUN_DIR... --out DIR`` writes
+
+* ``atlas.md``: one table row per run (ordered by depth): model, L, critical layer and mutation layers with their
+  bootstrap intervals, the three stage ranges, the detector's flags, the behavioural boundaries where known and the
+  detector's verdict against them (:func:`evotool.zoo.report.verdict`). When ``atlas.md`` already exists and holds
+  the :data:`BEGIN` / :data:`END` markers, only the text between them is replaced (notes around the table stay);
+* ``atlas.png``: one small panel per run, x = layer / L so that depths compare: the median emitted-token probability
+  and the direct-effect flip share per layer (adjacent-layer JS for runs without direct effect), the detected
+  boundaries as solid lines and the behavioural ones dashed;
+* ``atlas.html``: the interactive report of every run (:mod:`evotool.analysis.html`), with the behavioural boundaries.
+
+Behavioural ground truth of a run, first match wins: a ``--behaviour`` file with the run's model fingerprint, the
+``behaviour.json`` of the zoo member folder holding the run (``<member>/analysis_a``), a ``behaviour`` key in
+``stages.json``. Only ``stages.json`` is required of a run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from evotool.analysis.config import AtlasConfig  # noqa: E402
+from evotool.analysis.figures import STAGE_COLOURS  # noqa: E402
+from evotool.analysis.html import behaviour as stored_behaviour  # noqa: E402
+from evotool.analysis.html import render, report_data  # noqa: E402
+from evotool.errors import InputError  # noqa: E402
+from evotool.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour  # noqa: E402
+from evotool.stages.file import StageFile  # noqa: E402
+from evotool.zoo.report import verdict  # noqa: E402
+
+BEGIN = "<!-- evotool atlas: begin (generated; text outside these markers is kept) -->"
+END = "<!-- evotool atlas: end -->"
+COLUMNS = ("run", "model", "L", "critical (interval)", "mutation (interval)", "stages (rapid / stable / mutation)",
+           "flags", "beh. critical", "beh. mutation", "verdict")
+CRITICAL_COLOUR, MUTATION_COLOUR = STAGE_COLOURS["stabilization"], STAGE_COLOURS["mutation"]
+
+
+@dataclass(frozen=True)
+class AtlasRun:
+    """One analysis run in the atlas; ``behaviour`` holds the behavioural ``critical_layer`` and
+    ``mutation_layers`` (and ``removable_at_least_2`` when measured), or None when unknown."""
+
+    label: str
+    path: Path
+    stages: StageFile
+    model: str
+    behaviour: dict[str, Any] | None
+
+
+def model_name(stage_model: str) -> str:
+    """The model's architecture (``model_type``, with the text decoder's as ``llava/llama``) from its
+    ``config.json`` when the model is a readable local folder; else the model as ``stages.json`` names it."""
+    try:
+        config = json.loads((Path(stage_model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return stage_model
+    outer = config.get("model_type", "?")
+    inner = (config.get("text_config") or {}).get("model_type")
+    return f"{outer}/{inner}" if inner and inner != outer else outer
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """A run's name: its folder, or the zoo member's (``<member>/analysis_a`` -> member); paths if names repeat."""
+    names = [p.parent.name if p.name.startswith("analysis") and p.parent.name else p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def load_runs(run_dirs: Sequence[Path], behaviour_files: Sequence[Path] = ()) -> list[AtlasRun]:
+    """Read every run's ``stages.json`` and behavioural truth (module docstring), ordered by depth then name.
+    :class:`InputError` for a missing folder or a behaviour file of another model; StageFileError for a missing
+    or corrupt stage file."""
+    if not run_dirs:
+        raise InputError("no run directory given")
+    paths = [Path(d) for d in run_dirs]
+    for path in paths:
+        if not path.is_dir():
+            raise InputError(f"run directory {path} does not exist")
+    stage_files = [StageFile.read(p) for p in paths]
+    explicit = {}
+    for file in behaviour_files:
+        truth = read_behaviour(Path(file))
+        if not any(s.fingerprint == truth.get("fingerprint") for s in stage_files):
+            raise InputError(f"{file}: behaviour of model {truth.get('fingerprint')}, which none of the runs analysed")
+        explicit[truth["fingerprint"]] = truth["boundaries"]
+    runs = []
+    for label, path, stages in zip(_labels(paths), paths, stage_files):
+        truth = explicit.get(stages.fingerprint)
+        member_file = path.parent / BEHAVIOUR_FILE
+        if truth is None and member_file.is_file():
+            member = read_behaviour(member_file)
+            if member.get("fingerprint") != stages.fingerprint:
+                raise InputError(f"{member_file} belongs to another model than {stages.source} (fingerprint "
+                                 f"{member.get('fingerprint')}, run {stages.fingerprint}); re-measure it or re-run the analysis")
+            truth = member["boundaries"]
+        truth = truth or stored_behaviour(stages.payload)
+        runs.append(AtlasRun(label, path, stages, model_name(stages.model), truth))
+    return sorted(runs, key=lambda r: (r.stages.num_layers, r.label))
+
+
+def _span(rng: Sequence[int] | None) -> str:
+    return "-" if not rng else f"{rng[0]}-{rng[1]}"
+
+
+def _layers(layers: Sequence[int]) -> str:
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
+def row(run: AtlasRun) -> dict[str, str]:
+    """The atlas table row of one run (column -> text); ``-`` where a value is unknown."""
+    s = run.stages
+    interval = s.payload.get("interval") or {}
+    cells = {
+        "run": run.label, "model": run.model, "L": str(s.num_layers),
+        "critical (interval)": ("none" if s.critical_layer is None else str(s.critical_layer))
+        + f" ({_span(interval.get('critical'))})",
+        "mutation (interval)": _layers(s.mutation_layers) + f" ({_span(interval.get('mutation'))})",
+        "stages (rapid / stable / mutation)": " / ".join(_span(s.stages[k]) for k in s.stages),
+        "flags": ", ".join(s.flags) or "-",
+        "beh. critical": "-", "beh. mutation": "-", "verdict": "-",
+    }
+    b = run.behaviour
+    if b is not None:
+        checks = verdict({"removable_at_least_2": False, **b}, s, None)
+        cells.update({
+            "beh. critical": "none" if b["critical_layer"] is None else str(b["critical_layer"]),
+            "beh. mutation": _layers(b["mutation_layers"]),
+            "verdict": ", ".join(f"{k} {'ok' if v else '**miss**'}" for k, v in checks.items() if v is not None) or "-",
+        })
+    return cells
+
+
+def table(runs: Sequence[AtlasRun]) -> str:
+    """The Markdown table of ``runs`` (one row each, in the given order)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(r)[c] for c in COLUMNS) + " |" for r in runs]
+    return "\n".join(lines)
+
+
+def _curve(values: Any, length: int) -> np.ndarray:
+    """A per-layer curve as floats (None -> NaN), or all NaN when the run does not store it."""
+    if values is None:
+        return np.full(length, np.nan)
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def second_curve(stages: StageFile) -> tuple[np.ndarray, str]:
+    """The direct-effect flip share per layer [L+1] (``evidence.direct_flip``), or, for runs traced without direct
+    effect, the median adjacent-layer JS (``curves.js_prev``); with the curve's name."""
+    n = stages.num_layers + 1
+    flips = (stages.payload.get("evidence") or {}).get("direct_flip")
+    if flips is not None:
+        return _curve(flips, n), "direct-effect flip share"
+    return _curve(((stages.payload.get("curves") or {}).get("js_prev") or {}).get("median"), n), "median adjacent JS"
+
+
+def _panel(ax: plt.Axes, run: AtlasRun) -> None:
+    s = run.stages
+    n = s.num_layers
+    x = np.arange(n + 1) / n
+    stable = s.stages["stabilization"]
+    if stable:
+        ax.axvspan((stable[0] - 0.5) / n, (stable[1] + 0.5) / n, color=CRITICAL_COLOUR, alpha=0.1, lw=0)
+    curves = s.payload.get("curves") or {}
+    p_token = (curves.get("p_token") or {}).get("median") or (s.payload.get("evidence") or {}).get("median_p")
+    ax.plot(x, _curve(p_token, n + 1), color="black", lw=1.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(-0.03, 1.03)
+    second, name = second_curve(s)
+    twin = ax.twinx()
+    twin.plot(x, second, color="tab:orange", lw=1, ls="-" if name.startswith("direct") else ":")
+    top = np.nanmax(second) if np.isfinite(second).any() else 0.0
+    twin.set_ylim(0, max(top * 1.1, 1e-3))
+    twin.tick_params(labelsize=6, colors="tab:orange")
+    for layers, colour, style in ((
+            [s.critical_layer] if s.critical_layer is not None else [], CRITICAL_COLOUR, "-"),
+            (s.mutation_layers, MUTATION_COLOUR, "-")):
+        for layer in layers:
+            ax.axvline(layer / n, color=colour, ls=style, lw=1.4)
+    if run.behaviour is not None:
+        critical = run.behaviour["critical_layer"]
+        for layer, colour in ([(critical, CRITICAL_COLOUR)] if critical is not None else []) + [
+                (m, MUTATION_COLOUR) for m in run.behaviour["mutation_layers"]]:
+            ax.axvline(layer / n, color=colour, ls="--", lw=1.4)
+    flags = f"\n{', '.join(s.flags)}" if s.flags else ""
+    ax.set_title(f"{run.label} (L={n}){flags}", fontsize=7)
+    ax.tick_params(labelsize=6)
+
+
+def figure(runs: Sequence[AtlasRun], columns: int = 6) -> tuple[plt.Figure, list[plt.Axes]]:
+    """The atlas figure: one panel per run (in order), ``columns`` per row; returns the figure and the panels
+    (each panel's twin axis for the second curve is not among them)."""
+    if not runs:
+        raise InputError("no run to draw")
+    cols = min(columns, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(2.3 * cols, 1.9 * rows + 0.25), squeeze=False)
+    panels = list(grid.ravel()[: len(runs)])
+    for ax in grid.ravel()[len(runs):]:
+        fig.delaxes(ax)
+    for ax, run in zip(panels, runs):
+        _panel(ax, run)
+    legend = [Line2D([], [], ls="none", label="x: layer / L"),
+              Line2D([], [], color="black", label="median p(emitted token)"),
+              Line2D([], [], color="tab:orange", label="direct-effect flip share (right axis; dotted: adjacent JS)"),
+              Line2D([], [], color=CRITICAL_COLOUR, label="critical layer"),
+              Line2D([], [], color=MUTATION_COLOUR, label="mutation layer"),
+              Line2D([], [], color="grey", ls="--", label="behavioural boundary (dashed)")]
+    fig.tight_layout(rect=(0, 0.25 / fig.get_figheight(), 1, 1))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False,
+               handletextpad=0.4, borderaxespad=0.1)
+    return fig, panels
+
+
+def markdown(runs: Sequence[AtlasRun], image: str) -> str:
+    """The generated block of ``atlas.md`` (between the markers): the figure and the table."""
+    return "\n".join([
+        BEGIN, "", f"![stage atlas: {len(runs)} runs]({image})", "",
+        "Solid lines: detected boundaries (green critical, red mutation; green band: stabilization); dashed: "
+        "behavioural ones. Intervals: the bootstrap's central 90% (`stages.json` `interval`). Verdict: the "
+        "detector against behaviour (critical within 1; mutation within 1 of a behavioural one, or none where "
+        "behaviour shows none).", "",
+        table(runs), "", END])
+
+
+def write_markdown(path: Path, block: str) -> Path:
+    """Write ``block`` as ``path``, or replace the marked block of an existing file that has the markers."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = f"# Stage atlas\n\n{block}\n"
+    atomic_write_text(path, text)
+    return path
+
+
+def write_atlas(run_dirs: Sequence[Path], cfg: AtlasConfig) -> list[Path]:
+    """Write ``atlas.md``, ``atlas.png`` and (``cfg.html``) ``atlas.html`` into ``cfg.out``; returns their paths."""
+    runs = load_runs(run_dirs, cfg.behaviour)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    fig, _ = figure(runs, cfg.columns)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    written = [write_markdown(out / "atlas.md", markdown(runs, "atlas.png")), out / "atlas.png"]
+    atomic_write_bytes(written[1], buf.getvalue())
+    if cfg.html:
+        data = report_data([r.path for r in runs], cfg.report)
+        data["title"] = f"Stage atlas: {len(runs)} runs"
+        for view, run in zip(data["runs"], runs):
+            view["name"] = run.label
+            view["behaviour"] = None if run.behaviour is None else {
+                k: run.behaviour[k] for k in ("critical_layer", "mutation_layers")}
+        written.append(out / "atlas.html")
+        atomic_write_text(written[-1], render(data))
+    return written
