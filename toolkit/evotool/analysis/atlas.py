@@ -35,8 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from evotool.analysis.config import AtlasConfig  # noqa: E402
 from evotool.analysis.figures import STAGE_COLOURS  # noqa: E402
-from evotool.analysis.html import behaviour as stored_behaviour  # noqa: E402
-from evotool.analysis.html import render, report_data  # noqa: E402
+from evotool.analysis.html import behaviour as stored_behaviour, render, report_data  # noqa: E402
 from evotool.errors import InputError  # noqa: E402
 from evotool.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour  # noqa: E402
@@ -169,6 +168,7 @@ def second_curve(stages: StageFile) -> tuple[np.ndarray, str]:
 
 
 def _panel(ax: plt.Axes, run: AtlasRun) -> None:
+    """Draw one run: its curves against layer / L, the stabilization band and the boundary lines."""
     s = run.stages
     n = s.num_layers
     x = np.arange(n + 1) / n
@@ -186,16 +186,13 @@ def _panel(ax: plt.Axes, run: AtlasRun) -> None:
     top = np.nanmax(second) if np.isfinite(second).any() else 0.0
     twin.set_ylim(0, max(top * 1.1, 1e-3))
     twin.tick_params(labelsize=6, colors="tab:orange")
-    for layers, colour, style in ((
-            [s.critical_layer] if s.critical_layer is not None else [], CRITICAL_COLOUR, "-"),
-            (s.mutation_layers, MUTATION_COLOUR, "-")):
-        for layer in layers:
-            ax.axvline(layer / n, color=colour, ls=style, lw=1.4)
+    marks = [(s.critical_layer, s.mutation_layers, "-")]
     if run.behaviour is not None:
-        critical = run.behaviour["critical_layer"]
-        for layer, colour in ([(critical, CRITICAL_COLOUR)] if critical is not None else []) + [
-                (m, MUTATION_COLOUR) for m in run.behaviour["mutation_layers"]]:
-            ax.axvline(layer / n, color=colour, ls="--", lw=1.4)
+        marks.append((run.behaviour["critical_layer"], run.behaviour["mutation_layers"], "--"))
+    for critical, mutations, style in marks:
+        for layer, colour in [(critical, CRITICAL_COLOUR)] + [(m, MUTATION_COLOUR) for m in mutations]:
+            if layer is not None:
+                ax.axvline(layer / n, color=colour, ls=style, lw=1.4)
     flags = f"\n{', '.join(s.flags)}" if s.flags else ""
     ax.set_title(f"{run.label} (L={n}){flags}", fontsize=7)
     ax.tick_params(labelsize=6)
