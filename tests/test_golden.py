@@ -1,4 +1,4 @@
-"""Golden tests on the shipped demo model: its analysis boundaries, and stage_contrast lowering CHAIR_i.
+"""Golden tests on the shipped demo model: its analysis boundaries, and what stage_contrast does to CHAIR_i.
 
 The expected boundaries live in ``SHIPPED`` (the one place to update when the detector changes; regenerate
 with ``evotool analyze --world-samples 8 --max-new-tokens 24 --no-figures`` and copy the printed boundaries).
@@ -22,9 +22,10 @@ from evotool.world import WorldConfig, default_model_path, make_records, records
 # lose caption recall, so the stable stage is the last layer alone).
 SHIPPED = {"critical_layer": 11, "mutation_layers": [],
            "stages": {"rapid_evolution": [0, 11], "stabilization": [12, 12], "mutation": None}}
-# stage_contrast's options as tuned on the validation split (world seed 1, docs/mitigate.md); reported below on
-# 20 prior-breaking captions of the test split (world seed 0), which played no part in that choice.
-TUNED = {"premature": "critical", "weight": 1.0, "alpha": 0.01}
+# stage_contrast's options as the mitigate pipeline tuned them on the validation split (world seed 1, v2 stages,
+# docs/mitigate.md); reported below on 60 prior-breaking captions of the test split (world seed 0), which played no
+# part in that choice.
+TUNED = {"premature": "critical", "weight": 1.0, "alpha": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,19 @@ def test_shipped_model_boundaries(shipped) -> None:
     assert (stages.payload["samples"], stages.num_layers) == (8, 12)
 
 
-def test_stage_contrast_lowers_chair_i_on_prior_breaking_captions(shipped) -> None:
+def test_stage_contrast_at_the_critical_layer_lowers_chair_i_but_less_than_dola(shipped) -> None:
+    """The documented finding with the v2 boundaries: contrasting with the critical layer (11) removes some phantom
+    squares; DoLa, contrasting with early layers where the prior lives, removes more (docs/mitigate.md)."""
     path, model, processor = shipped
-    samples = records_to_samples(make_records("caption", "prior_breaking", 20, WorldConfig(seed=0)))
+    samples = records_to_samples(make_records("caption", "prior_breaking", 60, WorldConfig(seed=0)))
     scores = {}
-    for name, options, stages in (("greedy", {}, None), ("stage_contrast", TUNED, StageFile.for_model(path, model))):
+    for name, options, stages in (("greedy", {}, None), ("stage_contrast", TUNED, StageFile.for_model(path, model)),
+                                  ("dola", {}, None)):
         method = build_method(name, model, options, stages)
         out = generate_samples(model, processor, samples, 20, 32, method.generate)
         scores[name] = caption_scores(out.texts, samples, [len(ids) for ids in out.ids])
-    greedy, contrast = scores["greedy"], scores["stage_contrast"]
+    greedy, contrast, dola = scores["greedy"], scores["stage_contrast"], scores["dola"]
     assert greedy["chair_i"] > 0.05  # the premise: the prior makes greedy captions name an absent square
-    assert contrast["chair_i"] <= 0.5 * greedy["chair_i"], scores  # measured: 0.151 -> 0.022
+    assert contrast["chair_i"] <= 0.75 * greedy["chair_i"], scores  # measured: 0.151 -> 0.092
+    assert dola["chair_i"] < contrast["chair_i"], scores  # measured: 0.054
     assert contrast["recall"] >= greedy["recall"] - 0.05, scores
