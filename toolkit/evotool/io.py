@@ -8,6 +8,7 @@ payload, replaced atomically.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -25,17 +26,110 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def file_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` (``mkdir``) gives new files (folders): 0644 (0755) under the usual umask 022;
+    every artifact gets it, also those made by ``mkstemp`` / ``mkdtemp`` (0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_jsonl(path: Path, records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) -> None:
+    """Atomically write one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class DirLock:
+    """An exclusive lock on an output folder against a second writer: ``flock`` on ``lock_file(out)``.
+
+    The kernel drops the lock when the holder exits, however it ends (kill -9 included), so a lock is never
+    stale; the pid stored in the file only names the holder in the error message.
+    """
+
+    def __init__(self, out: Path, beside: bool = False) -> None:
+        """``beside``: the lock file is ``.OUT.lock`` next to ``out`` (for folders replaced as a whole), else
+        ``OUT/.lock``."""
+        out = Path(out)
+        self.out = out
+        self.path = out.parent / f".{out.name}.lock" if beside else out / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> DirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(f"{self.out} is in use by another evotool process (pid {holder}); "
+                             "wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def replace_dir(staged: Path, out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Make the fully written folder ``staged`` (a sibling of ``out``) become ``out`` by renames, so that ``out``
+    is always either the old or the new folder, never a mix; entries ``keep`` of the old folder (e.g. a resumable
+    analysis) move into the new one. A run killed midway is repaired by :func:`recover_dir`."""
+    if not out.exists():
+        staged.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    out.rename(old)
+    staged.rename(out)
+    recover_dir(out, keep)
+
+
+def recover_dir(out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Finish or undo an interrupted :func:`replace_dir` of ``out`` and delete unfinished staging folders
+    (``.OUT.partial-*``); call it while holding ``out``'s lock."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        if not out.exists():
+            old.rename(out)
+        else:
+            for name in keep:
+                if (old / name).exists() and not (out / name).exists():
+                    (old / name).rename(out / name)
+            shutil.rmtree(old)
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(partial)
+
+
+def staging_dir(out: Path) -> Path:
+    """A new empty folder beside ``out`` to write ``out``'s next version into (see :func:`replace_dir`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staged.chmod(file_mode(directory=True))
+    return staged
 
 
 def write_json(path: Path, payload: Mapping[str, Any], schema: str) -> Path:
@@ -89,26 +183,34 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{lineno}: expected one JSON object per line, got a {type(record).__name__}")
+            yield lineno, record
 
 
-def read_json(path: Path, error: type[EvotoolError] = InputError, what: str = "file", schema: str | None = None) -> Any:
+def read_json(path: Path, error: type[EvotoolError] = InputError, what: str = "file", schema: str | None = None,
+              keys: tuple[str, ...] = ()) -> Any:
     """A JSON file's content; ``error`` naming the file (as ``what``) if it is missing or malformed.
 
     With ``schema`` (e.g. ``"1.0"``) the content must be an object whose ``schema_version`` has the same
-    major version.
+    major version and which holds every one of ``keys``.
     """
+    path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: not valid JSON ({err.msg})") from err
+        payload = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({getattr(err, 'msg', err)})") from err
     if schema is not None:
         if not isinstance(payload, dict):
-            raise error(f"{path}: not a {what} (expected a JSON object)")
+            raise error(f"{path}: not a {what} (expected a JSON object, got {type(payload).__name__})")
+        missing = [k for k in keys if k not in payload]
+        if missing:
+            raise error(f"{path}: {what} lacks {', '.join(missing)}")
         version = payload.get("schema_version")
         if str(version).split(".")[0] != schema.split(".")[0]:
             raise error(f"{path}: {what} schema version {version!r}, this evotool reads {schema!r}")

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evotool.io import atomic_write_bytes
 from evotool.stages import StageConfig, StageResult, detect_stages
 from evotool.trace import METRICS, SampleTrace
 
@@ -80,4 +81,6 @@ def write_token_table(path: Path, records: list[dict[str, Any]], traces: list[Sa
     arrays = {k: pa.array(v, from_pandas=True) if v.dtype.kind == "f" else pa.array(v) for k, v in data.items()}
     for key in ("token_critical", "token_mutation"):  # -1 = none
         arrays[key] = pa.array(np.where(data[key] < 0, None, data[key]).tolist(), type=pa.int64())
-    pq.write_table(pa.table(arrays), path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(arrays), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())

@@ -62,6 +62,8 @@ class AnalyzeConfig:
     patch_lens: bool = field(default=False, metadata={
         "help": "also read the lens at every image-token position and layer at step 0 (samples/<id>.patch.npz)"})
     js_unit: str = field(default="nats", metadata={"help": "nats (natural log) or bits"})
+    restart: bool = field(default=False, metadata={
+        "help": "discard the results an earlier run left in OUT when its model or settings differ, instead of refusing"})
     on_error: str = field(default="skip", metadata={"help": "skip a bad sample (reported) or fail the run"})
     wandb: bool = field(default=True, metadata={"help": "log the run to Weights & Biases (offline without an API key)"})
     world_samples: int = field(default=16, metadata={"help": "synthetic-world samples when no data is given"})
@@ -82,6 +84,8 @@ class AnalyzeConfig:
             raise ConfigError(f"--on-error must be skip or fail, not {self.on_error!r}")
         if self.js_unit not in ("nats", "bits"):
             raise ConfigError(f"--js-unit must be nats or bits, not {self.js_unit!r}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.topk < 1:
-            raise ConfigError("max_new_tokens, batch_size and topk must be positive")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.topk < 1 or self.world_samples < 1:
+            raise ConfigError("max_new_tokens, batch_size, topk and world_samples must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
         self.out = Path(self.out)

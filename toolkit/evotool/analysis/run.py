@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -30,10 +30,11 @@ from evotool.analysis.report import write_report
 from evotool.analysis.store import RunStore
 from evotool.config import to_dict
 from evotool.data import Sample, load_samples
+from evotool.data.inputs import sample_digest
 from evotool.env import environment
 from evotool.errors import EvotoolError, InputError
 from evotool.generation import batches, build_inputs, context_length, decode, load_images
-from evotool.io import atomic_write_text
+from evotool.io import DirLock, atomic_write_jsonl, atomic_write_text
 from evotool.lens import Lens, make_lens
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import DecoderParts, decoder_parts
@@ -41,6 +42,7 @@ from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
 from evotool.trace import direct_effect, lens_with_direct, trace_batch
 from evotool.tracking import ArtifactRef, Tracker
+from evotool.validate import output_dir
 
 
 def resolve_model_id(model: str | None) -> str:
@@ -73,29 +75,42 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
 
     ``loaded``: an already loaded (model, processor) pair, used instead of loading ``cfg.model``
     (e.g. a processor assembled by hand for a model whose processor class cannot be built here).
+    The output folder and the samples are checked before the model loads; the main process holds the
+    folder's lock (:class:`~evotool.io.DirLock`) for the whole run.
     """
     from accelerate import PartialState
 
+    output_dir(cfg.out)
+    samples = resolve_samples(cfg)
+    state = PartialState(cpu=cfg.load.device == "cpu" or not torch.cuda.is_available())
+    with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
+        return _run(cfg, samples, state, loaded)
+
+
+def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn.Module, Any] | None) -> Path:
+    """The run itself (see :func:`run_analysis`), with the lock held."""
     load = cfg.load
-    state = PartialState(cpu=load.device == "cpu" or not torch.cuda.is_available())
     model_id = resolve_model_id(cfg.model)
     if state.num_processes > 1 and load.device_map is None:
         load.device = str(state.device)
     model, processor = loaded if loaded is not None else load_model(model_id, load)
     parts = decoder_parts(model)
     lens = make_lens(cfg.lens, parts)
-    samples = resolve_samples(cfg)
     store = RunStore(cfg.out)
     run_info = {"model": model_id, "fingerprint": fingerprint(model), "lens": cfg.lens,
-                "max_new_tokens": cfg.max_new_tokens, "js_unit": cfg.js_unit, "num_layers": parts.num_layers}
+                "max_new_tokens": cfg.max_new_tokens, "js_unit": cfg.js_unit, "num_layers": parts.num_layers,
+                "sample_ids": [s.id for s in samples]}
+    digests = {s.id: sample_digest(s) for s in samples}
     if state.is_main_process:
-        store.open(run_info)
+        store.open(run_info, cfg.restart)
+        for sample_id in store.drop_corrupt(list(digests)):
+            tqdm.write(f"sample {sample_id}: unreadable saved result, tracing it again")
     state.wait_for_everyone()
     index = {s.id: i for i, s in enumerate(samples)}
-    pending = [s for s in samples if not store.is_done(s.id)][state.process_index :: state.num_processes]
+    pending = [s for s in samples if not store.is_done(s.id, digests[s.id])][state.process_index :: state.num_processes]
     with tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample") as bar:
         for batch in batches(pending, cfg.batch_size):
-            _analyse_batch(batch, cfg, store, model, parts, lens, processor, index)
+            _analyse_batch(batch, cfg, store, model, parts, lens, processor, index, digests)
             bar.update(len(batch))
     if state.is_main_process:
         _add_direct_effect(store, lens, model, math.e if cfg.js_unit == "nats" else 2.0)
@@ -115,7 +130,7 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
 
 
 def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore, model: nn.Module, parts: DecoderParts,
-                   lens: Lens, processor: Any, index: dict[str, int]) -> None:
+                   lens: Lens, processor: Any, index: dict[str, int], digests: dict[str, str]) -> None:
     """Trace one batch and save each finished sample; bad samples go through :func:`_fail`."""
     ready, images = load_images(batch, on_error=lambda sample, err: _fail(store, cfg, sample, err))
     if not ready:
@@ -133,7 +148,7 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
     for sample, image, trace, text in zip(ready, images, traces, texts):
         if not isinstance(sample.image, Path):  # an in-memory image: keep it for the HTML report
             store.save_image(sample.id, image)
-        record = {"id": sample.id, "index": index[sample.id], "prompt": sample.prompt, "text": text,
+        record = {"id": sample.id, "index": index[sample.id], "digest": digests[sample.id], "prompt": sample.prompt, "text": text,
                   "tokens": tokenizer.convert_ids_to_tokens(trace.token_ids.tolist()),
                   "objects": sample.objects, "answer": sample.answer,
                   "image": str(sample.image) if isinstance(sample.image, Path) else None, "meta": sample.meta}
@@ -180,12 +195,10 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
     vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
     points = find_divergence(records, traces, boundaries["stages"], vocab, ending_token_ids(tokenizer))
     commits = divergence_by_sample(points)
-    with (cfg.out / "texts.jsonl").open("w") as fh:
-        for record, trace in zip(records, traces):
-            depth = decision_depth(trace.layers["top1"], trace.token_ids)
-            fh.write(json.dumps({"id": record["id"], "prompt": record["prompt"], "text": record["text"],
-                                 "objects": record["objects"], "decision_depth": depth.tolist(),
-                                 "divergence": commits.get(record["id"], [])}) + "\n")
+    atomic_write_jsonl(cfg.out / "texts.jsonl", [
+        {"id": record["id"], "prompt": record["prompt"], "text": record["text"], "objects": record["objects"],
+         "decision_depth": decision_depth(trace.layers["top1"], trace.token_ids).tolist(),
+         "divergence": commits.get(record["id"], [])} for record, trace in zip(records, traces)])
     payload = {
         "model": run_info["model"],
         "fingerprint": run_info["fingerprint"],

@@ -2,7 +2,8 @@
 
 Layout::
 
-    DIR/run.json              model, fingerprint, lens, max_new_tokens (a resumed run must match)
+    DIR/run.json              model, fingerprint, lens, max_new_tokens (a resumed run must match), the run's sample ids
+    DIR/.lock                 held (flock) by the process writing the directory
     DIR/samples/<id>.npz      per-token x per-layer arrays of one sample (see SampleTrace)
     DIR/samples/<id>.json     text, prompt, tokens, ground truth; written last = the sample is done
     DIR/samples/<id>.png      the image, for samples given as images rather than files (max side 256 px)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from evotool.errors import InputError, StageFileError
-from evotool.io import atomic_write_text, read_json, write_json
+from evotool.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, iter_jsonl, read_json, write_json
 from evotool.patch_lens import PatchLens
 from evotool.trace import METRICS, SampleTrace
 
@@ -47,23 +49,52 @@ class RunStore:
         self.root = root
         self.samples_dir = root / "samples"
 
-    def open(self, run_info: dict[str, Any]) -> None:
-        """Create the directory, or check that an existing one belongs to the same model and settings."""
+    def open(self, run_info: dict[str, Any], restart: bool = False) -> None:
+        """Create the directory, or check that an existing one holds results of the same model and settings
+        (``RUN_KEYS``; with ``restart`` another run's samples are deleted instead of refused). ``run_info``'s
+        ``sample_ids`` name this run's samples: the ones :meth:`records` reads, whatever else the folder holds."""
         path = self.root / "run.json"
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = read_json(path, InputError, "run file", schema=RUN_SCHEMA)
             diff = [k for k in RUN_KEYS if old.get(k) != run_info.get(k)]
-            if diff:
+            if diff and not restart:
                 raise StageFileError(
                     f"run directory {self.root} holds results of a different run ({', '.join(diff)} differ); "
-                    "choose another --out or delete it"
+                    "choose another --out, or pass --restart to discard them"
                 )
-            return
+            if diff:
+                shutil.rmtree(self.samples_dir, ignore_errors=True)
+                (self.root / "errors.jsonl").unlink(missing_ok=True)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, run_info, schema=RUN_SCHEMA)
 
-    def is_done(self, sample_id: str) -> bool:
-        return (self.samples_dir / f"{safe_name(sample_id)}.json").is_file()
+    def is_done(self, sample_id: str, digest: str | None = None) -> bool:
+        """Whether the sample's result is saved (with ``digest``: computed on this very sample, see
+        :func:`evotool.data.inputs.sample_digest`; a sample whose image or prompt changed is traced again)."""
+        record = self.samples_dir / f"{safe_name(sample_id)}.json"
+        if not record.is_file():
+            return False
+        return digest is None or json.loads(record.read_text()).get("digest") == digest
+
+    def drop_corrupt(self, sample_ids: list[str]) -> list[str]:
+        """Forget finished samples whose record or arrays are unreadable (e.g. a disk that filled up), so that
+        they are traced again; returns their ids."""
+        dropped = []
+        for sample_id in sample_ids:
+            name = safe_name(sample_id)
+            record, arrays = self.samples_dir / f"{name}.json", self.samples_dir / f"{name}.npz"
+            if not record.is_file():
+                continue
+            try:
+                json.loads(record.read_text())
+                with zipfile.ZipFile(arrays) as z:
+                    if z.testzip() is not None:
+                        raise zipfile.BadZipFile("CRC mismatch")
+            except (OSError, ValueError, zipfile.BadZipFile):
+                record.unlink(missing_ok=True)
+                arrays.unlink(missing_ok=True)
+                dropped.append(sample_id)
+        return dropped
 
     def save(self, sample_id: str, trace: SampleTrace, record: dict[str, Any]) -> None:
         """Write the sample's arrays, then its record (the record's presence marks it finished)."""
@@ -78,17 +109,15 @@ class RunStore:
     def _write_npz(self, file_name: str, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        tmp = self.samples_dir / f".{file_name}.tmp"
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(self.samples_dir / file_name)
+        atomic_write_bytes(self.samples_dir / file_name, buf.getvalue())
 
     def save_image(self, sample_id: str, image: Image.Image) -> None:
         """Keep a sample's image (shrunk to at most 256 px a side) for the HTML report."""
         image = image.copy()
         image.thumbnail((THUMBNAIL, THUMBNAIL))
-        tmp = self.samples_dir / f".{safe_name(sample_id)}.png.tmp"
-        image.save(tmp, format="PNG")
-        tmp.replace(self.samples_dir / f"{safe_name(sample_id)}.png")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(self.samples_dir / f"{safe_name(sample_id)}.png", buf.getvalue())
 
     def image_file(self, record: dict[str, Any]) -> Path | None:
         """The kept image of a sample, else its source file if that still exists."""
@@ -128,13 +157,22 @@ class RunStore:
         return {int(i): t for i, t in stored["tokens"].items()}
 
     def log_error(self, sample_id: str, message: str) -> None:
-        with (self.root / "errors.jsonl").open("a") as fh:
-            fh.write(json.dumps({"id": sample_id, "error": message}) + "\n")
+        """Record (or, on a resumed run, replace) the failure of one sample in ``errors.jsonl``."""
+        path = self.root / "errors.jsonl"
+        errors = {rec["id"]: rec for _, rec in iter_jsonl(path)} if path.is_file() else {}
+        errors[sample_id] = {"id": sample_id, "error": message}
+        atomic_write_jsonl(path, list(errors.values()))
 
     def records(self) -> list[dict[str, Any]]:
-        """The records of every finished sample, in sample order."""
-        records = [json.loads(path.read_text()) for path in self.samples_dir.glob("*.json")]
-        return sorted(records, key=lambda record: record["index"])
+        """The records of the finished samples of the latest run (``run.json``'s ``sample_ids``; every record in
+        the folder for runs written before it existed), in sample order."""
+        path = self.root / "run.json"
+        ids = read_json(path, InputError, "run file").get("sample_ids") if path.is_file() else None
+        if ids is None:
+            records = [json.loads(p.read_text()) for p in self.samples_dir.glob("*.json")]
+            return sorted(records, key=lambda record: record["index"])
+        files = [self.samples_dir / f"{safe_name(i)}.json" for i in ids]
+        return [json.loads(f.read_text()) for f in files if f.is_file()]
 
     def load_trace(self, sample_id: str, features: bool = True) -> SampleTrace:
         """One finished sample's arrays (``features`` False leaves the hidden states on disk)."""

@@ -1,12 +1,14 @@
 """The `evotool` command line: one module per subcommand, registered here.
 
-Every subcommand turns an :class:`evotool.errors.EvotoolError` into one line on stderr
-and a non-zero exit status.
+Every failure of a subcommand ends as one line ``error: ...`` on stderr and exit status 2 (130 for Ctrl-C):
+an :class:`evotool.errors.EvotoolError` with its own message, any other exception with its type, message and
+file name (``EVOTOOL_TRACEBACK=1`` re-raises it with the traceback instead).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -20,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
+TRACEBACK_ENV = "EVOTOOL_TRACEBACK"
 
 
 @app.callback()
@@ -52,10 +54,29 @@ for _module_name, _command_name in SUBCOMMANDS:
         app.command(_command_name, help=_module.command.__doc__)(_module.command)
 
 
+def describe(err: BaseException) -> str:
+    """One line for an exception no check anticipated: its type, message and the file it concerns."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text} (unexpected; rerun with {TRACEBACK_ENV}=1 for the traceback)"
+
+
 def main() -> None:
-    """Entry point: run the typer app, reporting user errors on one line."""
+    """Entry point: run the typer app, reporting every failure on one line (see the module doc)."""
     try:
         app()
     except EvotoolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        _exit(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _exit("interrupted; run the same command again to resume", 130)
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        _exit(describe(err), 2)
+
+
+def _exit(message: str, code: int) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)

@@ -23,6 +23,7 @@ def command(
     figures: Annotated[Optional[bool], option(C, "figures", "--figures/--no-figures")] = None,
     patch_lens: Annotated[Optional[bool], option(C, "patch_lens", "--patch-lens/--no-patch-lens")] = None,
     on_error: Annotated[Optional[str], option(C, "on_error")] = None,
+    restart: Annotated[Optional[bool], option(C, "restart", "--restart/--no-restart")] = None,
     batch_size: Annotated[Optional[int], option(C, "batch_size")] = None,
     limit: Annotated[Optional[int], option(C, "limit")] = None,
     js_unit: Annotated[Optional[str], option(C, "js_unit")] = None,
@@ -45,7 +46,7 @@ def command(
 
     flags = {"model": model, "data": data, "split": split, "columns": parse_set(columns.split(",")) if columns else None,
              "prompt": prompt, "max_new_tokens": max_new_tokens, "lens": lens, "out": out, "wandb": wandb,
-             "figures": figures, "patch_lens": patch_lens, "on_error": on_error, "batch_size": batch_size, "limit": limit, "js_unit": js_unit,
+             "figures": figures, "patch_lens": patch_lens, "on_error": on_error, "restart": restart, "batch_size": batch_size, "limit": limit, "js_unit": js_unit,
              "load.dtype": dtype, "load.device": device, "load.device_map": device_map, "load.quantization": quantization,
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
              "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}

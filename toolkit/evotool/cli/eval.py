@@ -122,6 +122,15 @@ def _limit(samples: list, limit: int | None) -> list:
     return samples[:limit] if limit is not None else samples
 
 
+def _check(out: Path, device: str | None, **numbers: int | None) -> None:
+    """Cheap checks of the options before any data or model loads: ``--out``, ``--device``, counts >= 1."""
+    from evotool.validate import at_least, device as check_device, output_dir
+
+    output_dir(out)
+    check_device(device)
+    at_least(1, **numbers)
+
+
 @app.command("pope")
 def pope(
     data: Annotated[Path, typer.Option(help="coco_pope_<split>.json file, a folder of them, or a datasets dataset.")],
@@ -133,6 +142,7 @@ def pope(
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split."""
+    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
     from evotool.evals.pope import load_pope, parse_yes_no, score_pope
     from evotool.mitigate.run import require_file
 
@@ -169,6 +179,7 @@ def chair(
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """CHAIR: CHAIR_s, CHAIR_i, recall and mean caption length (greedy protocol, fixed image ids)."""
+    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
     from evotool.data.inputs import Sample
     from evotool.errors import InputError
     from evotool.evals.chair import (
@@ -223,6 +234,7 @@ def amber(
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """AMBER: generative CHAIR/Cover/Hal/Cog and discriminative accuracy/precision/recall/F1."""
+    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
     from evotool.evals.amber import AmberVocabulary, load_amber, parse_amber_answer
     from evotool.evals.harness import score_amber
     from evotool.mitigate.run import require_file
@@ -251,6 +263,7 @@ def manifest(
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """Any manifest: CHAIR / recall on caption records, POPE metrics on yes/no records, exact match on free answers; per split."""
+    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
     from evotool.data.inputs import load_samples
     from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_manifest
     from evotool.evals.pope import parse_yes_no
@@ -281,14 +294,21 @@ def world(
     dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
 ) -> None:
     """Synthetic world with exact ground truth: captions (CHAIR, recall) and POPE, in-distribution and prior-breaking."""
-    import json
+    _check(out, device, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
     from dataclasses import replace
 
+    from evotool.errors import InputError
     from evotool.evals.harness import evaluate_world_methods
-    from evotool.mitigate.run import require_file
+    from evotool.io import read_json
     from evotool.world import WorldConfig
 
-    cfg = WorldConfig(**json.loads(require_file(data, "world config").read_text())) if data else WorldConfig()
+    stored = read_json(data, InputError, "world config") if data else {}
+    if not isinstance(stored, dict):
+        raise InputError(f"{data}: a world config is a JSON object, got {type(stored).__name__}")
+    try:
+        cfg = WorldConfig(**stored)
+    except TypeError as err:
+        raise InputError(f"{data}: not a world config ({err})") from err
     cfg = replace(cfg, seed=seed)
     _run("world", model, method, set_, stages, out, dtype, device, not no_wandb,
          {"world": cfg.__dict__, "n": n, "max_new_tokens": max_new_tokens},

@@ -46,8 +46,12 @@ def command(
     from evotool.mitigate.run import method_for, resolve_spec
     from evotool.world import default_samples
 
-    if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise ConfigError("--max-new-tokens, --batch-size and --limit must be >= 1")
+    from evotool.validate import at_least, device as check_device, output_dir
+
+    at_least(1, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit)
+    check_device(device)
+    if out is not None:
+        output_dir(out)
     options = parse_set(set_ or [])
     spec = resolve_spec(method, options, stages)
     if skip is not None:
@@ -55,8 +59,6 @@ def command(
             raise ConfigError("--skip applies to --method stage_speculative")
         spec.options["skip"] = skip
     make_config(spec.method, spec.options)  # option errors before the model loads
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
     samples = load_samples(data, prompt, limit=limit) if data else default_samples(limit or 8)
     m, p, model_id = _load(model or spec.model, dtype, device)
     chosen = method_for(m, spec)

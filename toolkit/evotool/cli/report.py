@@ -22,11 +22,13 @@ def command(
     from evotool.analysis.html import write_html_report
     from evotool.config import load_config
     from evotool.errors import ConfigError
+    from evotool.validate import output_file
 
     if out is None:
         if len(runs) > 1:
             raise ConfigError("--out FILE.html is required with several run directories")
         out = runs[0] / "report.html"
+    output_file(out)
     cfg = load_config(C, None, overrides({"samples": samples, "tokens": tokens, "figures": figures}))
     path = write_html_report(out, runs, cfg)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -22,8 +22,10 @@ def command(
     """Train the demo VLM on the synthetic world (staged, as LLaVA) and save it with a model card.
 
     Without --config the packaged train_demo.yaml (the shipped model's config) is used."""
+    from evotool.validate import output_dir
     from evotool.world.config import load_train_config
     from evotool.world.train import train
 
+    output_dir(out)
     cfg = load_train_config(config, overrides({"max_steps": max_steps, "seed": seed}, set_))
     typer.echo(f"saved the demo model to {train(cfg, out, wandb=not no_wandb)}")

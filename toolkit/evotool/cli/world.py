@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from evotool.errors import ConfigError
+from evotool.validate import at_least, output_dir
 from evotool.world.generator import SPLITS, TASKS, WorldConfig, make_records, write_manifest
 
 
@@ -23,6 +24,8 @@ def command(
     tasks = TASKS if task == "all" else (task,)
     if task != "all" and task not in TASKS:
         raise ConfigError(f"unknown task {task!r} (choose from {', '.join(TASKS)}, all)")
+    at_least(1, n=n)
+    output_dir(out)
     world = WorldConfig(seed=seed, cooccurrence=cooccurrence)
     records = [r for t in tasks for r in make_records(t, split, n, world)]
     manifest = write_manifest(records, out, world)

@@ -10,6 +10,7 @@ JSONL manifest, one object per line::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from evotool.errors import InputError
 from evotool.io import iter_jsonl
+from evotool.validate import at_least, unique_ids
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -48,7 +50,7 @@ class Sample:
             with Image.open(path) as img:
                 img.load()
                 return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
             raise InputError(f"sample {self.id!r}: corrupt or unreadable image {path}: {err}") from err
 
 
@@ -120,8 +122,9 @@ def load_samples(
     """Samples from a folder of images, a ``.jsonl`` manifest, or a ``datasets`` path / hub name.
 
     ``columns`` maps sample fields (id, image, prompt, objects, answer) to dataset columns.
-    Raises :class:`InputError` for a missing source or an empty result.
+    Raises :class:`InputError` for a missing source, duplicate sample ids or an empty result.
     """
+    at_least(1, limit=limit)
     path = Path(data)
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         samples = _from_folder(path, prompt)
@@ -133,8 +136,22 @@ def load_samples(
         samples = _from_datasets(str(data), prompt, split, columns or {})
     else:
         raise InputError(f"data not found: {data} (expected a folder of images, a .jsonl manifest or a dataset)")
+    unique_ids((s.id for s in samples), data)
     if limit is not None:
         samples = samples[:limit]
     if not samples:
         raise InputError(f"no samples in {data}")
     return samples
+
+
+def sample_digest(sample: Sample) -> str:
+    """A hash of what a sample's result depends on: its id, prompt and image content (file bytes, or the pixels
+    of an in-memory image), so that a resumed run recomputes a sample whose image or prompt changed."""
+    h = hashlib.sha256(f"{sample.id}\0{sample.prompt}\0".encode())
+    if isinstance(sample.image, Image.Image):
+        h.update(sample.image.tobytes())
+    elif Path(sample.image).is_file():
+        h.update(Path(sample.image).read_bytes())
+    else:
+        h.update(f"missing:{sample.image}".encode())
+    return h.hexdigest()[:16]

@@ -20,12 +20,13 @@ from torch import nn
 from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.integrations.hub import card_with_metadata, check_push, push_folder
-from evotool.io import atomic_write_text, read_json, write_json
+from evotool.io import DirLock, atomic_write_text, read_json, recover_dir, replace_dir, staging_dir, write_json
 from evotool.mitigate.base import Method
 from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
 from evotool.mitigate.methods import BASELINE, build_method, method_class
 from evotool.models.loading import fingerprint
 from evotool.stages import StageFile
+from evotool.validate import output_dir
 
 METHOD_FILE = "method.json"
 METHOD_SCHEMA = "1.0"
@@ -48,7 +49,10 @@ def resolve_spec(method: str, options: dict[str, Any] | None = None, stages: str
     ``options`` / ``stages`` override the stored ones. Raises ConfigError for anything else."""
     path = Path(method)
     if (path / METHOD_FILE).is_file():
-        stored = read_json(path / METHOD_FILE, ConfigError, "method file", schema=METHOD_SCHEMA)
+        stored = read_json(path / METHOD_FILE, ConfigError, "method file", schema=METHOD_SCHEMA, keys=("method",))
+        if not isinstance(stored.get("options", {}), dict):
+            raise ConfigError(f"{path / METHOD_FILE}: options must be a JSON object, got {stored['options']!r}")
+        method_class(stored["method"])
         return MethodSpec(stored["method"], {**stored.get("options", {}), **(options or {})},
                           stages or stored.get("stages"), stored.get("checkpoint"))
     if path.is_dir():
@@ -89,16 +93,28 @@ def select(candidates: list[dict[str, Any]], baseline: dict[str, float], sel: Se
 
 
 def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor: Any = None) -> Path:
-    """Tune (optionally) and record a method for one model in ``cfg.out``; returns the ``method.json`` path."""
+    """Tune (optionally) and record a method for one model in ``cfg.out``; returns the ``method.json`` path.
+
+    ``--out`` and the stage file are checked before the model loads; the run holds ``cfg.out``'s lock."""
     from evotool.analysis.run import resolve_model_id
+
+    model_id = resolve_model_id(cfg.model)
+    output_dir(cfg.out)
+    if cfg.stages is not None:
+        StageFile.read(cfg.stages)
+    with DirLock(cfg.out):
+        if cfg.method in TRAINED:
+            return _run_lora(cfg, model_id)
+        return _run_decoding(cfg, model_id, model, processor)
+
+
+def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, processor: Any) -> Path:
+    """:func:`run_mitigate` of a decoding method."""
     from evotool.evals.harness import evaluate_world_methods
     from evotool.models.loading import load_model
     from evotool.tracking import ArtifactRef, Tracker
     from evotool.world import WorldConfig
 
-    model_id = resolve_model_id(cfg.model)
-    if cfg.method in TRAINED:
-        return _run_lora(cfg, model_id)
     if model is None:
         model, processor = load_model(model_id)
     spec = MethodSpec(cfg.method, dict(cfg.options), str(cfg.stages) if cfg.stages else None)
@@ -161,15 +177,18 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     result = lora_finetune(model, processor, samples, settings, on_log=lambda step, loss: tracker.log({"lora/loss": loss}, step))
     checkpoint = cfg.out / "model"
-    merged = merge_and_save(result.model, processor, checkpoint)
+    recover_dir(checkpoint)
+    staged = staging_dir(checkpoint)  # an old method.json never points at a half-written checkpoint
+    merged = merge_and_save(result.model, processor, staged)
     record = {
         "method": BASELINE, "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
         "model": model_id, "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged),
         "checkpoint": str(checkpoint), "layers": {"lora": layers or "all"}, "lora": result.settings,
         "losses": result.losses, "trainable_parameters": result.trainable_parameters,
         "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
+    atomic_write_text(staged / "README.md", lora_card(record, base_stages))
+    replace_dir(staged, checkpoint)
     path = write_json(cfg.out / METHOD_FILE, record, schema=METHOD_SCHEMA)
-    atomic_write_text(checkpoint / "README.md", lora_card(record, base_stages))
     if base_stages is not None:
         tracker.use_artifact(ArtifactRef.stages(base_stages.source, base_fingerprint))
     tracker.log_artifact(ArtifactRef.model(checkpoint, record["fingerprint"], source_model=model_id, trained=cfg.method))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ from torch import nn
 
 from evotool.errors import ModelError
 from evotool.options import DTYPES, LoadOptions
+from evotool.validate import device as check_device
+
+LAYER_KEY = re.compile(r"\.layers\.\d+\.")
 
 
 def default_device() -> str:
@@ -39,12 +43,14 @@ def _quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
 def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tuple[nn.Module, Any]:
     """(model in eval mode, processor) for a hub id or local path.
 
-    Raises :class:`ModelError` for a path or id that cannot be found, an unknown architecture,
-    or a model that takes no image input.
+    Raises :class:`ModelError` for a path or id that cannot be found, an unknown architecture, a model that
+    takes no image input, missing or truncated weights, weights whose decoder layers disagree with the config
+    (e.g. a half-written checkpoint) and a device this machine lacks.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     opts = options or LoadOptions()
+    check_device(opts.device)
     name = str(model_id)
     kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
     path = Path(name).expanduser()
@@ -53,8 +59,7 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ModelError(f"cannot load model {name!r}: {reason}") from err
+        raise ModelError(f"cannot load model {name!r}: {_first_line(err)}") from err
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not opts.trust_remote_code:
@@ -69,12 +74,36 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
         load_kwargs["device_map"] = opts.device_map or "auto"
     elif opts.device_map:
         load_kwargs["device_map"] = opts.device_map
-    model = AutoModelForImageTextToText.from_pretrained(name, **load_kwargs)
+    model = _load_weights(AutoModelForImageTextToText, name, load_kwargs)
     if "device_map" not in load_kwargs:
         model.to(opts.device or default_device())
     model.eval()
-    processor = AutoProcessor.from_pretrained(name, **kwargs)
+    try:
+        processor = AutoProcessor.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load the processor of {name!r}: {_first_line(err)}") from err
     return model, processor
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _load_weights(auto_cls: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``auto_cls.from_pretrained`` with load failures as :class:`ModelError`; refuses weights whose decoder
+    layers do not match the config (missing or unexpected ``layers.N`` keys)."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto_cls.from_pretrained(name, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as err:
+        raise ModelError(f"cannot load the weights of {name!r} (missing, truncated or corrupt?): {_first_line(err)}") from err
+    for kind in ("missing_keys", "unexpected_keys"):
+        layers = sorted(k for k in info.get(kind, ()) if LAYER_KEY.search(k))
+        if layers:
+            raise ModelError(f"{name!r}: its config and weights disagree on the decoder layers "
+                             f"({kind.replace('_', ' ')} such as {layers[0]}); the checkpoint is inconsistent")
+    return model
 
 
 @torch.no_grad()

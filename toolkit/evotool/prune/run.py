@@ -23,7 +23,7 @@ from evotool.errors import ConfigError, StageFileError
 from evotool.finetune import FinetuneResult, lora_finetune, merge_and_save, save_adapter, world_samples
 from evotool.generation import build_inputs, load_images
 from evotool.integrations.hub import check_push, push_folder
-from evotool.io import atomic_write_text, write_json
+from evotool.io import DirLock, atomic_write_text, recover_dir, replace_dir, staging_dir, write_json
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
 from evotool.prune.calibrate import calibrate
@@ -37,10 +37,12 @@ from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
 from evotool.stages import StageFile
 from evotool.tracking import ArtifactRef, Tracker
+from evotool.validate import output_dir
 from evotool.world import default_samples
 
 COMPARE_SCHEMA = "1.0"
 TABLE_COLUMNS = ("variant", "layers", "removed", *HEADLINE)
+KEEP = ("analysis",)  # what a new checkpoint in OUT takes over from the old OUT
 
 
 def resolve_stages(model: nn.Module, model_id: str, cfg: PruneConfig) -> StageFile:
@@ -130,10 +132,30 @@ def speed_table(full: nn.Module, pruned: nn.Module, processor: Any, k: int, batc
 
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """``evotool prune``: analysis (if needed) -> prune -> heal (optional) -> eval (optional) -> push (optional);
-    returns the prune record."""
+    returns the prune record.
+
+    The checkpoint is written into a staging folder beside ``cfg.out`` that replaces ``cfg.out`` only once it is
+    complete (:func:`evotool.io.replace_dir`; ``cfg.out/analysis`` is kept), so a killed run never leaves a
+    half-written checkpoint; ``--out`` may not overlap ``--model``, and a second prune into it is refused.
+    """
     check_push(cfg.push_to_hub)
-    tracker = Tracker("prune", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     model_id = resolve_model_id(cfg.model)
+    output_dir(cfg.out, source=model_id)
+    if cfg.stages is not None:
+        StageFile.read(cfg.stages)  # a broken stage file fails before the model loads
+    with DirLock(cfg.out, beside=True):
+        recover_dir(cfg.out, KEEP)
+        staged = staging_dir(cfg.out)
+        record = _prune(cfg, dataclasses.replace(cfg, out=staged), model_id)
+        replace_dir(staged, cfg.out, KEEP)
+    if cfg.push_to_hub:
+        record["hub_url"] = push_folder(cfg.out, cfg.push_to_hub)
+    return record
+
+
+def _prune(cfg: PruneConfig, work: PruneConfig, model_id: str) -> dict[str, Any]:
+    """The job of :func:`run_prune`, writing into ``work.out`` (the analysis goes to ``cfg.out/analysis``)."""
+    tracker = Tracker("prune", to_dict(cfg), work.out, enabled=cfg.wandb, name=cfg.out.name)
     model, processor = load_model(model_id, cfg.load)
     source_fp = fingerprint(model)
     stages = resolve_stages(model, model_id, cfg)
@@ -141,7 +163,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     selection, _ = plan(model, processor, stages, cfg)
     evaluating = cfg.agreement_samples > 0 or cfg.eval_n > 0
     full = copy.deepcopy(model) if evaluating or cfg.speed else None
-    record = save_pruned(model, processor, selection, stages, cfg, model_id, source_fp)
+    record = save_pruned(model, processor, selection, stages, work, model_id, source_fp)
     rows: dict[str, dict[str, Any]] = {}
     if evaluating:
         samples = default_samples(max(cfg.agreement_samples, 1), cfg.seed)
@@ -151,7 +173,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
                           **evaluate_variant(model, processor, ref, samples, cfg.max_new_tokens, cfg.eval_n)}
     pruned = model
     if cfg.heal:
-        model, record["heal"] = heal(model, processor, cfg, tracker, cfg.out)
+        model, record["heal"] = heal(model, processor, cfg, tracker, work.out)
         record["fingerprint"] = fingerprint(model)
         if evaluating:
             rows["pruned+healed"] = {"layers": len(record["kept_layers"]), "removed": selection.removed,
@@ -165,12 +187,10 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         tracker.log_table("retention", list(TABLE_COLUMNS), table_rows(rows))
         tracker.summary({f"{k}/{m}": v for k, r in rows.items() for m, v in r.items() if isinstance(v, float)})
     record["environment"] = environment()
-    write_card(cfg.out, record, table)
-    tracker.log_artifact(ArtifactRef.model(cfg.out, record["fingerprint"], source_model=model_id,
+    write_card(work.out, record, table)
+    tracker.log_artifact(ArtifactRef.model(work.out, record["fingerprint"], source_model=model_id,
                                            removed_layers=record["removed_layers"], healed=cfg.heal))
     tracker.finish()
-    if cfg.push_to_hub:
-        record["hub_url"] = push_folder(cfg.out, cfg.push_to_hub)
     return record
 
 
