@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -221,3 +222,62 @@ def test_too_few_tokens_warns_and_leaves_boundaries_null(llava: Path, tmp_path: 
     assert (stages.critical_layer, stages.mutation_layers, stages.stages["stabilization"]) == (None, [], None)
     assert stages.flags == ["too_few_tokens"]
     assert "warning: too_few_tokens: too few generated tokens" in err
+
+
+def test_resume_is_keyed_on_the_samples(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Another prompt (or image) for a finished id traces it again; only the current run's samples are aggregated;
+    the other sample's saved files stay."""
+    write_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    assert evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)[0] == 0
+    kept = (run / "samples" / "img1.npz").read_bytes()
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"id": "img0", "image": "images/img0.png", "prompt": "What colour is it?"}) + "\n")
+    code, err = evotool(analyze(llava, manifest, run, "--no-wandb"), monkeypatch, capsys)
+    assert code == 0, err
+    texts = [json.loads(line) for line in (run / "texts.jsonl").read_text().splitlines()]
+    assert [(t["id"], t["prompt"]) for t in texts] == [("img0", "What colour is it?")]
+    assert StageFile.read(run).payload["samples"] == 1 and set(token_table(run)["sample"]) == {"img0"}
+    assert (run / "samples" / "img1.npz").read_bytes() == kept
+
+
+def test_corrupt_sample_is_traced_again(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    assert evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)[0] == 0
+    reference = token_table(run)
+    arrays = run / "samples" / "img0.npz"
+    arrays.write_bytes(arrays.read_bytes()[:100])  # a disk that filled up
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)
+    assert code == 0 and "img0: unreadable saved result" in err, err
+    # the same tokens; values equal up to the batch composition (img0 is traced alone now, in a batch of 2 before)
+    pd.testing.assert_frame_equal(token_table(run), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_settings_change_is_refused_unless_restart(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 1)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    for _ in range(2):  # a resumed run retries the bad sample without logging it twice
+        assert evotool(analyze(llava, tmp_path / "images", run, "--no-wandb"), monkeypatch, capsys)[0] == 0
+    assert [json.loads(line)["id"] for line in (run / "errors.jsonl").read_text().splitlines()] == ["broken"]
+    args = ["analyze", "--model", str(llava), "--data", str(tmp_path / "images"), "--max-new-tokens", "3",
+            "--out", str(run), "--no-wandb", "--no-figures"]
+    assert_one_line_error(*evotool(args, monkeypatch, capsys), "max_new_tokens differ", "--restart")
+    code, err = evotool([*args, "--restart"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["max_new_tokens"] == 3
+    assert token_table(run)["step"].max() <= 2
+
+
+def test_artifacts_have_the_mode_of_plain_files(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    old = os.umask(0o022)
+    try:
+        write_images(tmp_path / "images", 1)
+        assert evotool(analyze(llava, tmp_path / "images", tmp_path / "run", "--no-wandb"), monkeypatch, capsys)[0] == 0
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"stages.json", "run.json", "texts.jsonl", "tokens.parquet", "img0.npz", "img0.json"} <= set(modes)
+    assert set(modes.values()) == {(tmp_path / "plain").stat().st_mode & 0o777} == {0o644}, modes

@@ -193,3 +193,38 @@ def test_mitigate_grid_option_replaces_the_default_grid(world_model, tmp_path, m
     tried = json.loads((tmp_path / "tuning.json").read_text())["candidates"]
     assert [t["options"] for t in tried[1:]] == [{"weight": 0.5, "premature": "critical"}, {"weight": 1, "premature": "critical"}]
     assert json.loads((tmp_path / "method.json").read_text())["layers"] == {"premature": 2}
+
+
+def _killed(*_: object, **__: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_eval_killed_keeps_the_old_results_and_a_rerun_gives_the_same(world_model, tmp_path, monkeypatch, capsys):
+    args = ("eval", "world", "--model", str(world_model / "model"), "--method", "dola", "--out", str(tmp_path), *WORLD)
+    assert cli(monkeypatch, capsys, *args)[0] == 0
+    first = (tmp_path / "results.json").read_bytes()
+    with monkeypatch.context() as m:  # killed in the middle of the evaluation
+        m.setattr("evotool.evals.harness.evaluate_world_methods", _killed)
+        assert cli(monkeypatch, capsys, *args)[0] == 130
+    assert (tmp_path / "results.json").read_bytes() == first
+    assert cli(monkeypatch, capsys, *args)[0] == 0
+    timing = ("latency",)
+    same = [{k: v for k, v in json.loads(r)["metrics"].items() if not k.startswith(timing)}
+            for r in (first, (tmp_path / "results.json").read_bytes())]
+    assert same[0] == same[1] and "chair_i" in same[0]
+
+
+def test_mitigate_killed_keeps_the_old_run_and_a_rerun_gives_the_same(world_model, tmp_path, monkeypatch, capsys):
+    args = ("mitigate", "--method", "stage_contrast", "--model", str(world_model / "model"), "--stages",
+            str(world_model / "stages.json"), "--n", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-wandb",
+            "--grid", "alpha=0.5,1.0")
+    assert cli(monkeypatch, capsys, *args)[0] == 0
+    first = {f: (tmp_path / f).read_text() for f in ("method.json", "tuning.json")}
+    with monkeypatch.context() as m:  # killed after tuning.json, before method.json
+        m.setattr("evotool.mitigate.run.build_method", _killed)
+        assert cli(monkeypatch, capsys, *args)[0] == 130
+    assert (tmp_path / "method.json").read_text() == first["method.json"]
+    assert cli(monkeypatch, capsys, *args)[0] == 0
+    again = json.loads((tmp_path / "method.json").read_text())
+    assert {k: again[k] for k in ("method", "options", "fingerprint", "layers")} == \
+        {k: json.loads(first["method.json"])[k] for k in ("method", "options", "fingerprint", "layers")}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import ARCHS, build_tiny, make_inputs, stage_file, tiny_world_llava
+from conftest import ARCHS, build_tiny, make_inputs, run_cli, stage_file, tiny_world_llava
 from evotool.errors import EvotoolError
 from evotool.generation import generate_ids
 from evotool.lens import NormedLens
@@ -311,3 +311,36 @@ def test_prune_tables_read_the_flat_results_keys():
     assert headline(row) == {"agreement": 0.9, "exact": 0.5, "in_distribution_recall": 0.8, "chair_i": 0.2,
                              "pope_accuracy": pytest.approx(4 / 6), "in_distribution_attribute_accuracy": 0.6}
     assert headline({"agreement": 1.0, "exact": 1.0}) == {"agreement": 1.0, "exact": 1.0}
+
+
+def test_prune_killed_midway_never_leaves_a_half_written_checkpoint(analysed, monkeypatch, capsys):
+    """Killed after the new checkpoint is staged: OUT is still the old whole checkpoint. Killed during the swap
+    (OUT moved away, the new one not in place): the next run repairs it and keeps OUT/analysis."""
+    from evotool.models.loading import load_model
+
+    root = analysed
+    stages = _with_stages(root, "kill", critical_layer=3, mutation_layers=[8],
+                          stages={"rapid_evolution": [0, 3], "stabilization": [4, 7], "mutation": [8, 8]})
+    out = root / "killed"
+    args = ["prune", "--model", str(root / "model"), "--no-wandb", "--stages", str(stages), "--out", str(out),
+            "--set", "agreement_samples=0"]
+    assert run_cli(monkeypatch, capsys, *args, "--drop", "1")[0] == 0
+    (out / "analysis").mkdir()
+    (out / "analysis" / "kept.txt").write_text("an earlier analysis")
+
+    def killed(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("evotool.prune.run.write_card", killed)
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--drop", "2")
+    assert code == 130, err
+    assert decoder_parts(load_model(out)[0]).num_layers == 7
+    assert json.loads((out / "prune.json").read_text())["removed_layers"] != [] and list(root.glob(".killed.partial-*"))
+    out.rename(root / ".killed.old")
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--drop", "2")
+    assert code == 0, err
+    assert decoder_parts(load_model(out)[0]).num_layers == 6
+    assert len(json.loads((out / "prune.json").read_text())["removed_layers"]) == 2
+    assert (out / "analysis" / "kept.txt").read_text() == "an earlier analysis"
+    assert [p.name for p in root.glob(".killed.*")] == [".killed.lock"]  # no staging or old folder left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,7 +105,7 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
     if state.is_main_process:
         store.open(run_info, cfg.restart)
         for sample_id in store.drop_corrupt(list(digests)):
-            tqdm.write(f"sample {sample_id}: unreadable saved result, tracing it again")
+            tqdm.write(f"sample {sample_id}: unreadable saved result, tracing it again", file=sys.stderr)
     state.wait_for_everyone()
     index = {s.id: i for i, s in enumerate(samples)}
     pending = [s for s in samples if not store.is_done(s.id, digests[s.id])][state.process_index :: state.num_processes]

@@ -1,6 +1,6 @@
 """The `evotool` command line: one module per subcommand, registered here.
 
-Every failure of a subcommand ends as one line ``error: ...`` on stderr and exit status 2 (130 for Ctrl-C):
+Every failure of a subcommand ends as one line ``error: ...`` on stderr and exit status 2 (Ctrl-C: typer's exit 130):
 an :class:`evotool.errors.EvotoolError` with its own message, any other exception with its type, message and
 file name (``EVOTOOL_TRACEBACK=1`` re-raises it with the traceback instead).
 """
@@ -69,8 +69,6 @@ def main() -> None:
         app()
     except EvotoolError as err:
         _exit(str(err), err.exit_code)
-    except KeyboardInterrupt:
-        _exit("interrupted; run the same command again to resume", 130)
     except Exception as err:
         if os.environ.get(TRACEBACK_ENV):
             raise

@@ -134,11 +134,11 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
         tried.insert(0, {"options": "greedy", "metrics": scores[BASELINE]})
     spec.options = {**cfg.options, **chosen["options"]}
     method = build_method(spec.method, model, spec.options, stages)
+    write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)  # method.json last: it marks the run done
     path = write_json(cfg.out / METHOD_FILE, {
         "method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
         "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": to_dict(method.config),
         "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}, schema=METHOD_SCHEMA)
-    write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     fp = fingerprint(model)
     if stages is not None:
