@@ -1,0 +1,49 @@
+"""benchmarks/gpu_suite.py --dry-run: the GPU suite's code path on CPU with tiny shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_suite"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quarter_is_the_first_stable_layers(suite) -> None:
+    stages = suite.synthetic_stages(32)
+    assert (stages.critical_layer, stages.stable_range) == (16, (17, 28))
+    assert suite.quarter(stages) == list(range(17, 25))
+    assert suite.quarter(suite.synthetic_stages(8)) == [5, 6]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dry run (a GPU machine runs the real suite)")
+def test_dry_run_writes_every_part(suite, tmp_path: Path, capsys) -> None:
+    suite.main(["--dry-run", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["schema_version"] == suite.SCHEMA and report["dry_run"] and report["shape_name"] == "dry"
+    assert [r["batch"] for r in report["analyze_overhead"]] == list(suite.BATCHES)
+    for row in report["analyze_overhead"]:
+        assert row["ratio"] == pytest.approx(row["trace_s"] / row["generate_s"]) and row["extra_mb"] is None
+    for row in report["prune"]:
+        assert row["removed"] == [5, 6] and row["ideal"] == pytest.approx(8 / 6)
+        assert row["efficiency"] == pytest.approx(row["decode_speedup"] / row["ideal"])
+    assert set(report["methods"]) == set(suite.METHODS) and all(r > 0 for r in report["methods"].values())
+    assert {q: r["status"] for q, r in report["quantized"].items()} == {
+        "4bit": "skipped: needs CUDA and bitsandbytes", "8bit": "skipped: needs CUDA and bitsandbytes"}
+    assert report["heal"]["kind"] == "lora" and len(report["heal"]["losses"]) == 2
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert table == suite.markdown(report) and table in capsys.readouterr().out
+    assert f"| stage_speculative | {report['methods']['stage_speculative']:.3f} |" in table
