@@ -30,7 +30,7 @@ from evotool.evals.chair import CocoObjects, score_captions
 from evotool.evals.world import evaluate_world, world_flat
 from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
-from evotool.models.loading import synchronize
+from evotool.models.loading import process_state, synchronize
 
 if TYPE_CHECKING:
     from evotool.mitigate.base import Method
@@ -41,6 +41,11 @@ class Interleaved:
 
     ``methods`` maps names to methods bound to the same model; the first is what ``__call__`` returns.
     A short untimed warm-up of every method precedes the first timed batch.
+
+    Data parallel (several processes started by ``torchrun`` / ``accelerate launch``): process ``r`` of ``n``
+    generates the batches ``r, r + n, ...`` and returns empty outputs for the others; :meth:`gather` then gives
+    every process all outputs in batch order, so scoring (e.g. through :meth:`replay`) sees exactly what one
+    process would have generated: the batches, and so the padding, are the same.
     """
 
     def __init__(self, methods: Mapping[str, Method]) -> None:
@@ -49,36 +54,55 @@ class Interleaved:
         self.methods = dict(methods)
         self.outputs: dict[str, Generations] = {name: Generations() for name in self.methods}
         self.samples = 0
-        self._calls: dict[str, list[tuple[list[list[int]], list[str]]]] = {name: [] for name in self.methods}
+        self._calls: dict[int, dict[str, tuple[list[list[int]], list[str], float]]] = {}  # batch -> method -> output
+        self._batches = 0
         self._warm = False
+        state = process_state()
+        self.rank, self.processes = state.process_index, state.num_processes
 
     def __call__(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str],
                  max_new_tokens: int = 256, **_: Any) -> tuple[list[list[int]], list[str]]:
+        index, self._batches = self._batches, self._batches + 1
+        if index % self.processes != self.rank:  # another process generates this batch
+            return [[] for _ in prompts], ["" for _ in prompts]
         inputs = build_inputs(processor, images, prompts, model.device, model.dtype, context_length(model))
         names = list(self.methods)
         if not self._warm:
             for name in names:
                 self.methods[name].generate_ids(dict(inputs), min(2, max_new_tokens))
             self._warm = True
-        shift = len(self._calls[names[0]]) % len(names)
+        shift = index % len(names)
+        calls = self._calls[index] = {}
         for name in names[shift:] + names[:shift]:
             synchronize(model.device)
             start = time.perf_counter()
             ids = self.methods[name].generate_ids(dict(inputs), max_new_tokens)
             synchronize(model.device)
-            seconds = time.perf_counter() - start
-            texts = decode(processor, ids)
-            self.outputs[name].add(ids, texts, seconds)
-            self._calls[name].append((ids, texts))
+            calls[name] = (ids, decode(processor, ids), time.perf_counter() - start)
+            self.outputs[name].add(*calls[name])
         self.samples += len(prompts)
-        return self._calls[names[0]][-1]
+        return calls[names[0]][:2]
+
+    def gather(self) -> None:
+        """After a data-parallel pass: every process's outputs, in batch order, in every process (no-op in one)."""
+        if self.processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        parts = gather_object([self._calls])
+        self._calls = dict(sorted((pair for part in parts for pair in part.items()), key=lambda pair: pair[0]))
+        self.outputs = {name: Generations() for name in self.methods}
+        for calls in self._calls.values():
+            for name in self.methods:
+                self.outputs[name].add(*calls[name])
+        self.samples = sum(len(calls[next(iter(self.methods))][0]) for calls in self._calls.values())
 
     def replay(self, name: str) -> Callable[..., tuple[list[list[int]], list[str]]]:
         """A ``generate_fn`` returning ``name``'s stored outputs of each call, in order."""
-        calls = iter(self._calls[name])
+        calls = iter([batch[name] for batch in self._calls.values()])
 
         def generate_fn(_model: Any, _processor: Any, images: Sequence[Any], _prompts: Any, **_: Any):
-            ids, texts = next(calls)
+            ids, texts, _seconds = next(calls)
             if len(ids) != len(images):
                 raise RuntimeError("replayed batch does not match the recorded one")
             return ids, texts
@@ -97,6 +121,7 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
     """Generate every sample with every method (interleaved per batch). Raises :class:`InputError` on a bad image."""
     runner = Interleaved(methods)
     generate_samples(model, processor, samples, batch_size, max_new_tokens, generate_fn=runner)
+    runner.gather()
     return runner
 
 
@@ -135,7 +160,10 @@ def evaluate_world_methods(model: torch.nn.Module, processor: Any, methods: Mapp
     runner = Interleaved(methods)
     first = next(iter(methods))
     results = {first: evaluate_world(model, processor, n, world, batch_size, max_new_tokens, generate_fn=runner)}
-    for name in list(methods)[1:]:
+    if runner.processes > 1:  # this process generated only its batches: score everything from the gathered outputs
+        runner.gather()
+        results = {}
+    for name in (m for m in methods if m not in results):
         results[name] = evaluate_world(model, processor, n, world, batch_size, max_new_tokens,
                                        generate_fn=runner.replay(name))
     latency = runner.latency()

@@ -33,7 +33,7 @@ from evotool.config import to_dict
 from evotool.data import Sample, load_samples
 from evotool.data.inputs import sample_digest
 from evotool.env import environment
-from evotool.errors import EvotoolError, InputError
+from evotool.errors import ConfigError, EvotoolError, InputError
 from evotool.generation import batches, build_inputs, context_length, decode, load_images
 from evotool.io import DirLock, atomic_write_jsonl, atomic_write_text
 from evotool.lens import Lens, make_lens
@@ -92,7 +92,10 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
     """The run itself (see :func:`run_analysis`), with the lock held."""
     load = cfg.load
     model_id = resolve_model_id(cfg.model)
-    if state.num_processes > 1 and load.device_map is None:
+    if state.num_processes > 1:
+        if load.device_map is not None:
+            raise ConfigError(f"--device-map {load.device_map} with {state.num_processes} processes: each would spread "
+                              "its model over every GPU; run one process with --device-map, or several without it")
         load.device = str(state.device)
     model, processor = loaded if loaded is not None else load_model(model_id, load)
     parts = decoder_parts(model)

@@ -79,9 +79,15 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
 def _finish(task: str, out: Path, metrics: dict[str, float], config: dict[str, Any], meta: dict | None, wandb: bool,
             source: str, inputs: Sequence[ArtifactRef] = ()) -> None:
     """Write results.json, log to W&B (``inputs`` as the run's input artifacts, results.json as
-    ``results-<task>-<source>``: the model fingerprint, or ``predictions``), print the headline metrics."""
+    ``results-<task>-<source>``: the model fingerprint, or ``predictions``), print the headline metrics; in a
+    data-parallel run only the main process does."""
     from evotool.evals.results import write_results
+    from evotool.models.loading import process_state
 
+    state = process_state()
+    if not state.is_main_process:
+        return
+    config = {**config, "processes": state.num_processes}
     path = write_results(out, metrics, config, meta)
     tracker = Tracker(f"eval-{task}", config, out, enabled=wandb)
     tracker.summary(metrics)
@@ -288,7 +294,7 @@ def world(
     model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
     data: Annotated[Optional[Path], typer.Option(help="world.json (a WorldConfig, as `evotool world` writes); default: the default world.")] = None,
     out: Out = Path("runs/eval/world"),
-    n: Annotated[int, typer.Option("--n", help="Records per task and group.")] = 200,
+    n: Annotated[int, typer.Option("--n", "--records", help="Records per task and group (--records under torchrun, which takes --n for its own).")] = 200,
     seed: Annotated[int, typer.Option(help="World seed (0 = test split; tune on another).")] = 0,
     batch_size: Batch = 50, max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
     dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,

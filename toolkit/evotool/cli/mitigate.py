@@ -17,7 +17,7 @@ def command(
     set_: Annotated[Optional[list[str]], option(C, "options", "--set")] = None,
     grid: Annotated[Optional[list[str]], option(C, "grid", "--grid")] = None,
     tune: Annotated[Optional[bool], option(C, "tune", "--tune/--no-tune")] = None,
-    n: Annotated[Optional[int], option(C, "n", "--n")] = None,
+    n: Annotated[Optional[int], option(C, "n", "--n", "--records")] = None,
     seed: Annotated[Optional[int], option(C, "seed")] = None,
     batch_size: Annotated[Optional[int], option(C, "batch_size")] = None,
     lora_steps: Annotated[Optional[int], option(C, "lora.steps", "--lora-steps")] = None,

@@ -9,6 +9,7 @@ decodes with exactly that method.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from dataclasses import dataclass, field, replace
@@ -97,19 +98,24 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
 
     ``--out`` and the stage file are checked before the model loads; the run holds ``cfg.out``'s lock."""
     from evotool.analysis.run import resolve_model_id
+    from evotool.models.loading import process_state
 
     model_id = resolve_model_id(cfg.model)
     output_dir(cfg.out)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)
-    with DirLock(cfg.out):
+    state = process_state()
+    if cfg.method in TRAINED and state.num_processes > 1:
+        raise ConfigError(f"{cfg.method} trains in one process; start it without torchrun / accelerate launch")
+    with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
         if cfg.method in TRAINED:
             return _run_lora(cfg, model_id)
-        return _run_decoding(cfg, model_id, model, processor)
+        return _run_decoding(cfg, model_id, model, processor, state)
 
 
-def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, processor: Any) -> Path:
-    """:func:`run_mitigate` of a decoding method."""
+def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, processor: Any, state: Any) -> Path:
+    """:func:`run_mitigate` of a decoding method; tuning runs data parallel over the processes (``state``, see
+    :func:`evotool.models.loading.process_state`), the main one writes the run directory."""
     from evotool.evals.harness import evaluate_world_methods
     from evotool.models.loading import load_model
     from evotool.tracking import ArtifactRef, Tracker
@@ -134,11 +140,14 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
         tried.insert(0, {"options": "greedy", "metrics": scores[BASELINE]})
     spec.options = {**cfg.options, **chosen["options"]}
     method = build_method(spec.method, model, spec.options, stages)
+    if not state.is_main_process:
+        return cfg.out / METHOD_FILE
     write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)  # method.json last: it marks the run done
     path = write_json(cfg.out / METHOD_FILE, {
         "method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
         "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": to_dict(method.config),
-        "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"]}}, schema=METHOD_SCHEMA)
+        "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"], "processes": state.num_processes}},
+        schema=METHOD_SCHEMA)
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     fp = fingerprint(model)
     if stages is not None:

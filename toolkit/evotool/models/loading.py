@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,20 @@ LAYER_KEY = re.compile(r"\.layers\.\d+\.")
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cpu without CUDA; with it ``cuda``, or ``cuda:<LOCAL_RANK>`` in a process started by torchrun /
+    ``accelerate launch`` (one GPU per process for data-parallel runs)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if rank is not None else "cuda"
+
+
+def process_state(cpu: bool = False) -> Any:
+    """accelerate's ``PartialState`` of this process (rank, number of processes; one process unless started by
+    torchrun / ``accelerate launch``); CPU processes (``cpu`` or no CUDA) talk over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu or not torch.cuda.is_available())
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from evotool.data.inputs import DEFAULT_PROMPT
 from evotool.errors import ConfigError
-from evotool.io import atomic_write_text
+from evotool.io import atomic_write_jsonl, atomic_write_text
 
 if TYPE_CHECKING:
     import datasets
@@ -280,11 +280,12 @@ def write_manifest(dataset: datasets.Dataset | list[dict[str, Any]], out_dir: Pa
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.jsonl"
-    with manifest.open("w") as fh:
-        for rec in dataset:
-            rel = Path("images") / f"{rec['id']}.png"
-            rec["image"].save(out_dir / rel)
-            fh.write(json.dumps({**rec, "image": str(rel)}) + "\n")
+    lines = []
+    for rec in dataset:
+        rel = Path("images") / f"{rec['id']}.png"
+        rec["image"].save(out_dir / rel)
+        lines.append({**rec, "image": str(rel)})
+    atomic_write_jsonl(manifest, lines)  # written last and whole: it names only finished images
     if config is not None:
         atomic_write_text(out_dir / "world.json", json.dumps(asdict(config), indent=2) + "\n")
     return manifest
