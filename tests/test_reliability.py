@@ -106,10 +106,19 @@ CASES: tuple[Case, ...] = (
     Case("generate device without CUDA", "generate --model {model} --device cuda", "CUDA is not available"),
     Case("generate duplicate ids", "generate --model {model} --data {ws}/duplicate.jsonl", "occurs more than once"),
     # train-demo
-    Case("train-demo zero steps", "train-demo --out {out} --max-steps 0", "--max-steps must be >= 1"),
+    Case("train-demo zero steps", "train-demo --out {out} --max-steps 0", "max_steps must be >= 1"),
     Case("train-demo bad YAML", "train-demo --out {out} --config {ws}/bad.yaml", "not valid YAML"),
     Case("train-demo unknown key", "train-demo --out {out} --config {ws}/unknown.yaml", "unknown key 'nope'"),
     Case("train-demo out is a file", "train-demo --out {file} --max-steps 1", "is a file, not a directory"),
+    # zoo
+    Case("zoo build out is a file", "zoo build --out {file}", "is a file, not a directory"),
+    Case("zoo unknown member", "zoo build --out {out} --members nope", "unknown zoo member 'nope'"),
+    Case("zoo status of a non-zoo", "zoo status --out {file}", "no zoo there"),
+    # export-generate
+    Case("export out is a file", "export-generate greedy --out {file}", "is a file, not a directory"),
+    Case("export unknown method", "export-generate nope --out {out}", "unknown method 'nope'"),
+    Case("export without stages", "export-generate stage_contrast --out {out}", "needs a stage file"),
+    Case("export unknown option", "export-generate dola --out {out} --set beta=2", "unknown key 'beta'"),
     # world
     Case("world out is a file", "world --out {file}", "is a file, not a directory"),
     Case("world zero records", "world --out {out} --n 0", "--n must be >= 1"),

@@ -95,43 +95,6 @@ class DirLock:
             self._fd = None
 
 
-def replace_dir(staged: Path, out: Path, keep: tuple[str, ...] = ()) -> None:
-    """Make the fully written folder ``staged`` (a sibling of ``out``) become ``out`` by renames, so that ``out``
-    is always either the old or the new folder, never a mix; entries ``keep`` of the old folder (e.g. a resumable
-    analysis) move into the new one. A run killed midway is repaired by :func:`recover_dir`."""
-    if not out.exists():
-        staged.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    out.rename(old)
-    staged.rename(out)
-    recover_dir(out, keep)
-
-
-def recover_dir(out: Path, keep: tuple[str, ...] = ()) -> None:
-    """Finish or undo an interrupted :func:`replace_dir` of ``out`` and delete unfinished staging folders
-    (``.OUT.partial-*``); call it while holding ``out``'s lock."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        if not out.exists():
-            old.rename(out)
-        else:
-            for name in keep:
-                if (old / name).exists() and not (out / name).exists():
-                    (old / name).rename(out / name)
-            shutil.rmtree(old)
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(partial)
-
-
-def staging_dir(out: Path) -> Path:
-    """A new empty folder beside ``out`` to write ``out``'s next version into (see :func:`replace_dir`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    staged.chmod(file_mode(directory=True))
-    return staged
-
-
 def write_json(path: Path, payload: Mapping[str, Any], schema: str) -> Path:
     """Atomically write ``{"schema_version": schema, **payload}`` as indented JSON; returns ``path``.
 
@@ -153,27 +116,45 @@ def _plain(obj: Any) -> Any:
 
 
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` (readers see the old or the whole new
-    folder), on failure it is removed and ``path`` is left untouched."""
+def atomic_dir(path: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a new staging folder beside ``path`` (``.PATH.partial-*``); on success it replaces ``path`` by renames,
+    so readers see the old or the whole new folder, and entries ``keep`` of the old folder (e.g. a resumable
+    analysis) move into the new one; on an exception it is removed and ``path`` is left untouched. What a
+    killed run leaves (a staging folder, ``.PATH.old`` during the swap) is cleaned up or restored by the next
+    ``atomic_dir(path)``: callers writing one ``path`` from several processes must hold its :class:`DirLock`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
+    _recover_dir(path, keep)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:
         yield tmp
-        tmp.chmod(0o755)
-        if path.exists():
-            old = path.parent / f".{path.name}.{os.getpid()}.old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(file_mode(directory=True))  # mkdtemp creates 0700
+    if not path.exists():
+        tmp.rename(path)
+        return
+    path.rename(path.with_name(f".{path.name}.old"))
+    tmp.rename(path)
+    _recover_dir(path, keep)
+
+
+def _recover_dir(path: Path, keep: tuple[str, ...]) -> None:
+    """Finish or undo an interrupted swap of :func:`atomic_dir` and delete staging folders of killed runs."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        if not path.exists():
+            old.rename(path)
+        else:
+            for name in keep:
+                if (old / name).exists() and not (path / name).exists():
+                    (old / name).rename(path / name)
+            shutil.rmtree(old)
+    for partial in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(partial)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

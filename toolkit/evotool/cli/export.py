@@ -20,6 +20,8 @@ def command(
     """Export a decoding method for model.generate(..., custom_generate=OUT, trust_remote_code=True)."""
     from evotool.config import parse_set
     from evotool.integrations.hf import export_generate
+    from evotool.validate import output_dir
 
+    output_dir(out)
     folder = export_generate(method, out, stages, parse_set(set_ or []))
     typer.echo(f"wrote {folder}; decode with model.generate(**inputs, custom_generate={str(out)!r}, trust_remote_code=True)")

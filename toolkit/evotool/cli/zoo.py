@@ -46,10 +46,13 @@ def status(
                                                "(re-derived from their curves under the current rules).")] = False,
 ) -> None:
     """Print the member table: config, held-out metrics, behavioural boundaries (current rules), detector output."""
+    from evotool.errors import InputError
     from evotool.zoo.build import refresh_truth
     from evotool.zoo.config import load_members
     from evotool.zoo.report import zoo_table
 
+    if not out.is_dir():
+        raise InputError(f"--out {out}: no zoo there (not a folder); build one with `evotool zoo build --out {out}`")
     members = load_members(configs)
     if refresh:
         rewritten = refresh_truth(list(members), out)

@@ -21,7 +21,7 @@ from torch import nn
 from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.integrations.hub import card_with_metadata, check_push, push_folder
-from evotool.io import DirLock, atomic_write_text, read_json, recover_dir, replace_dir, staging_dir, write_json
+from evotool.io import DirLock, atomic_dir, atomic_write_text, read_json, write_json
 from evotool.mitigate.base import Method
 from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
 from evotool.mitigate.methods import BASELINE, build_method, method_class
@@ -186,17 +186,15 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     result = lora_finetune(model, processor, samples, settings, on_log=lambda step, loss: tracker.log({"lora/loss": loss}, step))
     checkpoint = cfg.out / "model"
-    recover_dir(checkpoint)
-    staged = staging_dir(checkpoint)  # an old method.json never points at a half-written checkpoint
-    merged = merge_and_save(result.model, processor, staged)
-    record = {
-        "method": BASELINE, "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
-        "model": model_id, "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged),
-        "checkpoint": str(checkpoint), "layers": {"lora": layers or "all"}, "lora": result.settings,
-        "losses": result.losses, "trainable_parameters": result.trainable_parameters,
-        "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
-    atomic_write_text(staged / "README.md", lora_card(record, base_stages))
-    replace_dir(staged, checkpoint)
+    with atomic_dir(checkpoint) as staged:  # an old method.json never points at a half-written checkpoint
+        merged = merge_and_save(result.model, processor, staged)
+        record = {
+            "method": BASELINE, "trained": cfg.method, "options": {}, "stages": None, "base_stages": cfg.stages,
+            "model": model_id, "base_fingerprint": base_fingerprint, "fingerprint": fingerprint(merged),
+            "checkpoint": str(checkpoint), "layers": {"lora": layers or "all"}, "lora": result.settings,
+            "losses": result.losses, "trainable_parameters": result.trainable_parameters,
+            "train": {"world_seed": cfg.train_seed, "samples": len(samples), "splits": ["test", "prior_breaking"]}}
+        atomic_write_text(staged / "README.md", lora_card(record, base_stages))
     path = write_json(cfg.out / METHOD_FILE, record, schema=METHOD_SCHEMA)
     if base_stages is not None:
         tracker.use_artifact(ArtifactRef.stages(base_stages.source, base_fingerprint))

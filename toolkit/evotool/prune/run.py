@@ -23,7 +23,7 @@ from evotool.errors import ConfigError, StageFileError
 from evotool.finetune import FinetuneResult, lora_finetune, merge_and_save, save_adapter, world_samples
 from evotool.generation import build_inputs, load_images
 from evotool.integrations.hub import check_push, push_folder
-from evotool.io import DirLock, atomic_write_text, recover_dir, replace_dir, staging_dir, write_json
+from evotool.io import DirLock, atomic_dir, atomic_write_text, write_json
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
 from evotool.prune.calibrate import calibrate
@@ -135,7 +135,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     returns the prune record.
 
     The checkpoint is written into a staging folder beside ``cfg.out`` that replaces ``cfg.out`` only once it is
-    complete (:func:`evotool.io.replace_dir`; ``cfg.out/analysis`` is kept), so a killed run never leaves a
+    complete (:func:`evotool.io.atomic_dir`; ``cfg.out/analysis`` is kept), so a killed run never leaves a
     half-written checkpoint; ``--out`` may not overlap ``--model``, and a second prune into it is refused.
     """
     check_push(cfg.push_to_hub)
@@ -143,11 +143,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     output_dir(cfg.out, source=model_id)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)  # a broken stage file fails before the model loads
-    with DirLock(cfg.out, beside=True):
-        recover_dir(cfg.out, KEEP)
-        staged = staging_dir(cfg.out)
+    with DirLock(cfg.out, beside=True), atomic_dir(cfg.out, KEEP) as staged:
         record = _prune(cfg, dataclasses.replace(cfg, out=staged), model_id)
-        replace_dir(staged, cfg.out, KEEP)
     if cfg.push_to_hub:
         record["hub_url"] = push_folder(cfg.out, cfg.push_to_hub)
     return record

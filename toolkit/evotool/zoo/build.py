@@ -32,6 +32,7 @@ from evotool.errors import ConfigError
 from evotool.evals.world import POPE_TASKS
 from evotool.io import atomic_dir, atomic_write_text, read_json, write_json
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour, save_behaviour, write_behaviour
+from evotool.validate import output_dir
 from evotool.world.generator import WorldConfig, make_records, write_manifest
 from evotool.world.train import train
 from evotool.zoo.config import STEPS, BoundaryRules, ManifestConfig, ZooConfig, ZooMember, load_members
@@ -151,6 +152,7 @@ def build_zoo(cfg: ZooConfig) -> dict[str, int]:
     With ``cfg.jobs > 1`` the resolved config is written to ``OUT/zoo_build.yaml`` and every worker process reads
     it (``--config``), so a worker builds its member exactly as configured here.
     """
+    output_dir(cfg.out)
     members = load_members(cfg.configs, cfg.members or None)
     order = sorted(members, key=lambda n: -members[n].cost())
     log_line(cfg.out, f"zoo build: {len(order)} members, steps {','.join(cfg.steps)}, {cfg.jobs} job(s)")
