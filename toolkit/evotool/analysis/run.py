@@ -187,6 +187,7 @@ def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError
 
 def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], tokenizer: Any) -> Path:
     """Aggregate the finished samples into the run's outputs."""
+    store.compact_errors()
     loaded = store.load_all()
     if not loaded:
         raise InputError(f"no sample could be analysed (see {store.root / 'errors.jsonl'})")

@@ -157,11 +157,17 @@ class RunStore:
         return {int(i): t for i, t in stored["tokens"].items()}
 
     def log_error(self, sample_id: str, message: str) -> None:
-        """Record (or, on a resumed run, replace) the failure of one sample in ``errors.jsonl``."""
+        """Append the failure of one sample to ``errors.jsonl`` (one short append: safe from several processes)."""
+        with (self.root / "errors.jsonl").open("a") as fh:
+            fh.write(json.dumps({"id": sample_id, "error": message}) + "\n")
+
+    def compact_errors(self) -> None:
+        """Rewrite ``errors.jsonl`` with one line per sample (its latest failure), without samples that have
+        finished since (a resumed run retries failed samples)."""
         path = self.root / "errors.jsonl"
-        errors = {rec["id"]: rec for _, rec in iter_jsonl(path)} if path.is_file() else {}
-        errors[sample_id] = {"id": sample_id, "error": message}
-        atomic_write_jsonl(path, list(errors.values()))
+        if path.is_file():
+            errors = {rec["id"]: rec for _, rec in iter_jsonl(path) if not self.is_done(rec["id"])}
+            atomic_write_jsonl(path, list(errors.values()))
 
     def records(self) -> list[dict[str, Any]]:
         """The records of the finished samples of the latest run (``run.json``'s ``sample_ids``; every record in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -143,16 +144,24 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     output_dir(cfg.out, source=model_id)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)  # a broken stage file fails before the model loads
-    with DirLock(cfg.out, beside=True), atomic_dir(cfg.out, KEEP) as staged:
-        record = _prune(cfg, dataclasses.replace(cfg, out=staged), model_id)
+    with DirLock(cfg.out, beside=True):
+        with atomic_dir(cfg.out, KEEP) as staged:
+            logs = staged.with_name(f"{staged.name}-wandb")  # W&B writes here until it finishes, then moves into OUT
+            tracker = Tracker("prune", to_dict(cfg), logs, enabled=cfg.wandb, name=cfg.out.name)
+            record = _prune(cfg, dataclasses.replace(cfg, out=staged), model_id, tracker)
+        tracker.log_artifact(ArtifactRef.model(cfg.out, record["fingerprint"], source_model=model_id,
+                                               removed_layers=record["removed_layers"], healed=cfg.heal))
+        tracker.finish()
+        if (logs / "wandb").is_dir():
+            (logs / "wandb").rename(cfg.out / "wandb")
+        shutil.rmtree(logs, ignore_errors=True)
     if cfg.push_to_hub:
         record["hub_url"] = push_folder(cfg.out, cfg.push_to_hub)
     return record
 
 
-def _prune(cfg: PruneConfig, work: PruneConfig, model_id: str) -> dict[str, Any]:
+def _prune(cfg: PruneConfig, work: PruneConfig, model_id: str, tracker: Tracker) -> dict[str, Any]:
     """The job of :func:`run_prune`, writing into ``work.out`` (the analysis goes to ``cfg.out/analysis``)."""
-    tracker = Tracker("prune", to_dict(cfg), work.out, enabled=cfg.wandb, name=cfg.out.name)
     model, processor = load_model(model_id, cfg.load)
     source_fp = fingerprint(model)
     stages = resolve_stages(model, model_id, cfg)
@@ -185,9 +194,6 @@ def _prune(cfg: PruneConfig, work: PruneConfig, model_id: str) -> dict[str, Any]
         tracker.summary({f"{k}/{m}": v for k, r in rows.items() for m, v in r.items() if isinstance(v, float)})
     record["environment"] = environment()
     write_card(work.out, record, table)
-    tracker.log_artifact(ArtifactRef.model(work.out, record["fingerprint"], source_model=model_id,
-                                           removed_layers=record["removed_layers"], healed=cfg.heal))
-    tracker.finish()
     return record
 
 
