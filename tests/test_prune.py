@@ -345,3 +345,40 @@ def test_prune_killed_midway_never_leaves_a_half_written_checkpoint(analysed, mo
     assert len(json.loads((out / "prune.json").read_text())["removed_layers"]) == 2
     assert (out / "analysis" / "kept.txt").read_text() == "an earlier analysis"
     assert [p.name for p in root.glob(".killed.*")] == [".killed.lock"]  # no staging or old folder left
+
+
+@pytest.mark.slow
+def test_prune_kill_9_while_evaluating_keeps_the_old_checkpoint(analysed, tmp_path):
+    """A real SIGKILL once the new checkpoint's weights are staged (the run is evaluating it): OUT still holds the
+    previous checkpoint, whole and loadable; the next run cleans up and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evotool.models.loading import load_model
+
+    root = analysed
+    stages = _with_stages(root, "kill9", critical_layer=3, mutation_layers=[8],
+                          stages={"rapid_evolution": [0, 3], "stabilization": [4, 7], "mutation": [8, 8]})
+    out = tmp_path / "pruned"
+    args = [sys.executable, "-m", "evotool", "prune", "--model", str(root / "model"), "--no-wandb", "--stages",
+            str(stages), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert subprocess.run([*args, "--drop", "1", "--set", "agreement_samples=0"], env=env, capture_output=True,
+                          timeout=300).returncode == 0
+    proc = subprocess.Popen([*args, "--drop", "2", "--set", "agreement_samples=16"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".pruned.partial-*/model.safetensors")) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the weights are complete once the processor files follow them
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and list(tmp_path.glob(".pruned.partial-*"))
+    assert decoder_parts(load_model(out)[0]).num_layers == 7
+    assert subprocess.run([*args, "--drop", "2", "--set", "agreement_samples=0"], env=env, capture_output=True,
+                          timeout=300).returncode == 0
+    assert decoder_parts(load_model(out)[0]).num_layers == 6
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".pruned.lock"]
