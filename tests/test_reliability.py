@@ -226,6 +226,38 @@ def test_bad_input(case: Case, ws: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert after["file"] == before["file"]
 
 
+def test_atomic_dir_swaps_keeps_and_repairs(tmp_path: Path) -> None:
+    """Entries in ``keep`` survive a swap; a killed run's staging folder goes, a live sibling (W&B logs) stays;
+    a swap killed between its renames is undone by the next atomic_dir."""
+    from evotool.io import atomic_dir
+
+    target = tmp_path / "out"
+    (target / "analysis").mkdir(parents=True)
+    (target / "analysis" / "a.json").write_text("kept")
+    (target / "model.safetensors").write_text("old weights")
+    (tmp_path / ".out.partial-killed").mkdir()
+    with atomic_dir(target, keep=("analysis",)) as staged:
+        assert not (tmp_path / ".out.partial-killed").exists() and not (staged / "analysis").exists()
+        live = staged.with_name(f"{staged.name}-wandb")
+        live.mkdir()
+        (staged / "model.safetensors").write_text("new weights")
+    assert live.is_dir() and (target / "model.safetensors").read_text() == "new weights"
+    assert (target / "analysis" / "a.json").read_text() == "kept"
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    target.rename(tmp_path / ".out.old")  # killed after moving the old folder away, before the new one came
+    with atomic_dir(target) as staged:
+        assert (target / "model.safetensors").read_text() == "new weights"  # restored before anything else
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and leftovers beside it (the old logs too) are gone
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def render_table() -> str:
     """The Markdown table of ``CASES`` for docs/reliability.md."""
     rows = ["| # | case | command | exit | message contains |", "|---|---|---|---|---|"]

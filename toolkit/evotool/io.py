@@ -49,18 +49,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_jsonl(path: Path, records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) -> None:
     """Atomically write one JSON object per line."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class DirLock:
-    """An exclusive lock on an output folder against a second writer: ``flock`` on ``lock_file(out)``.
+    """An exclusive lock on an output folder against a second writer: ``flock`` on a lock file (see ``__init__``).
 
     The kernel drops the lock when the holder exits, however it ends (kill -9 included), so a lock is never
     stale; the pid stored in the file only names the holder in the error message.
@@ -125,7 +120,9 @@ def atomic_dir(path: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
-    _recover_dir(path, keep)
+    _settle_swap(path, keep)
+    for partial in path.parent.glob(f".{path.name}.partial-*"):  # staging folders of killed runs
+        shutil.rmtree(partial)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:
@@ -139,22 +136,22 @@ def atomic_dir(path: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
         return
     path.rename(path.with_name(f".{path.name}.old"))
     tmp.rename(path)
-    _recover_dir(path, keep)
+    _settle_swap(path, keep)
 
 
-def _recover_dir(path: Path, keep: tuple[str, ...]) -> None:
-    """Finish or undo an interrupted swap of :func:`atomic_dir` and delete staging folders of killed runs."""
+def _settle_swap(path: Path, keep: tuple[str, ...]) -> None:
+    """Finish the swap of :func:`atomic_dir` (move ``keep`` entries from ``.PATH.old`` into ``path``, delete the
+    rest), or undo one killed between its two renames (``.PATH.old`` back to ``path``)."""
     old = path.with_name(f".{path.name}.old")
-    if old.exists():
-        if not path.exists():
-            old.rename(path)
-        else:
-            for name in keep:
-                if (old / name).exists() and not (path / name).exists():
-                    (old / name).rename(path / name)
-            shutil.rmtree(old)
-    for partial in path.parent.glob(f".{path.name}.partial-*"):
-        shutil.rmtree(partial)
+    if not old.exists():
+        return
+    if not path.exists():
+        old.rename(path)
+        return
+    for name in keep:
+        if (old / name).exists() and not (path / name).exists():
+            (old / name).rename(path / name)
+    shutil.rmtree(old)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
