@@ -100,6 +100,11 @@ CASES: tuple[Case, ...] = (
     Case("report of a non-run", "report {ws}/images", "stage file not found"),
     Case("report out is a dir", "report {ws}/null_run --out {out}", "is a directory"),
     Case("report stages null", "report {ws}/null_run", "expected a JSON object"),
+    # atlas
+    Case("atlas out is a file", "atlas {ws}/null_run --out {file}", "is a file, not a directory"),
+    Case("atlas of stages null", "atlas {ws}/null_run --out {out}", "expected a JSON object"),
+    Case("atlas of a missing run", "atlas {ws}/nothing --out {out}", "does not exist"),
+    Case("atlas zero columns", "atlas {ws}/null_run --out {out} --columns 0", "columns must be positive"),
     # generate
     Case("generate batch size 0", "generate --model {model} --batch-size 0", "--batch-size must be >= 1"),
     Case("generate out is a file", "generate --model {model} --out {file}", "is a file, not a directory"),
