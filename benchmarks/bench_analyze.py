@@ -2,7 +2,9 @@
 
 For each configuration the script times, interleaved over repeats (median):
   plain   : ``model.generate`` greedy, fixed length (EOS disabled)
-  trace   : evotool's hook-based trace (normed lens over all layers in one matmul per step)
+  trace   : evotool's hook-based trace (normed lens over all layers and the direct-effect readouts, 2L+1 rows, in
+            one matmul per step: what ``evotool analyze`` runs by default)
+  lens    : the same trace without the direct effect (L+1 rows; ``--set direct_effect=false``)
   naive   : ``generate(output_hidden_states=True)`` then the head applied layer by layer to every
             stored state (materialises [layers x tokens x vocab] log-probs)
 and prints time ratios, tokens/s and, from a fresh subprocess per variant, the peak extra
@@ -71,9 +73,9 @@ def make_inputs(model: torch.nn.Module, preset: str, batch: int, device: str, dt
 def run_variant(variant: str, model: torch.nn.Module, inputs: dict, new_tokens: int) -> None:
     if variant == "plain":
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    elif variant == "trace":
+    elif variant in ("trace", "lens"):
         parts = decoder_parts(model)
-        trace_batch(model, parts, NormedLens(parts), inputs, new_tokens)
+        trace_batch(model, parts, NormedLens(parts), inputs, new_tokens, direct=variant == "trace")
     elif variant == "naive":
         parts = decoder_parts(model)
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -94,7 +96,7 @@ def timing(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     model = build(args.preset, args.device, dtype)
     inputs = make_inputs(model, args.preset, args.batch, args.device, dtype)
-    variants = ("plain", "trace", "naive")
+    variants = ("plain", "trace", "lens", "naive")
     times: dict[str, list[float]] = {v: [] for v in variants}
     for v in variants:  # warm-up
         run_variant(v, model, inputs, 4)

@@ -281,3 +281,15 @@ def test_artifacts_have_the_mode_of_plain_files(llava: Path, tmp_path: Path, mon
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert {"stages.json", "run.json", "texts.jsonl", "tokens.parquet", "img0.npz", "img0.json"} <= set(modes)
     assert set(modes.values()) == {(tmp_path / "plain").stat().st_mode & 0o777} == {0o644}, modes
+
+
+def test_without_direct_effect_no_mutation_is_searched(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_images(tmp_path / "images", 2)
+    run = tmp_path / "run"
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb", "--set", "direct_effect=false",
+                                "--set", "stages.min_tokens=1"), monkeypatch, capsys)
+    assert code == 0, err
+    stages = StageFile.read(run)
+    assert stages.critical_layer is not None and stages.mutation_layers == []
+    assert "no_direct_effect" in stages.flags and "warning: no_direct_effect" in err
+    assert stages.payload["evidence"]["direct_flip"] == [None] * (stages.num_layers + 1)

@@ -85,12 +85,12 @@ def direct_effect(logp: torch.Tensor, direct: torch.Tensor, js_base: float = mat
             "direct_js": torch.cat([nan_row, metrics.js_divergence(direct, final.expand_as(direct), js_base)])}
 
 
-def reduce_step(logp: torch.Tensor, direct: torch.Tensor, states: torch.Tensor, topk: int,
+def reduce_step(logp: torch.Tensor, direct: torch.Tensor | None, states: torch.Tensor, topk: int,
                 js_base: float = math.e) -> dict[str, torch.Tensor]:
     """Per-layer metrics of one step for the token the model emits (top-1 of the last layer).
 
-    logp [L+1, B, V] lens log-probabilities, direct [L, B, V] those of the final state without each layer's update,
-    states [L+1, B, H]. Returns tensors [L+1, B] (``js_prev``, ``cos_prev`` and the direct-effect metrics NaN at
+    logp [L+1, B, V] lens log-probabilities, direct [L, B, V] those of the final state without each layer's update
+    (None: no direct-effect metrics), states [L+1, B, H]. Returns tensors [L+1, B] (``js_prev``, ``cos_prev`` and the direct-effect metrics NaN at
     layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and ``token`` [B].
     """
     n_layers, batch = logp.shape[:2]
@@ -109,7 +109,7 @@ def reduce_step(logp: torch.Tensor, direct: torch.Tensor, states: torch.Tensor, 
         "top1": top_i[..., 0].float(),
         "topk_ids": top_i,
         "topk_p": top_p.exp(),
-        **direct_effect(logp, direct, js_base),
+        **(direct_effect(logp, direct, js_base) if direct is not None else {}),
     }
 
 
@@ -138,10 +138,12 @@ def trace_batch(
     topk: int = 5,
     keep_features: bool = False,
     js_base: float = math.e,
+    direct: bool = True,
 ) -> list[SampleTrace]:
     """Greedy generation over a prepared batch with every step reduced on device.
 
-    Returns one :class:`SampleTrace` per row, cut after EOS. Raises RuntimeError if the traced
+    ``direct``: also the direct-effect metrics (doubles the lens rows per step: free when the head read dominates, as on
+    a GPU; costly on a CPU with a large vocabulary). Returns one :class:`SampleTrace` per row, cut after EOS. Raises RuntimeError if the traced
     top-1 tokens disagree with what ``generate`` emitted (a logits processor changed the choice).
     """
     steps: list[dict[str, torch.Tensor]] = []
@@ -149,7 +151,8 @@ def trace_batch(
 
     def on_forward() -> None:
         states = capture.stacked()
-        steps.append(reduce_step(*lens_with_direct(lens, states), states, topk, js_base))
+        logp, ablated = lens_with_direct(lens, states) if direct else (lens.log_probs(states), None)
+        steps.append(reduce_step(logp, ablated, states, topk, js_base))
         if keep_features:
             feats.append(states.to(torch.float16))
 
@@ -166,7 +169,7 @@ def trace_batch(
         traces.append(
             SampleTrace(
                 token_ids=np.asarray(row, dtype=np.int64),
-                layers={k: stacked[k][:t, :, b].numpy() for k in METRICS},
+                layers={k: stacked[k][:t, :, b].numpy() for k in METRICS if k in stacked},
                 topk_ids=stacked["topk_ids"][:t, :, b].numpy(),
                 topk_p=stacked["topk_p"][:t, :, b].numpy(),
                 features=features[:t, :, b] if features is not None else None,

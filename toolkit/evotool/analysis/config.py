@@ -57,6 +57,9 @@ class AnalyzeConfig:
     batch_size: int = field(default=4, metadata={"help": "samples per generation batch"})
     limit: int | None = field(default=None, metadata={"help": "analyse at most this many samples"})
     topk: int = field(default=5, metadata={"help": "top-k tokens kept per token and layer"})
+    direct_effect: bool = field(default=True, metadata={
+        "help": "record each layer's direct effect (what the mutation layers are found from); doubles the lens rows per "
+                "step: free on a GPU, costly on a CPU with a large vocabulary; off: no mutation layers (flag no_direct_effect)"})
     keep_features: bool = field(default=True, metadata={"help": "keep every layer's hidden state (float16) for the feature figures"})
     figures: bool = field(default=True, metadata={"help": "draw the PNG figures (t-SNE is the slow part)"})
     patch_lens: bool = field(default=False, metadata={

@@ -116,7 +116,7 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
         for batch in batches(pending, cfg.batch_size):
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index, digests)
             bar.update(len(batch))
-    if state.is_main_process:
+    if state.is_main_process and cfg.direct_effect:
         _add_direct_effect(store, lens, model, math.e if cfg.js_unit == "nats" else 2.0)
     state.wait_for_everyone()
     if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
@@ -146,7 +146,8 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
             _fail(store, cfg, sample, err)
         return
     js_base = math.e if cfg.js_unit == "nats" else 2.0
-    traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base)
+    traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base,
+                         cfg.direct_effect)
     texts = decode(processor, [t.token_ids.tolist() for t in traces])
     tokenizer = getattr(processor, "tokenizer", processor)
     for sample, image, trace, text in zip(ready, images, traces, texts):
