@@ -125,6 +125,16 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
     return runner
 
 
+def evaluate_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], samples: Sequence[Sample],
+                     batch_size: int, max_new_tokens: int,
+                     score: Callable[[Sequence[Sample], Generations], dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every method on ``samples`` (interleaved batches), scored by ``score(samples, outputs)``: ``{method: flat
+    metrics}`` including ``latency_s`` and, when ``greedy`` is among the methods, ``latency_ratio``."""
+    runner = run_methods(model, processor, methods, samples, batch_size, max_new_tokens)
+    latency = runner.latency()
+    return {name: score(samples, runner.outputs[name]) | latency[name] for name in methods}
+
+
 # ----------------------------------------------------------------------------- scoring
 
 

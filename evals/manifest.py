@@ -8,7 +8,8 @@ Each record is one of three kinds:
 - **caption**: no ``answer`` but ``objects`` -> ``chair_s``, ``chair_i`` (every mention counted, as
   the reference CHAIR), ``recall``, ``mean_length``.
 
-A record with neither is an error naming its line. With a ``split`` field, caption and exact-match
+A record whose ``task`` (or ``kind``) is ``caption`` is a caption even when it carries a reference caption
+as ``answer`` (the synthetic world's manifests do). A record with neither is an error naming its line. With a ``split`` field, caption and exact-match
 metrics are also given per split as ``<split>_<metric>``, and POPE metrics per split (``pope_<split>_*``).
 
 The caption vocabulary is the records' object phrases, or a ``--vocab`` list (``dog,cat=kitten|kitty``:
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evotool.data.inputs import Sample
 from evotool.errors import InputError
@@ -30,11 +32,16 @@ from evotool.evals.chair import PhraseMatcher, chair_metrics, words
 from evotool.evals.pope import score_pope
 from evotool.io import iter_jsonl
 
+if TYPE_CHECKING:
+    from evotool.generation import Generations
+
 KINDS = ("caption", "yes_no", "answer")
 
 
 def record_kind(sample: Sample) -> str:
     """``yes_no``, ``answer`` or ``caption`` (see the module docstring); :class:`InputError` for neither."""
+    if sample.objects is not None and "caption" in (sample.meta.get("task"), sample.meta.get("kind")):
+        return "caption"
     if sample.answer is not None:
         return "yes_no" if str(sample.answer).strip().lower() in ("yes", "no") else "answer"
     if sample.objects is not None:
@@ -153,3 +160,9 @@ def score_manifest(
                 idx = [i for i in answers if splits[i] == split]
                 out[f"{split}_exact_match"] = sum(correct[i] for i in idx) / len(idx)
     return out
+
+
+def score_generations(samples: Sequence[Sample], outputs: Generations, vocab: ObjectVocabulary | None = None,
+                      protocol: str = "official") -> dict[str, float]:
+    """:func:`score_manifest` of a run's outputs, lengths in generated tokens."""
+    return score_manifest(samples, outputs.texts, [len(i) for i in outputs.ids], vocab, protocol)

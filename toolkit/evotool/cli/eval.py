@@ -114,14 +114,9 @@ def _score_file(task: str, predictions: Path, samples: list, out: Path, protocol
 
 
 def _samples_eval(samples: list, batch_size: int, max_new_tokens: int, score: Callable[[list, Any], dict[str, float]]):
-    from evotool.evals.harness import run_methods
+    from evotool.evals.harness import evaluate_methods
 
-    def evaluate(m: Any, p: Any, methods: dict) -> dict[str, dict[str, float]]:
-        runner = run_methods(m, p, methods, samples, batch_size, max_new_tokens)
-        lat = runner.latency()
-        return {name: score(samples, runner.outputs[name]) | lat[name] for name in methods}
-
-    return evaluate
+    return lambda m, p, methods: evaluate_methods(m, p, methods, samples, batch_size, max_new_tokens, score)
 
 
 def _limit(samples: list, limit: int | None) -> list:
@@ -271,7 +266,7 @@ def manifest(
     """Any manifest: CHAIR / recall on caption records, POPE metrics on yes/no records, exact match on free answers; per split."""
     _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
     from evotool.data.inputs import load_samples
-    from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_manifest
+    from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations, score_manifest
     from evotool.evals.pope import parse_yes_no
     from evotool.mitigate.run import require_file
 
@@ -285,8 +280,7 @@ def manifest(
                            lambda s, t: score_manifest(s, t, None, words, protocol))
     _run("manifest", model, method, set_, stages, out, dtype, device, not no_wandb,
          config | {"n": len(samples), "max_new_tokens": max_new_tokens},
-         _samples_eval(samples, batch_size, max_new_tokens,
-                       lambda s, g: score_manifest(s, g.texts, [len(i) for i in g.ids], words, protocol)))
+         _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_generations(s, g, words, protocol)))
 
 
 @app.command("world")

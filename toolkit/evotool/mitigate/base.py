@@ -39,7 +39,9 @@ class Method:
 
     ``needs_stages``: the method reads the model's :class:`StageFile`; ``uses_capture``: its processors read
     :class:`LayerCapture` states; ``changes_batch``: :meth:`prepare` adds rows (VCD), so paired rows must
-    decode greedily and plain ``generate`` kwargs cannot express the method.
+    decode greedily and plain ``generate`` kwargs cannot express the method; ``changes_outputs``: its tokens can
+    differ from greedy's (False for greedy and lossless speed-ups, which ``evotool mitigate --data`` therefore
+    does not try).
     """
 
     name: ClassVar[str]
@@ -47,6 +49,7 @@ class Method:
     needs_stages: ClassVar[bool] = False
     uses_capture: ClassVar[bool] = False
     changes_batch: ClassVar[bool] = False
+    changes_outputs: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         self.model = model
@@ -108,3 +111,8 @@ class Method:
     def layers_used(self) -> dict[str, Any]:
         """The layers the method reads or changes, by role (e.g. ``{"premature": 3}``)."""
         return {}
+
+    def shifted(self, shift: int) -> dict[str, Any] | None:
+        """Options that move the layers this method derives from the stage file by ``shift`` (e.g. the premature
+        layer C -> C+1); None when it derives none or the moved layers leave the valid range."""
+        return None

@@ -42,16 +42,49 @@ class Selection:
 
 
 @dataclass
-class MitigateConfig:
-    """Options of ``evotool mitigate``."""
+class Choice:
+    """The objective ``evotool mitigate --data`` chooses under (:func:`evotool.mitigate.choose.choose`)."""
 
-    method: str = field(metadata={"help": f"decoding method ({', '.join(method_names())}; the stage-aware ones are tuned) "
-                                          f"or fine-tuned ({', '.join(TRAINED)})"})
+    objective: str = field(default="auto", metadata={"help": "metric to optimise: auto = chair_i with caption records, "
+                                                             "else pope_f1, else exact_match; any flat metric key "
+                                                             "(e.g. prior_breaking_chair_i); keys with 'chair' are "
+                                                             "minimised, others maximised"})
+    max_recall_loss: float = field(default=0.02, metadata={"help": "absolute recall loss vs greedy allowed (recall of "
+                                                                   "the objective's split; CHAIR objectives only)"})
+    max_latency_ratio: float = field(default=1.15, metadata={"help": "seconds per sample vs greedy allowed"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_recall_loss <= 1.0:
+            raise ConfigError("choice.max_recall_loss must lie in [0, 1]")
+        if self.max_latency_ratio < 1.0:
+            raise ConfigError("choice.max_latency_ratio must be >= 1 (greedy's own ratio)")
+
+
+@dataclass
+class MitigateConfig:
+    """Options of ``evotool mitigate``: one method (``method``), or a choice among all of them on a validation
+    manifest (``data``)."""
+
+    method: str | None = field(default=None, metadata={"help": f"decoding method ({', '.join(method_names())}; the "
+                                                               f"stage-aware ones are tuned) or fine-tuned "
+                                                               f"({', '.join(TRAINED)}); not with --data"})
+    data: str | None = field(default=None, metadata={"help": "validation manifest (JSONL): try every method on it and "
+                                                             "record the best under the objective (choice.*)"})
+    methods: list[str] | None = field(default=None, metadata={"help": "with --data: methods to try (default: every "
+                                                                      "decoding method that changes greedy's tokens)"})
+    layer_shifts: list[int] = field(default_factory=lambda: [-1, 0, 1], metadata={
+        "help": "with --data: stage-derived layers are also tried moved by these shifts"})
+    grids: dict[str, dict[str, list[Any]]] = field(default_factory=dict, metadata={
+        "help": "with --data: method -> option grid, replacing that method's TUNE_GRID (--grid method.key=v1,v2)"})
+    vocab: str | None = field(default=None, metadata={"help": "with --data: caption vocabulary 'dog,cat=kitten|kitty' "
+                                                              "(default: the records' objects)"})
+    limit: int | None = field(default=None, metadata={"help": "with --data: use at most this many records"})
+    choice: Choice = field(default_factory=Choice, metadata={"help": "with --data: the objective of the choice"})
     model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
     stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned), key=value"})
     tune: bool = field(default=True, metadata={"help": "pick the options on the world validation split"})
-    grid: dict[str, list[Any]] | None = field(default=None, metadata={"help": "tuning grid key=v1,v2 (replaces the method's default grid)"})
+    grid: dict[str, list[Any]] | None = field(default=None, metadata={"help": "tuning grid key=v1,v2 (replaces the method's default grid); with --data: method.key=v1,v2"})
     n: int = field(default=100, metadata={"help": "validation records per world task and group"})
     seed: int = field(default=1, metadata={"help": "world seed of the validation split (the test split uses 0)"})
     batch_size: int = field(default=50, metadata={"help": "samples per generation batch"})
@@ -65,10 +98,21 @@ class MitigateConfig:
     push_to_hub: str | None = field(default=None, metadata={"help": "trained methods: Hub repo id (user/name) for the merged checkpoint"})
 
     def __post_init__(self) -> None:
-        check_method(self.method)
+        if (self.method is None) == (self.data is None):
+            raise ConfigError("give --method (tune one method on the world) or --data (choose among the methods on a "
+                              "manifest), not both; --methods restricts the choice")
+        if self.data is not None:
+            for name in self.methods or ():
+                if name in TRAINED or name not in method_names():
+                    raise ConfigError(f"--methods: {name!r} is no decoding method; choose from {', '.join(method_names())}")
+            self.grids = {name: typed_grid(name, g) for name, g in self.grids.items()}
+            if self.limit is not None and self.limit < 1:
+                raise ConfigError("limit must be >= 1")
+        else:
+            check_method(self.method)
         if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("n, batch_size and max_new_tokens must be positive")
-        if self.method not in TRAINED:
+        if self.method is not None and self.method not in TRAINED:
             make_config(self.method, self.options)
             if self.push_to_hub is not None:
                 raise ConfigError(f"--push-to-hub uploads a trained checkpoint: only for {', '.join(TRAINED)}")

@@ -17,6 +17,7 @@ class Greedy(Method):
 
     name = "greedy"
     config_cls = GreedyConfig
+    changes_outputs = False
 
 
 METHOD = Greedy

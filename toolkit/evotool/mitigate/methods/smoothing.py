@@ -82,5 +82,9 @@ class Smoothing(Method):
     def layers_used(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed_layers()}
 
+    def shifted(self, shift: int) -> dict[str, Any] | None:
+        layers = [m + shift for m in self.smoothed_layers()]
+        return {"layers": layers} if all(1 <= m <= self.parts.num_layers for m in layers) else None
+
 
 METHOD = Smoothing

@@ -48,6 +48,10 @@ class Readout(Method):
         layer = None if self.config.dynamic else self.readout_layer()
         return [StableReadout(capture, self.stages.critical, layer, self.config.threshold, self.config.mix, rows)]
 
+    def shifted(self, shift: int) -> dict[str, Any] | None:
+        layer = self.readout_layer() + shift
+        return None if self.config.dynamic or not self.stages.critical <= layer <= self.parts.num_layers else {"layer": layer}
+
     def layers_used(self) -> dict[str, Any]:
         return {"critical": self.stages.critical, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
 

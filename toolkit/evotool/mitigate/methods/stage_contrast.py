@@ -21,6 +21,7 @@ class StageContrastConfig:
                                                  "alpha": [0.1, 0.01]}
 
     premature: str = field(default="critical", metadata={"help": "critical (the critical layer) or last_stable (end of the stabilization stage)"})
+    layer: int | None = field(default=None, metadata={"help": "premature layer (0..L-1) given directly; replaces premature"})
     alpha: float = field(default=0.1, metadata={"help": "adaptive plausibility constraint"})
     weight: float = field(default=1.0, metadata={"help": "log p_final - weight * log p_premature; negative = geometric mixing towards the premature layer"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "repetition penalty on the contrasted scores"})
@@ -29,6 +30,8 @@ class StageContrastConfig:
         if self.premature not in ("critical", "last_stable"):
             raise ConfigError(f"premature must be critical or last_stable, not {self.premature!r}")
         check_unit(self, "alpha")
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if not -1.0 <= self.weight <= 2.0 or self.repetition_penalty <= 0:
             raise ConfigError("weight must lie in [-1, 2] and repetition_penalty be > 0")
 
@@ -42,6 +45,10 @@ class StageContrast(Method):
     uses_capture = True
 
     def premature_layer(self) -> int:
+        if self.config.layer is not None:
+            if self.config.layer >= self.parts.num_layers:
+                raise ConfigError(f"premature layer {self.config.layer} must lie in 0..{self.parts.num_layers - 1}")
+            return self.config.layer
         return self.stages.critical if self.config.premature == "critical" else self.stages.last_stable
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
@@ -50,6 +57,10 @@ class StageContrast(Method):
 
     def layers_used(self) -> dict[str, Any]:
         return {"premature": self.premature_layer()}
+
+    def shifted(self, shift: int) -> dict[str, Any] | None:
+        layer = self.premature_layer() + shift
+        return {"layer": layer} if 0 <= layer < self.parts.num_layers else None
 
 
 METHOD = StageContrast

@@ -22,6 +22,7 @@ class StageSpeculative(Method):
     name = "stage_speculative"
     config_cls = SpeculativeConfig
     needs_stages = True
+    changes_outputs = False
 
     def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
         super().__init__(model, config, stages)

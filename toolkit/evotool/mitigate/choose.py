@@ -1,0 +1,206 @@
+"""``evotool mitigate --data VAL.jsonl``: choose a decoding method for one model on the user's validation manifest.
+
+Every decoding method that can change greedy's tokens is tried (or those of ``--methods``): the stage-aware
+ones over their option grid (``TUNE_GRID``, or ``grids``) with their stage-derived layers as the stage file
+gives them and moved by each of ``layer_shifts`` (:meth:`Method.shifted`), DoLa and VCD at their published
+defaults. All candidates and greedy decode the same batches interleaved (:func:`evotool.evals.harness.evaluate_methods`),
+are scored by the manifest eval (:mod:`evotool.evals.manifest`), and :func:`choose` picks one under the
+objective (:class:`~evotool.mitigate.config.Choice`), or greedy when nothing beats it.
+
+The run directory gets ``method.json`` (read by ``evotool eval ... --method RUN_DIR``), ``tuning.json``
+(every candidate with its metrics and verdict, plus the decision) and ``tuning.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from evotool.config import to_dict
+from evotool.errors import ConfigError, InputError, StageFileError
+from evotool.io import atomic_write_text, write_json
+from evotool.mitigate.config import Choice, MitigateConfig
+from evotool.mitigate.methods import BASELINE, build_method, default_grid, method_class, method_names
+from evotool.mitigate.run import METHOD_FILE, METHOD_SCHEMA, TUNING_FILE, grid, require_file
+from evotool.stages import StageFile
+
+AUTO_OBJECTIVES = ("chair_i", "pope_f1", "exact_match")  # in this order, the first the validation metrics hold
+CHOICE_SCHEMA = "1.1"  # tuning.json: 1.0 (one method tuned on the world) plus per-candidate method / verdict and the decision
+
+
+def minimised(key: str) -> bool:
+    """CHAIR metrics are minimised, every other objective (F1, accuracy, exact match, recall) maximised."""
+    return "chair" in key
+
+
+def recall_key(objective: str) -> str | None:
+    """The recall guarding a CHAIR objective, of the same split (``prior_breaking_chair_i`` -> ``prior_breaking_recall``)."""
+    for suffix in ("chair_i", "chair_s"):
+        if objective.endswith(suffix):
+            return objective[: -len(suffix)] + "recall"
+    return None
+
+
+def objective_key(choice: Choice, metrics: Mapping[str, float]) -> str:
+    """The metric the choice optimises on these (greedy's) metrics; InputError when they lack it."""
+    keys = AUTO_OBJECTIVES if choice.objective == "auto" else (choice.objective,)
+    for key in keys:
+        if key in metrics:
+            return key
+    raise InputError(f"the validation metrics hold no {' / '.join(keys)}; present: {', '.join(sorted(metrics))}")
+
+
+@dataclass
+class Decision:
+    """Which row of the table was chosen (0 = greedy), under which objective, and why each row was or was not."""
+
+    index: int
+    objective: str
+    verdicts: list[str]
+    message: str
+
+
+def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
+    """Pick from validation metrics ``table`` (row 0: greedy, then the candidates).
+
+    A candidate is eligible when its latency ratio is at most ``choice.max_latency_ratio``, (CHAIR objectives)
+    its recall is at most ``choice.max_recall_loss`` below greedy's (absolute), and its objective is strictly
+    better than greedy's. The eligible candidate with the best objective wins; ties go to the higher recall
+    (CHAIR) or the higher mean POPE accuracy (``pope_f1``), then the lower latency ratio, then the earlier row.
+    Without an eligible candidate the choice is greedy (row 0), so the chosen row is never worse than greedy
+    on the table it was chosen on.
+    """
+    if not table:
+        raise ValueError("empty table")
+    base = table[0]
+    key = objective_key(choice, base)
+    sign = 1.0 if minimised(key) else -1.0
+    guard = recall_key(key)
+
+    def tie(m: Mapping[str, float]) -> float:
+        if guard is not None:
+            return m.get(guard, 0.0)
+        accuracies = [v for k, v in m.items() if key == "pope_f1" and k.startswith("pope_") and k.endswith("_accuracy")]
+        return sum(accuracies) / len(accuracies) if accuracies else 0.0
+
+    verdicts, eligible = ["baseline"], []
+    for i, m in enumerate(table[1:], 1):
+        latency = m.get("latency_ratio", 1.0)
+        if key not in m:
+            verdicts.append(f"no {key}")
+        elif latency > choice.max_latency_ratio:
+            verdicts.append(f"latency {latency:.3f} > {choice.max_latency_ratio}")
+        elif guard is not None and guard in base and base[guard] - m.get(guard, 0.0) > choice.max_recall_loss + 1e-12:
+            verdicts.append(f"{guard} loss {base[guard] - m.get(guard, 0.0):.3f} > {choice.max_recall_loss}")
+        elif sign * m[key] >= sign * base[key]:
+            verdicts.append(f"{key} not better than greedy")
+        else:
+            verdicts.append("eligible")
+            eligible.append(i)
+    if not eligible:
+        return Decision(0, key, verdicts, f"no method beats greedy on {key} within the constraints: greedy recorded")
+    best = min(eligible, key=lambda i: (sign * table[i][key], -tie(table[i]), table[i].get("latency_ratio", 1.0), i))
+    verdicts[best] = "chosen"
+    return Decision(best, key, verdicts, f"row {best}: {key} {table[best][key]:.4f} vs greedy {base[key]:.4f}")
+
+
+def candidate_options(name: str, model: nn.Module, stages: StageFile | None, cfg: MitigateConfig) -> list[dict[str, Any]]:
+    """The option sets tried for method ``name``: published defaults for methods without stages, else the grid
+    with the stage-derived layers moved by each of ``cfg.layer_shifts`` (moves out of range are left out)."""
+    if not method_class(name).needs_stages:
+        return [{}]
+    out: list[dict[str, Any]] = []
+    for opts in grid(cfg.grids.get(name) or default_grid(name)):
+        method = build_method(name, model, opts, stages)
+        for shift in cfg.layer_shifts:
+            extra = method.shifted(shift) if shift else {}
+            if extra is not None and {**opts, **extra} not in out:
+                out.append({**opts, **extra})
+    return out
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], decision: Decision) -> str:
+    """The tuning table: one line per row with its options, the objective, its guard, latency and verdict."""
+    keys = [k for k in dict.fromkeys((decision.objective, recall_key(decision.objective), "chair_s", "chair_i",
+                                      "recall", "pope_f1", "exact_match", "latency_ratio"))
+            if k is not None and k in rows[0]["metrics"]]
+    lines = [f"Objective: {decision.objective} ({'lower' if minimised(decision.objective) else 'higher'} is better). "
+             f"{decision.message}.", "", "| method | options | " + " | ".join(keys) + " | verdict |",
+             "|" + "---|" * (len(keys) + 3)]
+    for row, verdict in zip(rows, decision.verdicts):
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+        cells = " | ".join(f"{row['metrics'][k]:.3f}" if k in row["metrics"] else "" for k in keys)
+        lines.append(f"| {row['method']} | {opts} | {cells} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: Any = None) -> Path:
+    """Try the methods on ``cfg.data``, record the choice in ``cfg.out``; returns the ``method.json`` path."""
+    from evotool.analysis.run import resolve_model_id
+    from evotool.data.inputs import load_samples
+    from evotool.evals.harness import evaluate_methods
+    from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations
+    from evotool.models.loading import fingerprint, load_model
+    from evotool.tracking import Tracker
+
+    check_manifest(require_file(cfg.data, "validation manifest"))
+    samples = load_samples(cfg.data)[: cfg.limit]
+    vocab = ObjectVocabulary.parse(cfg.vocab) if cfg.vocab else None
+    model_id = resolve_model_id(cfg.model)
+    if model is None:
+        model, processor = load_model(model_id)
+    stages = StageFile.for_model(cfg.stages, model) if cfg.stages is not None else None
+
+    rows: list[dict[str, Any]] = [{"method": BASELINE, "options": {}}]
+    skipped: dict[str, str] = {}
+    for name in cfg.methods or method_names():
+        cls = method_class(name)
+        if not cls.changes_outputs:
+            skipped[name] = "its tokens are greedy's"
+        elif cls.needs_stages and stages is None:
+            skipped[name] = "needs a stage file (--stages)"
+        else:
+            try:
+                rows += [{"method": name, "options": opts} for opts in candidate_options(name, model, stages, cfg)]
+            except (ConfigError, StageFileError) as err:  # e.g. no mutation layer: the method does not apply
+                skipped[name] = str(err)
+    labels = [BASELINE] + [f"{i}:{row['method']}" for i, row in enumerate(rows[1:], 1)]  # greedy: the latency baseline
+    methods = {label: build_method(row["method"], model, row["options"], stages) for label, row in zip(labels, rows)}
+    print(f"scoring greedy and {len(rows) - 1} candidates on {len(samples)} records", flush=True)
+    scores = evaluate_methods(model, processor, methods, samples, cfg.batch_size, cfg.max_new_tokens,
+                              lambda s, g: score_generations(s, g, vocab))
+    for row, label in zip(rows, labels):
+        row["metrics"] = scores[label]
+        row["layers"] = methods[label].layers_used()
+    decision = choose([row["metrics"] for row in rows], cfg.choice)
+    for row, verdict in zip(rows, decision.verdicts):
+        row["verdict"] = verdict
+    chosen = rows[decision.index]
+    method = methods[labels[decision.index]]
+    path = write_json(cfg.out / METHOD_FILE, {
+        "method": chosen["method"], "options": chosen["options"], "stages": str(cfg.stages) if cfg.stages else None,
+        "model": model_id, "fingerprint": fingerprint(model), "layers": chosen["layers"],
+        "config": to_dict(method.config),
+        "validation": {"data": str(cfg.data), "n": len(samples), "objective": decision.objective,
+                       "choice": to_dict(cfg.choice), "decision": decision.message, "metrics": chosen["metrics"],
+                       "greedy": rows[0]["metrics"]}}, schema=METHOD_SCHEMA)
+    write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective,
+                                       "choice": to_dict(cfg.choice), "decision": decision.message,
+                                       "chosen": decision.index, "candidates": rows, "skipped": skipped},
+               schema=CHOICE_SCHEMA)
+    print(decision.message, flush=True)
+    table = markdown(rows, decision)
+    atomic_write_text(cfg.out / "tuning.md", table)
+    tracker = Tracker("mitigate-choose", to_dict(cfg), cfg.out, enabled=cfg.wandb)
+    keys = sorted(rows[0]["metrics"])
+    tracker.log_table("tuning", ["method", "options", "verdict", *keys],
+                      [[r["method"], json.dumps(r["options"]), r["verdict"], *(r["metrics"].get(k) for k in keys)]
+                       for r in rows])
+    tracker.summary({"method": chosen["method"], "options": json.dumps(chosen["options"]), "decision": decision.message})
+    tracker.finish()
+    return path
