@@ -1,0 +1,165 @@
+"""`evotool mitigate --data`: the selection rule on hand-computed tables, the candidate grid around the stage
+layers, and the whole choice on the shipped demo model (tune on a validation manifest, eval on a test one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny, run_cli, stage_file
+
+from evotool.errors import InputError
+from evotool.evals.results import read_results
+from evotool.mitigate.choose import candidate_options, choose
+from evotool.mitigate.config import Choice, MitigateConfig
+from evotool.models.loading import fingerprint, load_model
+from evotool.stages import write_stages
+from evotool.world import WorldConfig, default_model_path, make_records, write_manifest
+
+
+def row(chair_i: float, recall: float = 1.0, latency: float = 1.0, **extra: float) -> dict[str, float]:
+    return {"chair_i": chair_i, "recall": recall, "latency_ratio": latency, **extra}
+
+
+GREEDY = row(0.20, recall=0.90)
+
+
+# ---------------------------------------------------------------- the rule, by hand
+
+
+def test_lowest_chair_i_within_the_constraints_wins() -> None:
+    table = [GREEDY,
+             row(0.05, recall=0.87),  # recall loss 0.03 > 0.02: out
+             row(0.10, recall=0.88),  # loss exactly 0.02: in
+             row(0.02, latency=1.20),  # too slow: out
+             row(0.15)]
+    d = choose(table, Choice())
+    assert d.index == 2 and d.objective == "chair_i"
+    assert d.verdicts[0] == "baseline" and d.verdicts[2] == "chosen" and d.verdicts[4] == "eligible"
+    assert d.verdicts[1].startswith("recall loss 0.030") and d.verdicts[3].startswith("latency 1.200")
+    # the constraints are configurable: a looser recall budget admits row 1, a looser latency row 3
+    assert choose(table, Choice(max_recall_loss=0.05)).index == 1
+    assert choose(table, Choice(max_latency_ratio=1.25)).index == 3
+
+
+def test_ties_go_to_recall_then_latency_then_the_earlier_row() -> None:
+    assert choose([GREEDY, row(0.1, recall=0.9), row(0.1, recall=0.95)], Choice()).index == 2
+    assert choose([GREEDY, row(0.1, latency=1.1), row(0.1, latency=1.05)], Choice()).index == 2
+    assert choose([GREEDY, row(0.1, latency=1.1), row(0.1, latency=1.1)], Choice()).index == 1
+
+
+def test_greedy_is_recorded_when_nothing_beats_it() -> None:
+    table = [GREEDY, row(0.20), row(0.25), row(0.01, recall=0.5)]  # equal is no gain; worse; recall collapse
+    d = choose(table, Choice())
+    assert d.index == 0 and "no method beats greedy" in d.message
+    assert d.verdicts[1] == d.verdicts[2] == "chair_i not better than greedy"
+    assert choose([GREEDY], Choice()).index == 0
+
+
+def test_pope_manifests_maximise_f1_with_accuracy_as_tie_break() -> None:
+    def pope(f1: float, acc: float, latency: float = 1.0) -> dict[str, float]:
+        return {"pope_f1": f1, "pope_test_accuracy": acc, "pope_prior_breaking_accuracy": acc, "latency_ratio": latency}
+
+    table = [pope(0.70, 0.70), pope(0.80, 0.75), pope(0.80, 0.78), pope(0.90, 0.9, latency=1.3), pope(0.60, 0.99)]
+    d = choose(table, Choice())
+    assert (d.objective, d.index) == ("pope_f1", 2)  # no recall guard on F1; row 3 too slow
+    assert choose([pope(0.7, 0.7), pope(0.6, 0.9)], Choice()).index == 0
+
+
+def test_split_objective_is_guarded_by_that_splits_recall() -> None:
+    base = {"prior_breaking_chair_i": 0.3, "prior_breaking_recall": 1.0, "recall": 1.0, "chair_i": 0.2}
+    cand = {"prior_breaking_chair_i": 0.1, "prior_breaking_recall": 0.9, "recall": 1.0, "chair_i": 0.1, "latency_ratio": 1.0}
+    d = choose([base, cand], Choice(objective="prior_breaking_chair_i"))
+    assert d.index == 0 and d.verdicts[1].startswith("prior_breaking_recall loss 0.100")
+    assert choose([base, cand], Choice()).index == 1  # overall chair_i, guarded by overall recall
+    with pytest.raises(InputError, match="no exact_match"):
+        choose([base, cand], Choice(objective="exact_match"))
+
+
+# ---------------------------------------------------------------- candidates around the stage layers
+
+
+def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
+    model = build_tiny("llava", layers=6, seed=0)
+    stages = stage_file(6, 2, [6])  # critical 2, stabilization 3..5, mutation layer 6 (the last)
+    cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]},
+                                                  "smoothing": {"alpha": [0.5]}})
+    assert candidate_options("stage_contrast", model, stages, cfg) == [
+        {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3},
+        {"premature": "last_stable", "layer": 4}, {"premature": "last_stable"}]  # layer 6 is the final layer itself
+    # smoothing of layer 6: 5 and 6 exist, 7 does not
+    assert candidate_options("smoothing", model, stages, cfg) == [{"alpha": 0.5, "layers": [5]}, {"alpha": 0.5}]
+    assert candidate_options("dola", model, stages, cfg) == [{}]  # published defaults
+
+
+# ---------------------------------------------------------------- end to end on the shipped model
+
+
+@pytest.fixture(scope="module")
+def shipped_run(tmp_path_factory) -> Path:
+    """Validation (world seed 1) and test (seed 0) caption manifests and a stage file of the shipped model."""
+    root = tmp_path_factory.mktemp("choose")
+    for name, seed in (("val", 1), ("test", 0)):
+        world = WorldConfig(seed=seed)
+        write_manifest(make_records("caption", "prior_breaking", 4, world) + make_records("caption", "test", 2, world),
+                       root / name, world)
+    model, _ = load_model(default_model_path())
+    write_stages(root / "stages.json", {  # the shipped model's boundaries (tests/test_golden.py)
+        "model": "demo", "fingerprint": fingerprint(model), "num_layers": 12, "critical_layer": 3,
+        "mutation_layers": [11], "stages": {"rapid_evolution": [0, 3], "stabilization": [4, 10], "mutation": [11, 12]}})
+    return root
+
+
+def test_mitigate_data_chooses_on_validation_and_eval_reuses_the_run_dir(shipped_run, monkeypatch, capsys) -> None:
+    root, run = shipped_run, shipped_run / "run"
+    code, out, err = run_cli(monkeypatch, capsys, "mitigate", "--data", str(root / "val" / "manifest.jsonl"),
+                             "--stages", str(root / "stages.json"), "--methods", "stage_contrast,dola,stage_speculative",
+                             "--grid", "stage_contrast.weight=1.0", "--grid", "stage_contrast.alpha=0.01",
+                             "--max-latency-ratio", "3", "--out", str(run))
+    assert code == 0, err
+    tuning = json.loads((run / "tuning.json").read_text())
+    rows = tuning["candidates"]
+    assert [(r["method"], r["layers"]) for r in rows] == [
+        ("greedy", {}), ("stage_contrast", {"premature": 2}), ("stage_contrast", {"premature": 3}),
+        ("stage_contrast", {"premature": 4}), ("dola", {"candidates": [6, 8, 10]})]
+    assert tuning["skipped"] == {"stage_speculative": "its tokens are greedy's"}
+    greedy, chosen = rows[0]["metrics"], rows[tuning["chosen"]]
+    assert greedy["chair_i"] > 0  # the premise: greedy names the phantom square on prior-breaking images
+    assert chosen["verdict"] == "chosen" and chosen["metrics"]["chair_i"] < greedy["chair_i"]
+    assert chosen["metrics"]["chair_i"] == min(r["metrics"]["chair_i"] for r in rows if r["verdict"] in ("chosen", "eligible"))
+    spec = json.loads((run / "method.json").read_text())
+    assert (spec["method"], spec["options"], spec["layers"]) == (chosen["method"], chosen["options"], chosen["layers"])
+    assert spec["validation"]["metrics"] == chosen["metrics"] and "chosen" in (run / "tuning.md").read_text()
+    assert any((run / "wandb").rglob("*.wandb"))  # logged offline
+
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "manifest", "--data", str(root / "test" / "manifest.jsonl"),
+                           "--method", str(run), "--out", str(root / "ev"), "--max-new-tokens", "32", "--no-wandb")
+    assert code == 0, err
+    record = read_results(root / "ev")
+    assert (record["config"]["method"], record["config"]["options"]) == (spec["method"], spec["options"])
+    assert {"chair_i", "prior_breaking_chair_i", "recall", "latency_ratio"} <= set(record["metrics"])
+
+
+def test_greedy_fallback_end_to_end(shipped_run, monkeypatch, capsys) -> None:
+    """VCD cannot beat greedy here: either its latency exceeds 1.0x or its recall is not above greedy's."""
+    run = shipped_run / "fallback"
+    code, out, err = run_cli(monkeypatch, capsys, "mitigate", "--data", str(shipped_run / "val" / "manifest.jsonl"),
+                             "--methods", "vcd", "--objective", "recall", "--max-latency-ratio", "1.0",
+                             "--limit", "2", "--out", str(run), "--no-wandb")
+    assert code == 0, err
+    spec = json.loads((run / "method.json").read_text())
+    assert spec["method"] == "greedy" and "no method beats greedy" in spec["validation"]["decision"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "dola", "--data", "{root}/val/manifest.jsonl"), "not both"),
+    (("--data", "{root}/val/manifest.jsonl", "--methods", "lora_all"), "no decoding method"),
+    (("--data", "{root}/missing.jsonl"), "not found"),
+    (("--data", "{root}/val/manifest.jsonl", "--objective", "exact_match", "--methods", "dola"), "no exact_match"),
+])
+def test_bad_choice_inputs_exit_with_one_line(shipped_run, tmp_path, monkeypatch, capsys, args, message) -> None:
+    args = tuple(a.format(root=shipped_run) for a in args)
+    code, _, err = run_cli(monkeypatch, capsys, "mitigate", *args, "--limit", "1", "--out", str(tmp_path), "--no-wandb")
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
