@@ -93,6 +93,15 @@ def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
     assert candidate_options("dola", model, stages, cfg) == [{}]  # published defaults
 
 
+def test_grid_flags_per_method_are_typed_and_a_single_value_is_a_list() -> None:
+    from evotool.config import load_config, parse_set
+
+    cfg = load_config(MitigateConfig, None, {"data": "val.jsonl", "grids": parse_set(
+        ["stable_readout.dynamic=false", "stable_readout.threshold=0.1,0.2", "smoothing.threshold=null,0.1"])})
+    assert cfg.grids == {"stable_readout": {"dynamic": [False], "threshold": [0.1, 0.2]},
+                         "smoothing": {"threshold": [None, 0.1]}}
+
+
 # ---------------------------------------------------------------- end to end on the shipped model
 
 

@@ -184,7 +184,7 @@ def _as_list(value: Any, source: str, key: str) -> list[Any]:
         return list(value)
     if isinstance(value, str):
         return [yaml.safe_load(part) for part in value.split(",") if part.strip()]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)):  # one number or flag: a one-item list (``--grid dynamic=false``)
         return [value]
     raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
 
