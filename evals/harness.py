@@ -1,5 +1,8 @@
 """Run decoding methods over an eval set, batched and interleaved, with latency relative to greedy.
 
+Latency is wall-clock by default; ``clock="cpu"`` times this process's CPU time instead
+(:data:`evotool.prune.speed.CLOCKS`), which other processes on a shared CPU do not inflate.
+
 :class:`Interleaved` is a ``generate_fn`` (the signature of :func:`evotool.generation.greedy_generate`):
 on every batch it builds the inputs once, then times each method's generation on that same batch
 (the order rotates from batch to batch), keeps every method's outputs and returns the first
@@ -16,7 +19,6 @@ Flat metric keys (results.json; the world eval's are :func:`evotool.evals.world.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from evotool.evals.world import evaluate_world, world_flat
 from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import process_state, synchronize
+from evotool.prune.speed import CLOCKS
 
 if TYPE_CHECKING:
     from evotool.mitigate.base import Method
@@ -48,10 +51,11 @@ class Interleaved:
     process would have generated: the batches, and so the padding, are the same.
     """
 
-    def __init__(self, methods: Mapping[str, Method]) -> None:
-        if not methods:
-            raise ValueError("no methods")
+    def __init__(self, methods: Mapping[str, Method], clock: str = "wall") -> None:
+        if not methods or clock not in CLOCKS:
+            raise ValueError(f"need methods and a clock in {sorted(CLOCKS)}")
         self.methods = dict(methods)
+        self.clock = CLOCKS[clock]
         self.outputs: dict[str, Generations] = {name: Generations() for name in self.methods}
         self.samples = 0
         self._calls: dict[int, dict[str, tuple[list[list[int]], list[str], float]]] = {}  # batch -> method -> output
@@ -75,10 +79,10 @@ class Interleaved:
         calls = self._calls[index] = {}
         for name in names[shift:] + names[:shift]:
             synchronize(model.device)
-            start = time.perf_counter()
+            start = self.clock()
             ids = self.methods[name].generate_ids(dict(inputs), max_new_tokens)
             synchronize(model.device)
-            calls[name] = (ids, decode(processor, ids), time.perf_counter() - start)
+            calls[name] = (ids, decode(processor, ids), self.clock() - start)
             self.outputs[name].add(*calls[name])
         self.samples += len(prompts)
         return calls[names[0]][:2]
@@ -117,9 +121,9 @@ class Interleaved:
 
 
 def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], samples: Sequence[Sample],
-                batch_size: int, max_new_tokens: int) -> Interleaved:
+                batch_size: int, max_new_tokens: int, clock: str = "wall") -> Interleaved:
     """Generate every sample with every method (interleaved per batch). Raises :class:`InputError` on a bad image."""
-    runner = Interleaved(methods)
+    runner = Interleaved(methods, clock)
     generate_samples(model, processor, samples, batch_size, max_new_tokens, generate_fn=runner)
     runner.gather()
     return runner
@@ -127,10 +131,11 @@ def run_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Me
 
 def evaluate_methods(model: torch.nn.Module, processor: Any, methods: Mapping[str, Method], samples: Sequence[Sample],
                      batch_size: int, max_new_tokens: int,
-                     score: Callable[[Sequence[Sample], Generations], dict[str, float]]) -> dict[str, dict[str, float]]:
+                     score: Callable[[Sequence[Sample], Generations], dict[str, float]],
+                     clock: str = "wall") -> dict[str, dict[str, float]]:
     """Every method on ``samples`` (interleaved batches), scored by ``score(samples, outputs)``: ``{method: flat
     metrics}`` including ``latency_s`` and, when ``greedy`` is among the methods, ``latency_ratio``."""
-    runner = run_methods(model, processor, methods, samples, batch_size, max_new_tokens)
+    runner = run_methods(model, processor, methods, samples, batch_size, max_new_tokens, clock)
     latency = runner.latency()
     return {name: score(samples, runner.outputs[name]) | latency[name] for name in methods}
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny, run_cli, stage_file
+from conftest import build_tiny, run_cli, stage_file, tiny_world_llava
 
 from evotool.errors import InputError
 from evotool.evals.results import read_results
@@ -100,6 +100,30 @@ def test_grid_flags_per_method_are_typed_and_a_single_value_is_a_list() -> None:
         ["stable_readout.dynamic=false", "stable_readout.threshold=0.1,0.2", "smoothing.threshold=null,0.1"])})
     assert cfg.grids == {"stable_readout": {"dynamic": [False], "threshold": [0.1, 0.2]},
                          "smoothing": {"threshold": [None, 0.1]}}
+
+
+def test_cpu_clock_ignores_time_the_process_does_not_compute() -> None:
+    """A method that waits (as it would for a CPU taken by other processes) costs wall time but no CPU time."""
+    import time
+
+    from PIL import Image
+
+    from evotool.evals.harness import Interleaved
+
+    class Waits:
+        def generate_ids(self, inputs: dict, max_new_tokens: int) -> list[list[int]]:
+            time.sleep(0.2)
+            return [[5]] * inputs["input_ids"].shape[0]
+
+    model, processor = tiny_world_llava(1)
+    seconds = {}
+    for clock in ("wall", "cpu"):
+        runner = Interleaved({"greedy": Waits()}, clock)
+        runner(model, processor, [Image.new("RGB", (48, 48))] * 2, ["Is there a circle?"] * 2, 2)
+        seconds[clock] = runner.outputs["greedy"].seconds
+    assert seconds["wall"] >= 0.19 and seconds["cpu"] < 0.05, seconds
+    with pytest.raises(ValueError, match="clock"):
+        Interleaved({"greedy": Waits()}, "sundial")
 
 
 # ---------------------------------------------------------------- end to end on the shipped model

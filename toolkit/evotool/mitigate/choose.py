@@ -172,8 +172,9 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
     labels = [BASELINE] + [f"{i}:{row['method']}" for i, row in enumerate(rows[1:], 1)]  # greedy: the latency baseline
     methods = {label: build_method(row["method"], model, row["options"], stages) for label, row in zip(labels, rows)}
     print(f"scoring greedy and {len(rows) - 1} candidates on {len(samples)} records", flush=True)
+    clock = cfg.clock if cfg.clock != "auto" else ("cpu" if model.device.type == "cpu" else "wall")
     scores = evaluate_methods(model, processor, methods, samples, cfg.batch_size, cfg.max_new_tokens,
-                              lambda s, g: score_generations(s, g, vocab))
+                              lambda s, g: score_generations(s, g, vocab), clock)
     for row, label in zip(rows, labels):
         row["metrics"] = scores[label]
         row["layers"] = methods[label].layers_used()
@@ -186,10 +187,10 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
         "method": chosen["method"], "options": chosen["options"], "stages": str(cfg.stages) if cfg.stages else None,
         "model": model_id, "fingerprint": fingerprint(model), "layers": chosen["layers"],
         "config": to_dict(method.config),
-        "validation": {"data": str(cfg.data), "n": len(samples), "objective": decision.objective,
+        "validation": {"data": str(cfg.data), "n": len(samples), "objective": decision.objective, "clock": clock,
                        "choice": to_dict(cfg.choice), "decision": decision.message, "metrics": chosen["metrics"],
                        "greedy": rows[0]["metrics"]}}, schema=METHOD_SCHEMA)
-    write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective,
+    write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective, "clock": clock,
                                        "choice": to_dict(cfg.choice), "decision": decision.message,
                                        "chosen": decision.index, "candidates": rows, "skipped": skipped},
                schema=CHOICE_SCHEMA)

@@ -80,6 +80,9 @@ class MitigateConfig:
                                                               "(default: the records' objects)"})
     limit: int | None = field(default=None, metadata={"help": "with --data: use at most this many records"})
     choice: Choice = field(default_factory=Choice, metadata={"help": "with --data: the objective of the choice"})
+    clock: str = field(default="auto", metadata={"help": "with --data: latency clock: wall, cpu (this process's CPU "
+                                                        "time, immune to other load on a shared CPU) or auto (cpu on a "
+                                                        "CPU model, wall on a GPU)"})
     model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
     stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned), key=value"})
@@ -108,6 +111,8 @@ class MitigateConfig:
             self.grids = {name: typed_grid(name, g) for name, g in self.grids.items()}
             if self.limit is not None and self.limit < 1:
                 raise ConfigError("limit must be >= 1")
+            if self.clock not in ("auto", "wall", "cpu"):
+                raise ConfigError(f"clock must be auto, wall or cpu, not {self.clock!r}")
         else:
             check_method(self.method)
         if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
