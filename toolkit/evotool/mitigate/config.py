@@ -113,6 +113,8 @@ class MitigateConfig:
                 raise ConfigError("limit must be >= 1")
             if self.clock not in ("auto", "wall", "cpu"):
                 raise ConfigError(f"clock must be auto, wall or cpu, not {self.clock!r}")
+            if self.push_to_hub is not None:
+                raise ConfigError("--push-to-hub uploads a trained checkpoint, not a --data choice")
         else:
             check_method(self.method)
         if self.n < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
