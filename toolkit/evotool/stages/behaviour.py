@@ -230,6 +230,34 @@ def _search(model: nn.Module, num_layers: int, k: int, previous: list[tuple[floa
     return sorted(((cache[s], s) for s in candidates), key=lambda x: (-x[0], x[1])), method
 
 
+def rank_removals(model: nn.Module, k: int, forced: Forced, cfg: BehaviourConfig,
+                  cache: dict[tuple[int, ...], float] | None = None) -> tuple[list[tuple[float, tuple[int, ...]]], str]:
+    """The k-subsets of decoder layers searched, best teacher-forced agreement first, and how: exhaustive when
+    C(L, k) <= ``cfg.exhaustive_limit``, else a beam grown through the best 1-, 2-, ... (k-1)-subsets."""
+    n = decoder_parts(model).num_layers
+    cache = {} if cache is None else cache
+    ranked, method = [(1.0, ())], "none"
+    for j in [k] if math.comb(n, k) <= cfg.exhaustive_limit else range(1, k + 1):
+        ranked, method = _search(model, n, j, ranked, forced, cfg, cache)
+    return ranked, method
+
+
+def oracle_removal(model: nn.Module, k: int, forced: Forced, cfg: BehaviourConfig,
+                   rescore: Callable[[nn.Module], dict[str, float]],
+                   cache: dict[tuple[int, ...], float] | None = None) -> dict[str, Any]:
+    """The best k layers to remove: :func:`rank_removals`, then the best ``cfg.rerank`` subsets re-scored by
+    ``rescore(model without them)`` (its ``agreement``: free-running token agreement with the full model),
+    which decides. ``{"k", "method", "subsets_scored", "best", "next_best"}``, each subset as
+    ``{"layers", "forced_agreement", **rescore(...)}``."""
+    ranked, method = rank_removals(model, k, forced, cfg, cache)
+    rescored = []
+    for tf, subset in ranked[: cfg.rerank]:
+        with without_layers(model, subset) as variant:
+            rescored.append({"layers": list(subset), "forced_agreement": tf, **rescore(variant)})
+    rescored.sort(key=lambda r: (-r["agreement"], -r["forced_agreement"], r["layers"]))
+    return {"k": k, "method": method, "subsets_scored": len(ranked), "best": rescored[0], "next_best": rescored[1:]}
+
+
 def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: BehaviourConfig | None = None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every behavioural curve of ``model`` (see module docstring), as the ``behaviour.json`` payload body."""
@@ -257,19 +285,13 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
 
     pad = getattr(processor, "tokenizer", processor).pad_token_id
     forced = Forced.build(probe.caption_inputs, ref, pad if pad is not None else 0, image_token_id(model.config))
-    oracle, previous, cache = [], [(1.0, ())], {}
+    oracle, cache = [], {}
     for k in range(1, min(n - 1, math.ceil(n * cfg.oracle_fraction)) + 1):
-        ranked, method = _search(model, n, k, previous, forced, cfg, cache)
-        rescored = []
-        for tf, subset in ranked[: cfg.rerank]:
-            with without_layers(model, subset) as variant:
-                metrics, _ = score(variant, processor, probe, ref, cfg, pope=False)
-            rescored.append({"layers": list(subset), "forced_agreement": tf, **metrics})
-        rescored.sort(key=lambda r: (-r["agreement"], -r["forced_agreement"], r["layers"]))
-        oracle.append({"k": k, "method": method, "subsets_scored": len(ranked), "best": rescored[0],
-                       "next_best": rescored[1:]})
-        previous = ranked
-        say(f"oracle k={k} ({method}, {len(ranked)} subsets): {rescored[0]['layers']} agreement {rescored[0]['agreement']:.3f}")
+        oracle.append(oracle_removal(model, k, forced, cfg,
+                                     lambda variant: score(variant, processor, probe, ref, cfg, pope=False)[0], cache))
+        best = oracle[-1]["best"]
+        say(f"oracle k={k} ({oracle[-1]['method']}, {oracle[-1]['subsets_scored']} subsets): {best['layers']} "
+            f"agreement {best['agreement']:.3f}")
 
     emitted = forced.targets[forced.mask].cpu().numpy()
     top1 = layer_top1(model, parts, forced).cpu().numpy()
