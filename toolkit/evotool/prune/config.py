@@ -35,6 +35,20 @@ class PruneConfig:
     agreement_samples: int = field(default=32, metadata={"help": "held-out captions for greedy token agreement with the full model"})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens per sample in the evaluation"})
     speed: bool = field(default=False, metadata={"help": "measure prefill / decode speed of full vs pruned"})
+    compare: bool = field(default=False, metadata={"help": "compare every selector at this budget with the best removal "
+                                                           "found by search, on --data (writes oracle.json / oracle.md)"})
+    data: str | None = field(default=None, metadata={"help": "--compare: manifest (JSONL) the variants are scored on "
+                                                            "(token agreement with the full model, manifest metrics)"})
+    search_data: str | None = field(default=None, metadata={"help": "--compare: manifest the oracle subset is searched on "
+                                                                   "(default: --data; a validation manifest keeps --data held out)"})
+    vocab: str | None = field(default=None, metadata={"help": "--compare: caption vocabulary 'dog,cat=kitten|kitty' "
+                                                             "(default: the records' objects)"})
+    limit: int | None = field(default=None, metadata={"help": "--compare: use at most this many records of each manifest"})
+    batch_size: int = field(default=16, metadata={"help": "--compare: samples per generation batch"})
+    oracle_exhaustive_limit: int = field(default=500, metadata={"help": "--compare: exhaustive search when C(L, k) <= this, "
+                                                                        "else beam search"})
+    oracle_beam: int = field(default=4, metadata={"help": "--compare: beam width of the search beyond the exhaustive limit"})
+    oracle_rerank: int = field(default=4, metadata={"help": "--compare: best teacher-forced subsets re-scored free-running"})
     seed: int = field(default=0, metadata={"help": "random selector and data seed"})
     wandb: bool = field(default=True, metadata={"help": "log the run to Weights & Biases (offline without an API key)"})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id (user/name) to upload the checkpoint to; needs a token"})
@@ -52,6 +66,9 @@ class PruneConfig:
         for name in ("calibration_samples", "analysis_samples", "analysis_max_new_tokens", "heal_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if min(self.batch_size, self.oracle_exhaustive_limit, self.oracle_beam, self.oracle_rerank) < 1 or (
+                self.limit is not None and self.limit < 1):
+            raise ConfigError("batch_size, limit and the oracle_* settings must be >= 1")
         if self.eval_n < 0 or self.agreement_samples < 0:
             raise ConfigError("eval_n and agreement_samples must be >= 0")
         self.out = Path(self.out)
