@@ -65,6 +65,30 @@ def test_compare_reports_selectors_next_to_the_brute_force_best(setup, tmp_path,
     assert "| oracle |" in (tmp_path / "oracle.md").read_text()
 
 
+def test_beam_search_grows_from_the_best_smaller_subsets(setup) -> None:
+    """Past the exhaustive limit the k-subsets are the best (k-1)-subsets plus one layer, ranked by teacher-forced
+    agreement; the reference scores every subset on a statically pruned copy."""
+    from evotool.prune.oracle import forced_batch
+    from evotool.stages.behaviour import forced_agreement, rank_removals
+    from evotool.zoo.config import BehaviourConfig
+
+    model, processor = load_model(setup / "model")
+    samples = load_samples(setup / "data" / "manifest.jsonl")
+    forced = forced_batch(model, processor, samples, generate_samples(model, processor, samples, 8, TOKENS).ids)
+
+    def reference(layers: tuple[int, ...]) -> float:
+        pruned = copy.deepcopy(model)
+        remove_layers(pruned, list(layers))
+        return forced_agreement(pruned, forced)
+
+    ranked, method = rank_removals(model, 2, forced, BehaviourConfig(exhaustive_limit=1, beam=2))
+    singles = sorted(((reference((i,)), (i,)) for i in range(1, LAYERS + 1)), key=lambda x: (-x[0], x[1]))
+    beam = [s for _, s in singles[:2]]
+    expected = sorted({tuple(sorted((*s, i))) for s in beam for i in range(1, LAYERS + 1) if i not in s})
+    assert method == "beam2" and sorted(s for _, s in ranked) == expected
+    assert [a for a, _ in ranked] == pytest.approx(sorted((reference(s) for s in expected), reverse=True))
+
+
 @pytest.mark.parametrize("args, message", [
     (("--compare", "--drop", "1"), "needs --data"),
     (("--compare", "--layers", "2", "--data", "{root}/data/manifest.jsonl"), "not --layers"),
