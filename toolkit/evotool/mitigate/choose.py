@@ -13,6 +13,7 @@ The run directory gets ``method.json`` (read by ``evotool eval ... --method RUN_
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ from torch import nn
 
 from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
-from evotool.io import atomic_write_text, write_json
+from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations
+from evotool.io import DirLock, atomic_write_text, write_json
 from evotool.mitigate.config import Choice, MitigateConfig
 from evotool.mitigate.methods import BASELINE, build_method, default_grid, method_class, method_names
 from evotool.mitigate.run import METHOD_FILE, METHOD_SCHEMA, TUNING_FILE, grid, require_file
 from evotool.stages import StageFile
+from evotool.validate import output_dir
 
 AUTO_OBJECTIVES = ("chair_i", "pope_f1", "exact_match")  # in this order, the first the validation metrics hold
 CHOICE_SCHEMA = "1.1"  # tuning.json: 1.0 (one method tuned on the world) plus per-candidate method / verdict and the decision
@@ -140,15 +143,27 @@ def markdown(rows: Sequence[Mapping[str, Any]], decision: Decision) -> str:
 
 
 def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: Any = None) -> Path:
-    """Try the methods on ``cfg.data``, record the choice in ``cfg.out``; returns the ``method.json`` path."""
+    """Try the methods on ``cfg.data``, record the choice in ``cfg.out``; returns the ``method.json`` path. Inputs
+    and ``--out`` are checked before the model loads; the run holds ``cfg.out``'s lock; under several processes
+    the batches are split between them and the main one writes."""
+    from evotool.models.loading import process_state
+
+    check_manifest(require_file(cfg.data, "validation manifest"))
+    output_dir(cfg.out)
+    if cfg.stages is not None:
+        StageFile.read(cfg.stages)
+    state = process_state()
+    with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
+        return _choose(cfg, model, processor, state.is_main_process)
+
+
+def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: bool) -> Path:
     from evotool.analysis.run import resolve_model_id
     from evotool.data.inputs import load_samples
     from evotool.evals.harness import evaluate_methods
-    from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations
     from evotool.models.loading import fingerprint, load_model
     from evotool.tracking import Tracker
 
-    check_manifest(require_file(cfg.data, "validation manifest"))
     samples = load_samples(cfg.data)[: cfg.limit]
     vocab = ObjectVocabulary.parse(cfg.vocab) if cfg.vocab else None
     model_id = resolve_model_id(cfg.model)
@@ -183,6 +198,14 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
         row["verdict"] = verdict
     chosen = rows[decision.index]
     method = methods[labels[decision.index]]
+    print(decision.message, flush=True)
+    if not main:
+        return cfg.out / METHOD_FILE
+    atomic_write_text(cfg.out / "tuning.md", markdown(rows, decision))
+    write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective, "clock": clock,
+                                       "choice": to_dict(cfg.choice), "decision": decision.message,
+                                       "chosen": decision.index, "candidates": rows, "skipped": skipped},
+               schema=CHOICE_SCHEMA)  # method.json last: it marks the run done
     path = write_json(cfg.out / METHOD_FILE, {
         "method": chosen["method"], "options": chosen["options"], "stages": str(cfg.stages) if cfg.stages else None,
         "model": model_id, "fingerprint": fingerprint(model), "layers": chosen["layers"],
@@ -190,13 +213,6 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
         "validation": {"data": str(cfg.data), "n": len(samples), "objective": decision.objective, "clock": clock,
                        "choice": to_dict(cfg.choice), "decision": decision.message, "metrics": chosen["metrics"],
                        "greedy": rows[0]["metrics"]}}, schema=METHOD_SCHEMA)
-    write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective, "clock": clock,
-                                       "choice": to_dict(cfg.choice), "decision": decision.message,
-                                       "chosen": decision.index, "candidates": rows, "skipped": skipped},
-               schema=CHOICE_SCHEMA)
-    print(decision.message, flush=True)
-    table = markdown(rows, decision)
-    atomic_write_text(cfg.out / "tuning.md", table)
     tracker = Tracker("mitigate-choose", to_dict(cfg), cfg.out, enabled=cfg.wandb)
     keys = sorted(rows[0]["metrics"])
     tracker.log_table("tuning", ["method", "options", "verdict", *keys],
