@@ -90,8 +90,8 @@ def reduce_step(logp: torch.Tensor, direct: torch.Tensor | None, states: torch.T
     """Per-layer metrics of one step for the token the model emits (top-1 of the last layer).
 
     logp [L+1, B, V] lens log-probabilities, direct [L, B, V] those of the final state without each layer's update
-    (None: no direct-effect metrics), states [L+1, B, H]. Returns tensors [L+1, B] (``js_prev``, ``cos_prev`` and the direct-effect metrics NaN at
-    layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and ``token`` [B].
+    (None: no direct-effect metrics), states [L+1, B, H]. Returns tensors [L+1, B] (``js_prev``, ``cos_prev`` and the
+    direct-effect metrics NaN at layer 0) plus ``topk_ids`` / ``topk_p`` [L+1, B, k] and ``token`` [B].
     """
     n_layers, batch = logp.shape[:2]
     token = logp[-1].argmax(-1)

@@ -3,6 +3,7 @@ its interactive report (``evotool report``) and of the cross-model atlas (``evot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,11 @@ class AnalyzeConfig:
     load: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the model is loaded"})
     stages: StageConfig = field(default_factory=StageConfig, metadata={"help": "thresholds of the stage detector"})
     report: ReportConfig = field(default_factory=ReportConfig, metadata={"help": "what report.html embeds"})
+
+    @property
+    def js_base(self) -> float:
+        """Logarithm base of the JS values: e for nats, 2 for bits."""
+        return math.e if self.js_unit == "nats" else 2.0
 
     def __post_init__(self) -> None:
         from evotool.lens import LENSES

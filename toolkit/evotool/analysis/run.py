@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -117,7 +116,7 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index, digests)
             bar.update(len(batch))
     if state.is_main_process and cfg.direct_effect:
-        _add_direct_effect(store, lens, model, math.e if cfg.js_unit == "nats" else 2.0)
+        _add_direct_effect(store, lens, model, cfg.js_base)
     state.wait_for_everyone()
     if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
         todo = [s for s in samples if store.is_done(s.id) and not store.has_patch_lens(s.id)]
@@ -145,8 +144,7 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
         for sample in ready:
             _fail(store, cfg, sample, err)
         return
-    js_base = math.e if cfg.js_unit == "nats" else 2.0
-    traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, js_base,
+    traces = trace_batch(model, parts, lens, inputs, cfg.max_new_tokens, cfg.topk, cfg.keep_features, cfg.js_base,
                          cfg.direct_effect)
     texts = decode(processor, [t.token_ids.tolist() for t in traces])
     tokenizer = getattr(processor, "tokenizer", processor)

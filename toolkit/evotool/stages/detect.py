@@ -116,11 +116,15 @@ def flip_share_curve(direct_flip: np.ndarray) -> np.ndarray:
     return np.r_[np.nan, direct_flip[:, 1:].mean(axis=0)]
 
 
-def _boundaries(p_token: np.ndarray, direct_flip: np.ndarray | None, cfg: StageConfig) -> tuple[int, list[int]]:
-    critical = critical_from_curve(np.median(p_token, axis=0), cfg)
-    if direct_flip is None:
-        return critical, []
-    return critical, mutations_from_curve(flip_share_curve(direct_flip), critical, len(direct_flip), cfg)
+def _curves(p_token: np.ndarray, direct_flip: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The dataset curves the rules read: median emitted-token probability and direct-effect flip share, [L+1] each."""
+    return np.median(p_token, axis=0), None if direct_flip is None else flip_share_curve(direct_flip)
+
+
+def _boundaries(median_p: np.ndarray, flip_share: np.ndarray | None, tokens: int,
+                cfg: StageConfig) -> tuple[int, list[int]]:
+    critical = critical_from_curve(median_p, cfg)
+    return critical, [] if flip_share is None else mutations_from_curve(flip_share, critical, tokens, cfg)
 
 
 def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.ndarray,
@@ -134,7 +138,7 @@ def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.n
     crit, mut = [], []
     for _ in range(cfg.bootstrap):
         pick = np.concatenate([rows[g] for g in rng.choice(ids, len(ids))])
-        c, m = _boundaries(p_token[pick], None if direct_flip is None else direct_flip[pick], cfg)
+        c, m = _boundaries(*_curves(p_token[pick], None if direct_flip is None else direct_flip[pick]), len(pick), cfg)
         crit.append(c)
         mut.append(m[0] if m else -1)
     lo, hi = (1 - cfg.interval) / 2 * 100, (1 + cfg.interval) / 2 * 100
@@ -163,16 +167,15 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     num_layers = n_layers - 1
     groups = np.arange(n_tok) if groups is None else np.asarray(groups)
     flags = [] if direct_flip is not None else ["no_direct_effect"]
-    median_p = np.median(p_token, axis=0)
-    flip_share = flip_share_curve(direct_flip) if direct_flip is not None else np.full(n_layers, np.nan)
-    per_c = [int(np.argmax(row >= cfg.rise_fraction * row.max())) if row.max() > 0 else None for row in p_token]
+    median_p, flip_share = _curves(p_token, direct_flip)
+    per_c = [critical_from_curve(row, cfg) if row.max() > 0 else None for row in p_token]
     critical: int | None = None
     mutations: list[int] = []
     interval: dict[str, Any] = {"critical": None, "mutation": None}
     if n_tok < cfg.min_tokens:
         flags.append("too_few_tokens")
     else:
-        critical, mutations = _boundaries(p_token, direct_flip, cfg)
+        critical, mutations = _boundaries(median_p, flip_share, n_tok, cfg)
         interval = _bootstrap(p_token, direct_flip, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
@@ -205,7 +208,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         flags=flags,
         interval=interval,
         evidence={"median_p": [float(x) for x in median_p],
-                  "direct_flip": [float(x) if np.isfinite(x) else None for x in flip_share]},
+                  "direct_flip": [None] * n_layers if flip_share is None else
+                  [float(x) if np.isfinite(x) else None for x in flip_share]},
         critical_spread=spread,
         mutation_stats={"share_mutated": len(mutated) / n_tok, "histogram": histogram},
         per_token_critical=per_c,
