@@ -221,7 +221,7 @@ def test_too_few_tokens_warns_and_leaves_boundaries_null(llava: Path, tmp_path: 
     assert stages.payload["tokens"] < 50
     assert (stages.critical_layer, stages.mutation_layers, stages.stages["stabilization"]) == (None, [], None)
     assert stages.flags == ["too_few_tokens"]
-    assert "warning: too_few_tokens: too few generated tokens" in err
+    assert f"warning: {run / 'stages.json'}: too_few_tokens: too few generated tokens" in err
 
 
 def test_resume_is_keyed_on_the_samples(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -291,5 +291,5 @@ def test_without_direct_effect_no_mutation_is_searched(llava: Path, tmp_path: Pa
     assert code == 0, err
     stages = StageFile.read(run)
     assert stages.critical_layer is not None and stages.mutation_layers == []
-    assert "no_direct_effect" in stages.flags and "warning: no_direct_effect" in err
+    assert "no_direct_effect" in stages.flags and f"warning: {run / 'stages.json'}: no_direct_effect" in err
     assert stages.payload["evidence"]["direct_flip"] == [None] * (stages.num_layers + 1)

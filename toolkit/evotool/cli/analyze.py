@@ -42,7 +42,6 @@ def command(
     from evotool.analysis.run import run_analysis
     from evotool.config import load_config, parse_set
     from evotool.stages import StageFile
-    from evotool.stages.file import flag_message
 
     flags = {"model": model, "data": data, "split": split, "columns": parse_set(columns.split(",")) if columns else None,
              "prompt": prompt, "max_new_tokens": max_new_tokens, "lens": lens, "out": out, "wandb": wandb,
@@ -56,6 +55,5 @@ def command(
         interval = st.payload.get("interval", {})
         typer.echo(f"critical layer {st.critical_layer} (interval {interval.get('critical')}), mutation layers "
                    f"{st.mutation_layers} (interval {interval.get('mutation')}), stages {st.boundaries()['stages']}")
-        for flag in st.flags:
-            typer.echo(f"warning: {flag_message(flag)}", err=True)
+        st.warn_flags()
         typer.echo(f"wrote {path}, {path.parent / 'report.md'} and {path.parent / 'report.html'}")

@@ -20,6 +20,7 @@ import numpy as np
 from evotool.analysis.aggregate import decision_depth
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
+from evotool.io import atomic_write_bytes
 from evotool.stages.behaviour import read_behaviour
 from evotool.stages.file import StageFile
 
@@ -74,6 +75,5 @@ def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) 
               for k, v in curves.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **arrays)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return out
