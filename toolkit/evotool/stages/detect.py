@@ -98,7 +98,7 @@ class StageResult:
     mutation_layers: list[int]
     stages: dict[str, list[int] | None]
     flags: list[str]
-    interval: dict[str, list[int] | None]
+    interval: dict[str, Any]  # critical / mutation: [lo, hi] or None; mutation_share: float
     evidence: dict[str, list[float | None]]
     critical_spread: dict[str, Any]
     mutation_stats: dict[str, Any]
@@ -128,7 +128,7 @@ def _boundaries(median_p: np.ndarray, flip_share: np.ndarray | None, tokens: int
 
 
 def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.ndarray,
-               cfg: StageConfig) -> dict[str, list[int] | None]:
+               cfg: StageConfig) -> dict[str, Any]:
     """Central ``cfg.interval`` range of the boundaries over resamples of the groups (samples)."""
     ids = np.unique(groups)
     if cfg.bootstrap == 0 or len(ids) < 2:
