@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tiny, run_cli, stage_file, tiny_world_llava
 
-from evotool.errors import InputError
+from evotool.errors import ConfigError, InputError
 from evotool.evals.results import read_results
 from evotool.mitigate.choose import candidate_options, choose
 from evotool.mitigate.config import Choice, MitigateConfig
@@ -75,6 +75,30 @@ def test_split_objective_is_guarded_by_that_splits_recall() -> None:
     assert choose([base, cand], Choice()).index == 1  # overall chair_i, guarded by overall recall
     with pytest.raises(InputError, match="no exact_match"):
         choose([base, cand], Choice(objective="exact_match"))
+
+
+def test_guards_refuse_gains_that_cost_another_metric() -> None:
+    base = row(0.20, pope_f1=0.84, chair_s=0.40)
+    table = [base,
+             row(0.05, pope_f1=0.70, chair_s=0.10),   # best CHAIR_i, but POPE F1 -0.14
+             row(0.10, pope_f1=0.83, chair_s=0.45),   # F1 -0.01 (in), CHAIR_s +0.05 (a minimised guard)
+             row(0.12, pope_f1=0.85, chair_s=0.40)]
+    assert choose(table, Choice()).index == 1  # unguarded: the POPE loss is not seen
+    d = choose(table, Choice(guards={"pope_f1": 0.02}))
+    assert d.index == 2 and d.verdicts[1] == "pope_f1 loss 0.140 > 0.02"
+    d = choose(table, Choice(guards={"pope_f1": 0.02, "chair_s": 0.0}))
+    assert d.index == 3 and d.verdicts[2] == "chair_s loss 0.050 > 0.0"
+    d = choose(table, Choice(guards={"pope_f1": 0.0, "chair_s": 0.0}))
+    assert d.index == 3 and d.verdicts[1:3] == ["pope_f1 loss 0.140 > 0.0", "pope_f1 loss 0.010 > 0.0; chair_s loss 0.050 > 0.0"]
+    assert choose([base, {k: v for k, v in table[1].items() if k != "pope_f1"}], Choice(guards={"pope_f1": 0.5})).index == 0
+    with pytest.raises(InputError, match="guarded metric exact_match is not in the validation metrics"):
+        choose(table, Choice(guards={"exact_match": 0.0}))
+
+
+@pytest.mark.parametrize("loss", [-0.1, "much", True])
+def test_guard_losses_are_checked(loss: object) -> None:
+    with pytest.raises(ConfigError, match="choice.guards.pope_f1 must be a number >= 0"):
+        Choice(guards={"pope_f1": loss})
 
 
 # ---------------------------------------------------------------- candidates around the stage layers
@@ -190,6 +214,9 @@ def test_greedy_fallback_end_to_end(shipped_run, monkeypatch, capsys) -> None:
     (("--data", "{root}/val/manifest.jsonl", "--methods", "lora_all"), "no decoding method"),
     (("--data", "{root}/missing.jsonl"), "not found"),
     (("--data", "{root}/val/manifest.jsonl", "--objective", "exact_match", "--methods", "dola"), "no exact_match"),
+    (("--data", "{root}/val/manifest.jsonl", "--guard", "pope_f1=0.02", "--methods", "dola"),
+     "guarded metric pope_f1 is not in the validation metrics"),  # caption records only: no POPE F1
+    (("--data", "{root}/val/manifest.jsonl", "--guard", "pope_f1=much"), "choice.guards.pope_f1 must be a number"),
 ])
 def test_bad_choice_inputs_exit_with_one_line(shipped_run, tmp_path, monkeypatch, capsys, args, message) -> None:
     args = tuple(a.format(root=shipped_run) for a in args)

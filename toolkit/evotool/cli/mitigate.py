@@ -18,6 +18,7 @@ def command(
     objective: Annotated[Optional[str], option(C, "choice.objective")] = None,
     max_recall_loss: Annotated[Optional[float], option(C, "choice.max_recall_loss")] = None,
     max_latency_ratio: Annotated[Optional[float], option(C, "choice.max_latency_ratio")] = None,
+    guard: Annotated[Optional[list[str]], option(C, "choice.guards", "--guard")] = None,
     vocab: Annotated[Optional[str], option(C, "vocab")] = None,
     limit: Annotated[Optional[int], option(C, "limit")] = None,
     model: Annotated[Optional[str], option(C, "model")] = None,
@@ -39,7 +40,8 @@ def command(
     from evotool.mitigate.run import run_mitigate
 
     flags = {"method": method, "data": data, "methods": methods, "choice.objective": objective,
-             "choice.max_recall_loss": max_recall_loss, "choice.max_latency_ratio": max_latency_ratio, "vocab": vocab,
+             "choice.max_recall_loss": max_recall_loss, "choice.max_latency_ratio": max_latency_ratio,
+             "choice.guards": parse_set(guard or []) or None, "vocab": vocab,
              "limit": limit, "model": model, "stages": stages, "options": parse_set(set_ or []) or None,
              "grids" if data else "grid": parse_set(grid or []) or None, "tune": tune, "n": n, "seed": seed,
              "batch_size": batch_size, "lora.steps": lora_steps, "out": out, "wandb": wandb,

@@ -24,7 +24,7 @@ from torch import nn
 
 from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError, StageFileError
-from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations
+from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations, score_manifest
 from evotool.io import DirLock, atomic_write_text, write_json
 from evotool.mitigate.config import Choice, MitigateConfig
 from evotool.mitigate.methods import BASELINE, build_method, default_grid, method_class, method_names
@@ -58,6 +58,14 @@ def objective_key(choice: Choice, metrics: Mapping[str, float]) -> str:
     raise InputError(f"the validation metrics hold no {' / '.join(keys)}; present: {', '.join(sorted(metrics))}")
 
 
+def check_guards(choice: Choice, metrics: Mapping[str, float]) -> None:
+    """InputError naming the guarded metrics that ``metrics`` (greedy's, or the keys a manifest yields) lack."""
+    missing = sorted(set(choice.guards) - set(metrics))
+    if missing:
+        raise InputError(f"guarded metric {', '.join(missing)} is not in the validation metrics; present: "
+                         f"{', '.join(sorted(metrics))}")
+
+
 @dataclass
 class Decision:
     """Which row of the table was chosen (0 = greedy), under which objective, and why each row was or was not."""
@@ -72,8 +80,9 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
     """Pick from validation metrics ``table`` (row 0: greedy, then the candidates).
 
     A candidate is eligible when its latency ratio is at most ``choice.max_latency_ratio``, (CHAIR objectives)
-    its recall is at most ``choice.max_recall_loss`` below greedy's (absolute), and its objective is strictly
-    better than greedy's. The eligible candidate with the best objective wins; ties go to the higher recall
+    its recall is at most ``choice.max_recall_loss`` below greedy's (absolute), each metric of ``choice.guards``
+    is at most its allowed loss worse than greedy's (absolute, in the metric's direction; InputError when
+    greedy's metrics lack it), and its objective is strictly better than greedy's. The eligible candidate with the best objective wins; ties go to the higher recall
     (CHAIR) or the higher mean POPE accuracy (``pope_f1``), then the lower latency ratio, then the earlier row.
     Without an eligible candidate the choice is greedy (row 0), so the chosen row is never worse than greedy
     on the table it was chosen on.
@@ -84,6 +93,12 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
     key = objective_key(choice, base)
     sign = 1.0 if minimised(key) else -1.0
     guard = recall_key(key)
+    check_guards(choice, base)
+
+    def loss(m: Mapping[str, float], metric: str) -> float:
+        """How much worse than greedy ``m`` is on ``metric`` (a missing value counts as the worst)."""
+        value = m.get(metric, float("inf") if minimised(metric) else float("-inf"))
+        return value - base[metric] if minimised(metric) else base[metric] - value
 
     def tie(m: Mapping[str, float]) -> float:
         if guard is not None:
@@ -100,6 +115,8 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
             verdicts.append(f"latency {latency:.3f} > {choice.max_latency_ratio}")
         elif guard is not None and guard in base and base[guard] - m.get(guard, 0.0) > choice.max_recall_loss + 1e-12:
             verdicts.append(f"{guard} loss {base[guard] - m.get(guard, 0.0):.3f} > {choice.max_recall_loss}")
+        elif broken := [g for g, allowed in choice.guards.items() if loss(m, g) > allowed + 1e-12]:
+            verdicts.append("; ".join(f"{g} loss {loss(m, g):.3f} > {choice.guards[g]}" for g in broken))
         elif sign * m[key] >= sign * base[key]:
             verdicts.append(f"{key} not better than greedy")
         else:
@@ -166,6 +183,9 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
 
     samples = load_samples(cfg.data)[: cfg.limit]
     vocab = ObjectVocabulary.parse(cfg.vocab) if cfg.vocab else None
+    keys = {key: 0.0 for key in score_manifest(samples, [""] * len(samples), [0] * len(samples), vocab)}
+    objective_key(cfg.choice, keys)  # the metrics this manifest yields, checked before the model loads
+    check_guards(cfg.choice, {**keys, "latency_ratio": 1.0, "latency_s": 0.0})
     model_id = resolve_model_id(cfg.model)
     if model is None:
         model, processor = load_model(model_id)

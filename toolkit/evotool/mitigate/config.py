@@ -52,12 +52,19 @@ class Choice:
     max_recall_loss: float = field(default=0.02, metadata={"help": "absolute recall loss vs greedy allowed (recall of "
                                                                    "the objective's split; CHAIR objectives only)"})
     max_latency_ratio: float = field(default=1.15, metadata={"help": "seconds per sample vs greedy allowed"})
+    guards: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "further metrics the choice may worsen by at most this much vs greedy (absolute, in the metric's "
+                "own direction), e.g. pope_f1=0.02: caption gains that cost POPE F1 are refused"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_recall_loss <= 1.0:
             raise ConfigError("choice.max_recall_loss must lie in [0, 1]")
         if self.max_latency_ratio < 1.0:
             raise ConfigError("choice.max_latency_ratio must be >= 1 (greedy's own ratio)")
+        for key, loss in self.guards.items():
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) or loss < 0:
+                raise ConfigError(f"choice.guards.{key} must be a number >= 0 (the loss allowed), got {loss!r}")
+        self.guards = {key: float(loss) for key, loss in self.guards.items()}
 
 
 @dataclass
