@@ -224,7 +224,28 @@ def test_auto_calibration_measures_every_size_and_confirms(demo):
     assert [(row["skip"], row["max_draft"], row["reuse_prefix"]) for row in cal.rows[3:]] == [
         (fastest, 2, False), (fastest, 4, True)]
     assert all(row["tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1 for row in cal.rows)
-    assert cal.plan.skip == ([] if cal.confirmed_speedup <= 1 else max(cal.rows, key=lambda r: r["speedup"])["skip"])
+    assert all(row["score"] == min(row["speedup"], 1 / row["forward_equivalents"]) for row in cal.rows)
+    assert cal.plan.skip == ([] if cal.confirmed_speedup <= 1 else max(cal.rows, key=lambda r: r["score"])["skip"])
+
+
+def test_auto_reads_a_measurement_above_the_counted_bound_as_the_bound(demo, monkeypatch):
+    """A noisy clock that makes the one-layer draft look 5x faster than greedy: its score is its bound
+    1 / forward equivalents (< 1 here), so it can neither win the search nor pass the confirmation."""
+    from evotool.prune.speculative import plan as plan_module
+
+    real = plan_module._timed
+
+    def noisy(model, batches, plan, max_new_tokens, clock):
+        seconds, tokens, stats = real(model, batches, plan, max_new_tokens, clock)
+        return (seconds / 5 if plan.skip == [9] else seconds), tokens, stats
+
+    monkeypatch.setattr(plan_module, "_timed", noisy)
+    model, _, inputs = demo
+    cal = calibrate_draft(model, [{k: v[:2] for k, v in inputs.items()}], [9], max_new_tokens=8,
+                          draft_lengths=(2, 4), repeats=1)
+    for row in cal.rows:
+        assert row["speedup"] > 2 and row["forward_equivalents"] > 1 and row["score"] == row["bound"] < 1
+    assert cal.plan.skip == [] and cal.confirmed_speedup < 1
 
 
 @pytest.fixture(scope="module")
