@@ -64,6 +64,12 @@ CASES: tuple[Case, ...] = (
     Case("out locked by another run", "analyze --model {model} --out {ws}/locked", "in use by another evotool process"),
     Case("bad YAML config", "analyze --model {model} --out {out} --config {ws}/bad.yaml", "not valid YAML"),
     Case("unknown --set key", "analyze --model {model} --out {out} --set nope=1", "unknown key 'nope'"),
+    Case("zero GPUs per process", "analyze --model {model} --out {out} --gpus-per-process 0",
+         "--gpus-per-process must be >= 1"),
+    Case("GPU groups without CUDA", "analyze --model {model} --out {out} --gpus-per-process 2",
+         "--gpus-per-process 2: CUDA is not available"),
+    Case("GPU groups with another device map", "analyze --model {model} --out {out} --gpus-per-process 2 --device-map sequential",
+         "drop --device-map sequential"),
     # prune
     Case("prune out is the model", "prune --model {model} --out {model} --drop 1", "overlaps the source model"),
     Case("prune out inside the model", "prune --model {model} --out {model}/pruned --drop 1", "overlaps the source model"),
@@ -82,6 +88,8 @@ CASES: tuple[Case, ...] = (
     Case("mitigate stages null", "mitigate --method stage_contrast --model {model} --out {out} --stages {ws}/null_stages.json",
          "expected a JSON object"),
     Case("mitigate zero samples", "mitigate --method greedy --model {model} --out {out} --n 0", "must be positive"),
+    Case("mitigate GPU groups without CUDA", "mitigate --method greedy --model {model} --out {out} --gpus-per-process 2",
+         "--gpus-per-process 2: CUDA is not available"),
     # eval
     Case("eval bad out fails first", "eval world --model {model} --out {file}", "is a file, not a directory"),
     Case("eval batch size 0", "eval pope --data {ws}/pope.json --model {model} --out {out} --batch-size 0", "--batch-size must be >= 1"),
@@ -96,6 +104,10 @@ CASES: tuple[Case, ...] = (
     Case("world.json is a list", "eval world --model {model} --out {out} --data {ws}/list_world.json", "is a JSON object"),
     Case("world.json unknown key", "eval world --model {model} --out {out} --data {ws}/key_world.json", "not a world config"),
     Case("eval world n 0", "eval world --model {model} --out {out} --n 0", "--n must be >= 1"),
+    Case("eval zero GPUs per process", "eval world --model {model} --out {out} --gpus-per-process 0",
+         "--gpus-per-process must be >= 1"),
+    Case("eval GPU groups without CUDA", "eval pope --data {ws}/pope.json --model {model} --out {out} --gpus-per-process 2",
+         "--gpus-per-process 2: CUDA is not available"),
     # report
     Case("report of a non-run", "report {ws}/images", "stage file not found"),
     Case("report out is a dir", "report {ws}/null_run --out {out}", "is a directory"),

@@ -22,6 +22,9 @@ class LoadOptions:
     dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's), float32, float16 or bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if present); ignored with device_map"})
     device_map: str | None = field(default=None, metadata={"help": "e.g. auto, to shard a model over GPUs (accelerate)"})
+    gpus_per_process: int = field(default=1, metadata={
+        "help": "GPUs each process spreads its model over (device_map auto on its own GPUs: local rank r holds "
+                "GPUs r*G .. r*G+G-1); start GPUs / G processes per node"})
     quantization: str | None = field(default=None, metadata={"help": "4bit or 8bit (bitsandbytes, CUDA only)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model repo's own code"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
@@ -31,6 +34,11 @@ class LoadOptions:
             raise ModelError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise ModelError(f"unknown quantization {self.quantization!r}; choose 4bit or 8bit")
+        if self.gpus_per_process < 1:
+            raise ConfigError(f"--gpus-per-process must be >= 1, got {self.gpus_per_process}")
+        if self.gpus_per_process > 1 and self.device_map not in (None, "auto"):
+            raise ConfigError(f"--gpus-per-process {self.gpus_per_process} places the model with device_map auto on "
+                              f"the process's own GPUs; drop --device-map {self.device_map}")
 
 
 @dataclass

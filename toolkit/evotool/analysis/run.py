@@ -36,7 +36,7 @@ from evotool.errors import ConfigError, EvotoolError, InputError
 from evotool.generation import batches, build_inputs, context_length, decode, load_images
 from evotool.io import DirLock, atomic_write_jsonl, atomic_write_text
 from evotool.lens import Lens, make_lens
-from evotool.models.loading import fingerprint, load_model
+from evotool.models.loading import fingerprint, load_model, process_state
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
@@ -78,11 +78,9 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
     The output folder and the samples are checked before the model loads; the main process holds the
     folder's lock (:class:`~evotool.io.DirLock`) for the whole run.
     """
-    from accelerate import PartialState
-
     output_dir(cfg.out)
     samples = resolve_samples(cfg)
-    state = PartialState(cpu=cfg.load.device == "cpu" or not torch.cuda.is_available())
+    state = process_state(cpu=cfg.load.device == "cpu" or cfg.load.gpus_per_process > 1)
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
         return _run(cfg, samples, state, loaded)
 
@@ -92,9 +90,9 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
     load = cfg.load
     model_id = resolve_model_id(cfg.model)
     if state.num_processes > 1:
-        if load.device_map is not None:
+        if load.device_map is not None and load.gpus_per_process == 1:
             raise ConfigError(f"--device-map {load.device_map} with {state.num_processes} processes: each would spread "
-                              "its model over every GPU; run one process with --device-map, or several without it")
+                              "its model over every GPU; give each process its own GPUs with --gpus-per-process")
         load.device = str(state.device)
     model, processor = loaded if loaded is not None else load_model(model_id, load)
     parts = decoder_parts(model)

@@ -31,6 +31,7 @@ def command(
     device: Annotated[Optional[str], option(C, "load.device")] = None,
     device_map: Annotated[Optional[str], option(C, "load.device_map")] = None,
     quantization: Annotated[Optional[str], option(C, "load.quantization")] = None,
+    gpus_per_process: Annotated[Optional[int], option(C, "load.gpus_per_process")] = None,
     trust_remote_code: Annotated[Optional[bool], option(C, "load.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")] = None,
     world_samples: Annotated[Optional[int], option(C, "world_samples")] = None,
     rise_fraction: Annotated[Optional[float], option(C, "stages.rise_fraction")] = None,
@@ -47,6 +48,7 @@ def command(
              "prompt": prompt, "max_new_tokens": max_new_tokens, "lens": lens, "out": out, "wandb": wandb,
              "figures": figures, "patch_lens": patch_lens, "on_error": on_error, "restart": restart, "batch_size": batch_size, "limit": limit, "js_unit": js_unit,
              "load.dtype": dtype, "load.device": device, "load.device_map": device_map, "load.quantization": quantization,
+             "load.gpus_per_process": gpus_per_process,
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
              "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}
     path = run_analysis(load_config(C, config, overrides(flags, set_)))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from evotool.cli.options import Device, Model, NoWandb
+from evotool.cli.options import Device, GpusPerProcess, Model, NoWandb
 from evotool.mitigate.methods import method_names
 from evotool.tracking import ArtifactRef, Tracker
 
@@ -35,21 +35,22 @@ Predictions = Annotated[Optional[Path], typer.Option(
 Protocol = Annotated[str, typer.Option(help="Metric protocol: official (the reference scripts) or strict (docs/evals.md).")]
 
 
-def _load(model: str | None, dtype: str, device: str | None) -> tuple[Any, Any, str]:
+def _load(model: str | None, dtype: str, device: str | None, gpus_per_process: int) -> tuple[Any, Any, str]:
     import torch
 
     from evotool.analysis.run import resolve_model_id
-    from evotool.models.loading import LoadOptions, load_model
+    from evotool.models.loading import LoadOptions, load_model, process_state
 
     model_id = resolve_model_id(model)
     if dtype == "auto" and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         dtype = "bfloat16"
-    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device))
+    process_state(cpu=gpus_per_process > 1)  # before any other use fixes it (see process_state)
+    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device, gpus_per_process=gpus_per_process))
     return m, p, model_id
 
 
 def _run(task: str, model: str | None, method: str, options: list[str] | None, stages: str | None, out: Path,
-         dtype: str, device: str | None, wandb: bool, config: dict[str, Any],
+         dtype: str, device: str | None, gpus_per_process: int, wandb: bool, config: dict[str, Any],
          evaluate: Callable[[Any, Any, dict[str, Any]], dict[str, dict[str, float]]]) -> None:
     """Resolve the method (before loading the model, so bad names fail fast), evaluate, write and log."""
     from evotool.config import parse_set
@@ -59,7 +60,7 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
 
     spec = resolve_spec(method, parse_set(options or []), stages)
     make_config(spec.method, spec.options)  # option errors before the model loads
-    m, p, model_id = _load(model or spec.model, dtype, device)
+    m, p, model_id = _load(model or spec.model, dtype, device, gpus_per_process)
     chosen = method_for(m, spec)
     methods = {spec.method: chosen} if spec.method == BASELINE else {spec.method: chosen, BASELINE: method_for(m, resolve_spec(BASELINE))}
     scores = evaluate(m, p, methods)
@@ -139,11 +140,13 @@ def pope(
     out: Out = Path("runs/eval/pope"), image_dir: ImageDir = None,
     split: Annotated[Optional[str], typer.Option(help="random, popular or adversarial (default: all present).")] = None,
     batch_size: Batch = 8, max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 16,
-    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, gpus_per_process: GpusPerProcess = 1,
+    no_wandb: NoWandb = False,
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split."""
-    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    _check(out, device, gpus_per_process=gpus_per_process, batch_size=batch_size, max_new_tokens=max_new_tokens,
+           limit=limit)
     from evotool.evals.pope import load_pope, parse_yes_no, score_pope
     from evotool.mitigate.run import require_file
 
@@ -154,7 +157,7 @@ def pope(
     if predictions is not None:
         return _score_file("pope", predictions, samples, out, protocol, not no_wandb, config,
                            lambda s, t: score_pope(s, t, protocol))
-    _run("pope", model, method, set_, stages, out, dtype, device, not no_wandb,
+    _run("pope", model, method, set_, stages, out, dtype, device, gpus_per_process, not no_wandb,
          config | {"n": len(samples), "max_new_tokens": max_new_tokens},
          _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_pope(s, g.texts, protocol)))
 
@@ -176,11 +179,13 @@ def chair(
     out: Out = Path("runs/eval/chair"),
     prompt: Annotated[str, typer.Option(help="Caption prompt.")] = "Please describe this image in detail.",
     batch_size: Batch = 8, max_new_tokens: Annotated[int, typer.Option(help="Locked protocol: 512.")] = 512,
-    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, gpus_per_process: GpusPerProcess = 1,
+    no_wandb: NoWandb = False,
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """CHAIR: CHAIR_s, CHAIR_i, recall and mean caption length (greedy protocol, fixed image ids)."""
-    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    _check(out, device, gpus_per_process=gpus_per_process, batch_size=batch_size, max_new_tokens=max_new_tokens,
+           limit=limit)
     from evotool.data.inputs import Sample
     from evotool.errors import InputError
     from evotool.evals.chair import (
@@ -216,7 +221,7 @@ def chair(
                            lambda s, t: score_captions(t, [set(x.objects or ()) for x in s], objects))
     samples = _limit([Sample(id=str(i), image=coco_image(require_file(image_dir, "image dir"), i), prompt=prompt,
                              objects=sorted(truth[i])) for i in ids], limit)
-    _run("chair", model, method, set_, stages, out, dtype, device, not no_wandb,
+    _run("chair", model, method, set_, stages, out, dtype, device, gpus_per_process, not no_wandb,
          config | {"n": len(samples), "max_new_tokens": max_new_tokens},
          _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_chair(s, g, objects)))
 
@@ -231,11 +236,13 @@ def amber(
     model: Model = None, method: MethodOpt = "greedy", set_: SetOpt = None, stages: Stages = None,
     out: Out = Path("runs/eval/amber"), batch_size: Batch = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 512,
-    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, gpus_per_process: GpusPerProcess = 1,
+    no_wandb: NoWandb = False,
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """AMBER: generative CHAIR/Cover/Hal/Cog and discriminative accuracy/precision/recall/F1."""
-    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    _check(out, device, gpus_per_process=gpus_per_process, batch_size=batch_size, max_new_tokens=max_new_tokens,
+           limit=limit)
     from evotool.evals.amber import AmberVocabulary, load_amber, parse_amber_answer
     from evotool.evals.harness import score_amber
     from evotool.mitigate.run import require_file
@@ -248,7 +255,7 @@ def amber(
     if predictions is not None:
         return _score_file("amber", predictions, samples, out, protocol, not no_wandb, config,
                            lambda s, t: score_amber(s, t, vocab, protocol))
-    _run("amber", model, method, set_, stages, out, dtype, device, not no_wandb,
+    _run("amber", model, method, set_, stages, out, dtype, device, gpus_per_process, not no_wandb,
          config | {"n": len(samples), "max_new_tokens": max_new_tokens},
          _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_amber(s, g.texts, vocab, protocol)))
 
@@ -260,11 +267,13 @@ def manifest(
     out: Out = Path("runs/eval/manifest"),
     vocab: Annotated[Optional[str], typer.Option(help="Caption vocabulary 'dog,cat=kitten|kitty' (default: the records' objects).")] = None,
     batch_size: Batch = 8, max_new_tokens: Annotated[int, typer.Option(help="Tokens per output.")] = 64,
-    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+    limit: Limit = None, dtype: Dtype = "auto", device: Device = None, gpus_per_process: GpusPerProcess = 1,
+    no_wandb: NoWandb = False,
     predictions: Predictions = None, protocol: Protocol = "official",
 ) -> None:
     """Any manifest: CHAIR / recall on caption records, POPE metrics on yes/no records, exact match on free answers; per split."""
-    _check(out, device, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    _check(out, device, gpus_per_process=gpus_per_process, batch_size=batch_size, max_new_tokens=max_new_tokens,
+           limit=limit)
     from evotool.data.inputs import load_samples
     from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations, score_manifest
     from evotool.evals.pope import parse_yes_no
@@ -278,7 +287,7 @@ def manifest(
     if predictions is not None:
         return _score_file("manifest", predictions, samples, out, protocol, not no_wandb, config,
                            lambda s, t: score_manifest(s, t, None, words, protocol))
-    _run("manifest", model, method, set_, stages, out, dtype, device, not no_wandb,
+    _run("manifest", model, method, set_, stages, out, dtype, device, gpus_per_process, not no_wandb,
          config | {"n": len(samples), "max_new_tokens": max_new_tokens},
          _samples_eval(samples, batch_size, max_new_tokens, lambda s, g: score_generations(s, g, words, protocol)))
 
@@ -291,10 +300,11 @@ def world(
     n: Annotated[int, typer.Option("--n", "--records", help="Records per task and group (--records under torchrun, which takes --n for its own).")] = 200,
     seed: Annotated[int, typer.Option(help="World seed (0 = test split; tune on another).")] = 0,
     batch_size: Batch = 50, max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 32,
-    dtype: Dtype = "auto", device: Device = None, no_wandb: NoWandb = False,
+    dtype: Dtype = "auto", device: Device = None, gpus_per_process: GpusPerProcess = 1,
+    no_wandb: NoWandb = False,
 ) -> None:
     """Synthetic world with exact ground truth: captions (CHAIR, recall) and POPE, in-distribution and prior-breaking."""
-    _check(out, device, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _check(out, device, gpus_per_process=gpus_per_process, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
     from dataclasses import replace
 
     from evotool.errors import InputError
@@ -310,6 +320,6 @@ def world(
     except TypeError as err:
         raise InputError(f"{data}: not a world config ({err})") from err
     cfg = replace(cfg, seed=seed)
-    _run("world", model, method, set_, stages, out, dtype, device, not no_wandb,
+    _run("world", model, method, set_, stages, out, dtype, device, gpus_per_process, not no_wandb,
          {"world": cfg.__dict__, "n": n, "max_new_tokens": max_new_tokens},
          lambda m, p, methods: evaluate_world_methods(m, p, methods, n, cfg, batch_size, max_new_tokens))

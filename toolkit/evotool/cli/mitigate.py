@@ -22,6 +22,7 @@ def command(
     vocab: Annotated[Optional[str], option(C, "vocab")] = None,
     limit: Annotated[Optional[int], option(C, "limit")] = None,
     model: Annotated[Optional[str], option(C, "model")] = None,
+    gpus_per_process: Annotated[Optional[int], option(C, "load.gpus_per_process")] = None,
     stages: Annotated[Optional[str], option(C, "stages")] = None,
     set_: Annotated[Optional[list[str]], option(C, "options", "--set")] = None,
     grid: Annotated[Optional[list[str]], option(C, "grid", "--grid")] = None,
@@ -42,7 +43,8 @@ def command(
     flags = {"method": method, "data": data, "methods": methods, "choice.objective": objective,
              "choice.max_recall_loss": max_recall_loss, "choice.max_latency_ratio": max_latency_ratio,
              "choice.guards": parse_set(guard or []) or None, "vocab": vocab,
-             "limit": limit, "model": model, "stages": stages, "options": parse_set(set_ or []) or None,
+             "limit": limit, "model": model, "load.gpus_per_process": gpus_per_process, "stages": stages,
+             "options": parse_set(set_ or []) or None,
              "grids" if data else "grid": parse_set(grid or []) or None, "tune": tune, "n": n, "seed": seed,
              "batch_size": batch_size, "lora.steps": lora_steps, "out": out, "wandb": wandb,
              "push_to_hub": push_to_hub}

@@ -36,4 +36,6 @@ SetPairs = Annotated[Optional[list[str]], typer.Option("--set", help="Config ove
 # Options of the commands without a config dataclass (eval, train-demo).
 Model = Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")]
+GpusPerProcess = Annotated[int, typer.Option(help="GPUs each process spreads its model over (device_map auto on its "
+                                                 "own GPUs); start GPUs / this many processes per node.")]
 NoWandb = Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")]

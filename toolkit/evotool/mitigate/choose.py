@@ -169,7 +169,7 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
     output_dir(cfg.out)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)
-    state = process_state()
+    state = process_state(cpu=cfg.load.gpus_per_process > 1)
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
         return _choose(cfg, model, processor, state.is_main_process)
 
@@ -188,7 +188,7 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
     check_guards(cfg.choice, {**keys, "latency_ratio": 1.0, "latency_s": 0.0})
     model_id = resolve_model_id(cfg.model)
     if model is None:
-        model, processor = load_model(model_id)
+        model, processor = load_model(model_id, cfg.load)
     stages = StageFile.for_model(cfg.stages, model) if cfg.stages is not None else None
 
     rows: list[dict[str, Any]] = [{"method": BASELINE, "options": {}}]

@@ -11,7 +11,7 @@ from typing import Any
 
 from evotool.errors import ConfigError
 from evotool.mitigate.methods import BASELINE, default_grid, make_config, method_names
-from evotool.options import LoraSettings
+from evotool.options import LoadOptions, LoraSettings
 
 # Training-time methods: LoRA on a truthful grounding set; the run directory then holds a merged checkpoint
 # (``model/``) that decodes greedily. Value: which decoder layers get adapters.
@@ -91,6 +91,7 @@ class MitigateConfig:
                                                         "time, immune to other load on a shared CPU) or auto (cpu on a "
                                                         "CPU model, wall on a GPU)"})
     model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
+    load: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the model is loaded"})
     stages: str | None = field(default=None, metadata={"help": "stages.json (or analyze run dir) of this model"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "fixed method options (not tuned), key=value"})
     tune: bool = field(default=True, metadata={"help": "pick the options on the world validation split"})

@@ -104,7 +104,7 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
     output_dir(cfg.out)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)
-    state = process_state()
+    state = process_state(cpu=cfg.load.gpus_per_process > 1)
     if cfg.method in TRAINED and state.num_processes > 1:
         raise ConfigError(f"{cfg.method} trains in one process; start it without torchrun / accelerate launch")
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
@@ -122,7 +122,7 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
     from evotool.world import WorldConfig
 
     if model is None:
-        model, processor = load_model(model_id)
+        model, processor = load_model(model_id, cfg.load)
     spec = MethodSpec(cfg.method, dict(cfg.options), str(cfg.stages) if cfg.stages else None)
     stages = load_stages_for(model, spec)
     option_grid = cfg.tuning_grid()
@@ -170,7 +170,7 @@ def _run_lora(cfg: MitigateConfig, model_id: str) -> Path:
     from evotool.tracking import ArtifactRef, Tracker
 
     check_push(cfg.push_to_hub)
-    model, processor = load_model(model_id)  # a private copy: peft wraps it in place
+    model, processor = load_model(model_id, cfg.load)  # a private copy: peft wraps it in place
     base_fingerprint = fingerprint(model)
     layers = None
     base_stages = StageFile.for_model(cfg.stages, model) if cfg.stages is not None else None

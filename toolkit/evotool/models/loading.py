@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evotool.errors import ModelError
+from evotool.errors import ConfigError, ModelError
 from evotool.options import DTYPES, LoadOptions
 from evotool.validate import device as check_device
 
@@ -29,10 +29,43 @@ def default_device() -> str:
 
 def process_state(cpu: bool = False) -> Any:
     """accelerate's ``PartialState`` of this process (rank, number of processes; one process unless started by
-    torchrun / ``accelerate launch``); CPU processes (``cpu`` or no CUDA) talk over gloo."""
+    torchrun / ``accelerate launch``); CPU processes (``cpu`` or no CUDA) talk over gloo, and so do processes
+    whose model spans several GPUs (``cpu=True`` for ``gpus_per_process > 1``: a process's GPU group does not
+    contain ``cuda:LOCAL_RANK``, the device NCCL would bind it to). The first call fixes the state."""
     from accelerate import PartialState
 
     return PartialState(cpu=cpu or not torch.cuda.is_available())
+
+
+def gpu_group(gpus_per_process: int, local_rank: int, local_world_size: int, visible: int) -> list[int]:
+    """The CUDA device ids process ``local_rank`` of ``local_world_size`` on this node spreads its model over:
+    ``[local_rank * G, (local_rank + 1) * G)`` for ``G = gpus_per_process``, out of ``visible`` GPUs.
+
+    Raises ConfigError when ``G > 1`` without CUDA (``visible == 0``) and when the groups of all processes need
+    more GPUs than are visible (``G >= 1`` is :class:`~evotool.options.LoadOptions`'s check).
+    """
+    if gpus_per_process > 1 and visible == 0:
+        raise ConfigError(f"--gpus-per-process {gpus_per_process}: CUDA is not available on this machine")
+    need = gpus_per_process * local_world_size
+    if need > visible:
+        raise ConfigError(f"--gpus-per-process {gpus_per_process} x {local_world_size} process(es) on this node needs "
+                          f"{need} GPUs, but {visible} are visible; start {max(1, visible // gpus_per_process)} "
+                          "process(es) per node or lower --gpus-per-process")
+    if not 0 <= local_rank < local_world_size:
+        raise ConfigError(f"LOCAL_RANK {local_rank} is outside 0..{local_world_size - 1} (LOCAL_WORLD_SIZE)")
+    return list(range(local_rank * gpus_per_process, (local_rank + 1) * gpus_per_process))
+
+
+def group_max_memory(gpus_per_process: int) -> dict[int | str, int] | None:
+    """``max_memory`` for ``device_map="auto"`` holding only this process's GPUs (:func:`gpu_group`, from torchrun's
+    ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``; one process: GPUs 0..G-1), each at 90% of its free memory (headroom
+    for activations, as transformers leaves by default) and no CPU offload; None for ``gpus_per_process == 1``."""
+    if gpus_per_process == 1:
+        return None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = os.environ
+    gpus = gpu_group(gpus_per_process, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)), visible)
+    return {i: int(0.9 * torch.cuda.mem_get_info(i)[0]) for i in gpus}
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -59,12 +92,14 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
 
     Raises :class:`ModelError` for a path or id that cannot be found, an unknown architecture, a model that
     takes no image input, missing or truncated weights, weights whose decoder layers disagree with the config
-    (e.g. a half-written checkpoint) and a device this machine lacks.
+    (e.g. a half-written checkpoint) and a device this machine lacks; ``options.gpus_per_process > 1`` loads
+    with ``device_map="auto"`` on this process's GPUs only (:func:`group_max_memory`), checked before loading.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     opts = options or LoadOptions()
     check_device(opts.device)
+    max_memory = group_max_memory(opts.gpus_per_process)
     name = str(model_id)
     kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
     path = Path(name).expanduser()
@@ -86,8 +121,10 @@ def load_model(model_id: str | Path, options: LoadOptions | None = None) -> tupl
         compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
         load_kwargs["quantization_config"] = _quantization_config(opts.quantization, compute)
         load_kwargs["device_map"] = opts.device_map or "auto"
-    elif opts.device_map:
-        load_kwargs["device_map"] = opts.device_map
+    elif opts.device_map or max_memory:
+        load_kwargs["device_map"] = opts.device_map or "auto"
+    if max_memory:
+        load_kwargs["max_memory"] = max_memory
     model = _load_weights(AutoModelForImageTextToText, name, load_kwargs)
     if "device_map" not in load_kwargs:
         model.to(opts.device or default_device())
