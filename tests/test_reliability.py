@@ -140,6 +140,16 @@ CASES: tuple[Case, ...] = (
     Case("world out is a file", "world --out {file}", "is a file, not a directory"),
     Case("world zero records", "world --out {out} --n 0", "--n must be >= 1"),
     Case("world unknown task", "world --out {out} --task nope", "unknown task 'nope'"),
+    # the command line itself (click's usage errors), one per kind
+    Case("unknown option", "analyze --model {model} --out {out} --foo", "no such option: --foo"),
+    Case("word where a number belongs", "prune --model {model} --out {out} --drop two",
+         "invalid value for '--drop': Input should be a valid integer"),
+    Case("number out of its type", "mitigate --method greedy --model {model} --out {out} --n 1.5", "invalid value for '--n'"),
+    Case("missing required option", "eval pope --model {model} --out {out}", "missing option '--data' (evotool eval pope --help)"),
+    Case("missing argument", "report", "missing argument 'runs' (evotool report --help)"),
+    Case("option without its value", "atlas {ws}/null_run --out", "option '--out' requires an argument"),
+    Case("unknown subcommand", "eval nope --out {out}", "no such command 'nope'"),
+    Case("unknown command", "zoo nope", "no such command 'nope' (evotool zoo --help)"),
 )
 
 
@@ -241,6 +251,29 @@ def test_bad_input(case: Case, ws: Path, tmp_path: Path, monkeypatch: pytest.Mon
     for place in ("out", "ws"):  # every earlier file is still there, byte for byte (a failed run may add a log)
         assert {k: after[place].get(k) for k in before[place]} == before[place], place
     assert after["file"] == before["file"]
+
+
+def test_help_interrupt_and_exit_codes_pass_through(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                    tmp_path: Path) -> None:
+    """Turning usage errors into one line keeps the rest of the command line's behaviour: ``--help`` exits 0 with the
+    help, a bare group shows its help (exit 2, no ``error:``), ``typer.Exit(n)`` and Ctrl-C (130) keep their codes."""
+    import typer
+
+    code, out, _ = run_cli(monkeypatch, capsys, "analyze", "--help")
+    assert code == 0 and "Usage: evotool analyze" in out and "--gpus-per-process" in out
+    code, out, err = run_cli(monkeypatch, capsys, "eval")
+    assert code == 2 and "Usage: evotool eval" in out + err and "error:" not in out + err
+
+    def stop(code: int) -> None:
+        raise typer.Exit(code)
+
+    def interrupt(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    for raiser, expected in ((lambda *_, **__: stop(3), 3), (interrupt, 130)):
+        with monkeypatch.context() as m:
+            m.setattr("evotool.cli.world.write_manifest", raiser)
+            assert run_cli(monkeypatch, capsys, "world", "--out", str(tmp_path / "w"), "--n", "1")[0] == expected
 
 
 def test_atomic_dir_swaps_keeps_and_repairs(tmp_path: Path) -> None:

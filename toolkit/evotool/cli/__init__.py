@@ -1,8 +1,9 @@
 """The `evotool` command line: one module per subcommand, registered here.
 
-Every failure of a subcommand ends as one line ``error: ...`` on stderr and exit status 2 (Ctrl-C: typer's exit 130):
-an :class:`evotool.errors.EvotoolError` with its own message, any other exception with its type, message and
-file name (``EVOTOOL_TRACEBACK=1`` re-raises it with the traceback instead).
+Every failure ends as one line ``error: ...`` on stderr and exit status 2 (Ctrl-C: exit 130): a usage error of the
+command line (unknown option, a value of the wrong type, a missing argument) with click's message and the command
+whose ``--help`` explains it, an :class:`evotool.errors.EvotoolError` with its own message, any other exception
+with its type, message and file name (``EVOTOOL_TRACEBACK=1`` re-raises it with the traceback instead).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import sys
 import typer
 
 from evotool.errors import EvotoolError
+
+try:  # the click typer runs on: its own copy since typer 0.2x, the click package before
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors
 
 app = typer.Typer(
     name="evotool",
@@ -63,16 +69,34 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text} (unexpected; rerun with {TRACEBACK_ENV}=1 for the traceback)"
 
 
+def usage(err: click_errors.ClickException) -> str:
+    """One line for a command-line usage error: click's message, and for a :class:`click.UsageError` the command
+    whose ``--help`` lists its options (``no such option: --foo (evotool analyze --help)``)."""
+    text = err.format_message().rstrip(".")
+    if text[1:2].islower():  # "No such option" -> "no such option", "ID ..." stays
+        text = text[0].lower() + text[1:]
+    ctx = getattr(err, "ctx", None)
+    return f"{text} ({ctx.command_path} --help)" if ctx is not None else text
+
+
 def main() -> None:
     """Entry point: run the typer app, reporting every failure on one line (see the module doc)."""
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="evotool")  # click's errors reach us, not its usage box
+    except click_errors.NoArgsIsHelpError as err:  # `evotool eval` alone: the help, as typer shows it
+        err.show()
+        sys.exit(err.exit_code)
+    except click_errors.ClickException as err:
+        _exit(usage(err), err.exit_code)
+    except typer.Abort:
+        _exit("aborted", 1)
     except EvotoolError as err:
         _exit(str(err), err.exit_code)
     except Exception as err:
         if os.environ.get(TRACEBACK_ENV):
             raise
         _exit(describe(err), 2)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) and Ctrl-C (130) come back as codes
 
 
 def _exit(message: str, code: int) -> None:
