@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 # before huggingface_hub is imported: it reads HF_HUB_OFFLINE once, at import
@@ -193,6 +194,30 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def kill_9_at(args: Sequence[str], pattern: bytes, delay: float = 0.0) -> bytes:
+    """Run ``evotool ARGS`` in a subprocess, SIGKILL it ``delay`` seconds after ``pattern`` (a regex) appears on its
+    stderr, assert it died of the kill (it had not finished) and return the stderr it wrote."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "evotool", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    seen = b""
+    while not re.search(pattern, seen[-4096:]):
+        chunk = os.read(proc.stderr.fileno(), 4096)  # what is there now, not a full buffer
+        assert chunk, f"the run ended before {pattern!r}: {seen[-2000:]!r}"
+        seen += chunk
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: give it more work"
+    return seen
 
 
 @pytest.fixture(scope="session")

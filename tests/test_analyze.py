@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import kill_9_at, tiny_config
 from evotool.stages import StageFile
 from evotool.cli import main
 from tiny_checkpoints import save_tiny, write_images
@@ -210,6 +210,30 @@ def test_two_processes_match_one(llava: Path, tmp_path: Path, monkeypatch, capsy
         for stat, values in curve.items():
             np.testing.assert_allclose(np.array(stages_multi["curves"][name][stat], dtype=float),
                                        np.array(values, dtype=float), rtol=1e-4, atol=1e-6, err_msg=f"{name} {stat}")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A real SIGKILL once the first samples are traced: the run keeps only whole per-sample results (no stage file
+    yet); the rerun traces only the rest, and its tokens and stages equal those of a run never killed, exactly."""
+    n = 8
+    write_images(tmp_path / "images", n)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    args = analyze(llava, tmp_path / "images", killed, "--no-wandb", "--batch-size", "1")
+    kill_9_at(args, rf"analyze\[0\]: +\d+%[^\r\n]*\| *[1-9]\d*/{n} ".encode())  # a sample done
+    done = {p.name: p.stat().st_mtime_ns for p in (killed / "samples").glob("*.json")}
+    assert 1 <= len(done) < n and not (killed / "stages.json").exists(), sorted(done)
+    for name in done:  # every recorded sample is whole: its arrays beside it
+        assert (killed / "samples" / name).with_suffix(".npz").is_file()
+    code, err = evotool(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert {name: (killed / "samples" / name).stat().st_mtime_ns for name in done} == done  # not traced again
+    code, err = evotool(analyze(llava, tmp_path / "images", whole, "--no-wandb", "--batch-size", "1"), monkeypatch, capsys)
+    assert code == 0, err
+    assert token_table(killed).equals(token_table(whole))
+    a, b = StageFile.read(killed).payload, StageFile.read(whole).payload
+    assert {k: a[k] for k in ("critical_layer", "mutation_layers", "stages", "curves", "samples")} == \
+        {k: b[k] for k in ("critical_layer", "mutation_layers", "stages", "curves", "samples")}
 
 
 def test_too_few_tokens_warns_and_leaves_boundaries_null(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:

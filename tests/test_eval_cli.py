@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_world_llava
+from conftest import kill_9_at, run_cli, tiny_world_llava
 from huggingface_hub import ModelCard
 
 from evotool.stages import write_stages
@@ -271,29 +271,12 @@ def test_two_processes_match_one(world_model, tmp_path, monkeypatch, capsys):
 
 
 def _kill_9_mid_run(args: tuple[str, ...], out) -> None:
-    """Run ``evotool ARGS`` in a subprocess and SIGKILL it while it evaluates: shortly after its model has loaded
-    (transformers' ``Loading weights`` bar on stderr), well before it can finish (asserted)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-m", "evotool", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    seen = b""
-    while b"Loading weights: 100%" not in seen:
-        chunk = os.read(proc.stderr.fileno(), 4096)  # what is there now, not a full buffer
-        assert chunk, f"the run ended before its model loaded: {seen[-2000:]!r}"
-        seen = seen[-200:] + chunk
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: give it more work"
+    """SIGKILL ``evotool ARGS`` while it evaluates: shortly after its model has loaded (transformers' ``Loading
+    weights`` bar), well before it can finish (asserted); the files left in ``out`` beside the results are only
+    names no loader reads."""
+    kill_9_at(args, rb"Loading weights: 100%", delay=0.3)
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
-    assert all(name.endswith((".tmp", ".lock")) for name in leftovers), leftovers  # names no loader reads
+    assert all(name.endswith((".tmp", ".lock")) for name in leftovers), leftovers
 
 
 def _without_timings(metrics: dict) -> dict:
