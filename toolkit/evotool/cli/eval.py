@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from evotool.cli.options import Device, GpusPerProcess, Model, NoWandb
+from evotool.cli.options import Device, GpusPerProcess, Model, NoWandb, load_command_model
 from evotool.mitigate.methods import method_names
 from evotool.tracking import ArtifactRef, Tracker
 
@@ -35,20 +35,6 @@ Predictions = Annotated[Optional[Path], typer.Option(
 Protocol = Annotated[str, typer.Option(help="Metric protocol: official (the reference scripts) or strict (docs/evals.md).")]
 
 
-def _load(model: str | None, dtype: str, device: str | None, gpus_per_process: int) -> tuple[Any, Any, str]:
-    import torch
-
-    from evotool.analysis.run import resolve_model_id
-    from evotool.models.loading import LoadOptions, load_model, process_state
-
-    model_id = resolve_model_id(model)
-    if dtype == "auto" and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        dtype = "bfloat16"
-    process_state(cpu=gpus_per_process > 1)  # before any other use fixes it (see process_state)
-    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device, gpus_per_process=gpus_per_process))
-    return m, p, model_id
-
-
 def _run(task: str, model: str | None, method: str, options: list[str] | None, stages: str | None, out: Path,
          dtype: str, device: str | None, gpus_per_process: int, wandb: bool, config: dict[str, Any],
          evaluate: Callable[[Any, Any, dict[str, Any]], dict[str, dict[str, float]]]) -> None:
@@ -60,7 +46,7 @@ def _run(task: str, model: str | None, method: str, options: list[str] | None, s
 
     spec = resolve_spec(method, parse_set(options or []), stages)
     make_config(spec.method, spec.options)  # option errors before the model loads
-    m, p, model_id = _load(model or spec.model, dtype, device, gpus_per_process)
+    m, p, model_id = load_command_model(model or spec.model, dtype, device, gpus_per_process)
     chosen = method_for(m, spec)
     methods = {spec.method: chosen} if spec.method == BASELINE else {spec.method: chosen, BASELINE: method_for(m, resolve_spec(BASELINE))}
     scores = evaluate(m, p, methods)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from evotool.cli.options import Device, Model
+from evotool.cli.options import Device, Model, load_command_model
 
 SCHEMA_VERSION = "1.0"
 
@@ -36,7 +36,6 @@ def command(
     device: Device = None,
 ) -> None:
     """Generate for every sample with one decoding method (e.g. lossless stage_speculative) and print the texts."""
-    from evotool.cli.eval import _load
     from evotool.config import parse_set
     from evotool.data.inputs import load_samples
     from evotool.errors import ConfigError
@@ -60,7 +59,7 @@ def command(
         spec.options["skip"] = skip
     make_config(spec.method, spec.options)  # option errors before the model loads
     samples = load_samples(data, prompt, limit=limit) if data else default_samples(limit or 8)
-    m, p, model_id = _load(model or spec.model, dtype, device)
+    m, p, model_id = load_command_model(model or spec.model, dtype, device)
     chosen = method_for(m, spec)
     calibrated_on = None
     if spec.method == "stage_speculative" and chosen.plan is None:  # auto (or influence ranking): needs data

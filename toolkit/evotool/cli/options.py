@@ -39,3 +39,20 @@ Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (defa
 GpusPerProcess = Annotated[int, typer.Option(help="GPUs each process spreads its model over (device_map auto on its "
                                                  "own GPUs); start GPUs / this many processes per node.")]
 NoWandb = Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")]
+
+
+def load_command_model(model: str | None, dtype: str = "auto", device: str | None = None,
+                       gpus_per_process: int = 1) -> tuple[Any, Any, str]:
+    """(model, processor, model id) for the commands that decode (eval, generate): ``model`` or the shipped demo
+    model; ``dtype="auto"`` means bfloat16 on a GPU; several GPUs per process set up the process group first."""
+    import torch
+
+    from evotool.analysis.run import resolve_model_id
+    from evotool.models.loading import LoadOptions, load_model, process_state
+
+    model_id = resolve_model_id(model)
+    if dtype == "auto" and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        dtype = "bfloat16"
+    process_state(cpu=gpus_per_process > 1)  # before any other use fixes it (see process_state)
+    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device, gpus_per_process=gpus_per_process))
+    return m, p, model_id
