@@ -24,8 +24,9 @@ HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change
 class ZooMember(TrainConfig):
     """One zoo member: a complete training config plus its place in the zoo."""
 
-    split: Literal["tune", "holdout"] = field(kw_only=True, metadata={
-        "help": "tune: detector defaults may be chosen on it; holdout: only reported on (fixed once, never changed)"})
+    split: Literal["tune", "holdout", "holdout2"] = field(kw_only=True, metadata={
+        "help": "tune: detector defaults may be chosen on it; holdout: only reported on; holdout2: written after the "
+                "detector was frozen, only reported on (fixed once, never changed)"})
     description: str = field(default="", kw_only=True, metadata={"help": "one line: what this member varies"})
     pretrained: str | None = field(default=None, kw_only=True, metadata={
         "help": "use this checkpoint instead of training ('shipped': the packaged demo model)"})
