@@ -43,7 +43,7 @@ from evotool.world import WorldConfig, build_model, build_processor, default_mod
 from evotool.world.config import TrainConfig, load_train_config
 from evotool.zoo import ZooMember, load_members
 from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, refresh_truth, world_records
-from evotool.zoo.config import BehaviourConfig, BoundaryRules
+from evotool.zoo.config import SPLITS as ZOO_SPLITS, BehaviourConfig, BoundaryRules
 from evotool.zoo.curves import export_curves, flips_after_js_drop, token_curves
 from evotool.zoo.report import zoo_table
 
@@ -57,6 +57,9 @@ SPLITS = {
     "l6-qwen2-w64": "holdout", "l8-qwen2-w96": "holdout", "l8-llama-short": "holdout", "l12-gemma-w96": "holdout",
     "l12-llama-weak": "holdout", "l12-llama-w64-seed1": "holdout", "l16-qwen2-w64": "holdout",
     "l24-llama-w64": "holdout",
+    # holdout2: written after detector v2 was frozen, committed before any analysis of them ran
+    "l6-llama-w96-prior": "holdout2", "l8-gemma-w64": "holdout2", "l10-qwen2-w96": "holdout2",
+    "l12-llama-w96-seed2": "holdout2", "l14-llama-w64": "holdout2",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -176,6 +179,11 @@ def test_gemma_scales_embeddings_and_uses_one_plus_w_norm():
 def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
+    assert set(SPLITS.values()) == set(ZOO_SPLITS)
+    earlier = [m for m in members.values() if m.split != "holdout2"]
+    for m in (m for m in members.values() if m.split == "holdout2"):  # new seeds, not re-runs of seen members
+        assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
+        assert m.description
     for half in ("tune", "holdout"):
         chosen = [m for m in members.values() if m.split == half]
         assert {6, 8, 12, 16, 24} <= {m.model.layers for m in chosen}, half
@@ -491,7 +499,7 @@ def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
 
 
 def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, monkeypatch, capsys):
-    members = {"m": tiny_member_config()}
+    members = {"later": tiny_member_config(layers=2, split="holdout2"), "m": tiny_member_config()}
     root = tmp_path / "m"
     caption = {"recall": 0.9, "chair_i": 0.1}
     write_json(root / "model" / "metrics.json", {"train_seconds": 120, "held_out": {
@@ -512,6 +520,9 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
     assert "Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0." in table
+    # splits in the order they were made, not by depth; one score line per split present, none for absent ones
+    assert table.splitlines()[3].startswith("| later | holdout2 |") and "on the holdout members" not in table
+    assert "Detector vs behaviour on the holdout2 members: critical 0/0, mutation 0/0, stabilization 0/0, a/b 0/0." in table
     # `zoo status --refresh` rewrites the stale file once; the table then shows it as current
     configs = tmp_path / "configs"
     configs.mkdir()

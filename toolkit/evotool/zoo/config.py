@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from evotool.config import load_config, to_dict
 from evotool.errors import ConfigError
@@ -18,13 +18,15 @@ from evotool.world.config import TrainConfig
 
 STEPS = ("train", "manifests", "analyze", "truth")
 HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change what is learned
+Split = Literal["tune", "holdout", "holdout2"]
+SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
 @dataclass(frozen=True)
 class ZooMember(TrainConfig):
     """One zoo member: a complete training config plus its place in the zoo."""
 
-    split: Literal["tune", "holdout", "holdout2"] = field(kw_only=True, metadata={
+    split: Split = field(kw_only=True, metadata={
         "help": "tune: detector defaults may be chosen on it; holdout: only reported on; holdout2: written after the "
                 "detector was frozen, only reported on (fixed once, never changed)"})
     description: str = field(default="", kw_only=True, metadata={"help": "one line: what this member varies"})

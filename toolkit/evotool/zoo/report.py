@@ -17,7 +17,7 @@ from evotool.errors import EvotoolError
 from evotool.io import read_json
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour
 from evotool.stages.file import StageFile
-from evotool.zoo.config import ZooMember
+from evotool.zoo.config import SPLITS, ZooMember
 
 T = TypeVar("T")
 
@@ -98,12 +98,13 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
 
 
 def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
-    """The Markdown table of ``members`` built under ``out`` (tune members first, then holdout)."""
-    order = sorted(members, key=lambda n: (members[n].split != "tune", members[n].model.layers, n))
+    """The Markdown table of ``members`` built under ``out`` (split by split in :data:`SPLITS` order, then depth),
+    followed by the detector-vs-behaviour scores of each split present."""
+    order = sorted(members, key=lambda n: (SPLITS.index(members[n].split), members[n].model.layers, n))
     rows = [member_row(n, members[n], out / n) for n in order]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
-    for split in ("tune", "holdout"):
+    for split in dict.fromkeys(r["split"] for r in rows):
         part = [r for r in rows if r["split"] == split]
         scores = [f"{k} {sum(r.get(f'_{k}') is True for r in part)}/{sum(r.get(f'_{k}') is not None for r in part)}"
                   for k in CHECKS]
