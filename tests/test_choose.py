@@ -11,7 +11,10 @@ from conftest import build_tiny, run_cli, stage_file, tiny_world_llava
 
 from evotool.errors import ConfigError, InputError
 from evotool.evals.results import read_results
-from evotool.mitigate.choose import candidate_options, choose
+from evotool.data.inputs import Sample
+from evotool.evals.manifest import ObjectVocabulary
+from evotool.generation import Generations
+from evotool.mitigate.choose import candidate_options, choose, paired_bootstrap
 from evotool.mitigate.config import Choice, MitigateConfig
 from evotool.models.loading import fingerprint, load_model
 from evotool.stages import write_stages
@@ -99,6 +102,44 @@ def test_guards_refuse_gains_that_cost_another_metric() -> None:
 def test_guard_losses_are_checked(loss: object) -> None:
     with pytest.raises(ConfigError, match="choice.guards.pope_f1 must be a number >= 0"):
         Choice(guards={"pope_f1": loss})
+
+
+def test_a_gain_that_does_not_survive_resampling_is_refused() -> None:
+    table = [GREEDY, row(0.05), row(0.10), row(0.12, latency=1.3)]
+    asked: list[int] = []
+
+    def win_rate(i: int) -> float:
+        asked.append(i)
+        return {1: 0.6, 2: 0.95}[i]
+
+    d = choose(table, Choice(), win_rate)
+    assert d.index == 2 and d.verdicts[1] == "chair_i better in 60% of resamples < 90%"
+    assert asked == [1, 2]  # row 3 fails on latency first: no resampling for it
+    assert choose(table, Choice(min_win_rate=0.5), win_rate).index == 1
+    assert choose(table, Choice(min_win_rate=0.0), win_rate).index == 1 and asked == [1, 2, 1, 2]
+
+
+def caption(i: int, objects: list[str]) -> Sample:
+    return Sample(f"c{i}", Path("unused.png"), objects=objects, meta={"task": "caption"})
+
+
+def outputs(texts: list[str]) -> Generations:
+    return Generations([[0] * len(t.split()) for t in texts], texts)
+
+
+def test_paired_bootstrap_counts_resamples_where_the_other_outputs_win() -> None:
+    samples = [caption(0, ["dog"]), caption(1, ["cat"]), caption(2, ["dog", "cat"])]
+    greedy = outputs(["a dog and a cat", "a cat", "a dog and a cat"])  # one phantom cat on record 0
+    fixed = outputs(["a dog", "a cat", "a dog and a cat"])
+    worse = outputs(["a dog and a cat", "a cat and a dog", "a dog and a cat"])
+    rate = paired_bootstrap(samples, greedy, "chair_i", 400)
+    # fixed wins exactly when the draw holds record 0 (p = 1 - (2/3)^3 = 0.704), never otherwise; worse never wins
+    assert abs(rate(fixed) - (1 - (2 / 3) ** 3)) < 0.06 and rate(worse) == 0.0 and rate(greedy) == 0.0
+    assert rate(fixed) == paired_bootstrap(samples, greedy, "chair_i", 400)(fixed)  # seeded
+    one = paired_bootstrap(samples[:1], outputs(greedy.texts[:1]), "chair_i", 50, ObjectVocabulary.from_samples(samples))
+    assert one(outputs(fixed.texts[:1])) == 1.0  # every draw is record 0
+    assert paired_bootstrap(samples, greedy, "pope_f1", 20)(fixed) == 0.0  # no such metric: no win
+    assert paired_bootstrap(samples, worse, "recall", 50)(greedy) == 0.0  # recall equal everywhere: never strictly better
 
 
 # ---------------------------------------------------------------- candidates around the stage layers
@@ -217,6 +258,7 @@ def test_greedy_fallback_end_to_end(shipped_run, monkeypatch, capsys) -> None:
     (("--data", "{root}/val/manifest.jsonl", "--guard", "pope_f1=0.02", "--methods", "dola"),
      "guarded metric pope_f1 is not in the validation metrics"),  # caption records only: no POPE F1
     (("--data", "{root}/val/manifest.jsonl", "--guard", "pope_f1=much"), "choice.guards.pope_f1 must be a number"),
+    (("--data", "{root}/val/manifest.jsonl", "--min-win-rate", "2"), "choice.min_win_rate must lie in [0, 1]"),
 ])
 def test_bad_choice_inputs_exit_with_one_line(shipped_run, tmp_path, monkeypatch, capsys, args, message) -> None:
     args = tuple(a.format(root=shipped_run) for a in args)

@@ -19,6 +19,7 @@ def command(
     max_recall_loss: Annotated[Optional[float], option(C, "choice.max_recall_loss")] = None,
     max_latency_ratio: Annotated[Optional[float], option(C, "choice.max_latency_ratio")] = None,
     guard: Annotated[Optional[list[str]], option(C, "choice.guards", "--guard")] = None,
+    min_win_rate: Annotated[Optional[float], option(C, "choice.min_win_rate")] = None,
     vocab: Annotated[Optional[str], option(C, "vocab")] = None,
     limit: Annotated[Optional[int], option(C, "limit")] = None,
     model: Annotated[Optional[str], option(C, "model")] = None,
@@ -42,7 +43,7 @@ def command(
 
     flags = {"method": method, "data": data, "methods": methods, "choice.objective": objective,
              "choice.max_recall_loss": max_recall_loss, "choice.max_latency_ratio": max_latency_ratio,
-             "choice.guards": parse_set(guard or []) or None, "vocab": vocab,
+             "choice.guards": parse_set(guard or []) or None, "choice.min_win_rate": min_win_rate, "vocab": vocab,
              "limit": limit, "model": model, "load.gpus_per_process": gpus_per_process, "stages": stages,
              "options": parse_set(set_ or []) or None,
              "grids" if data else "grid": parse_set(grid or []) or None, "tune": tune, "n": n, "seed": seed,

@@ -3,7 +3,7 @@
 Every decoding method that can change greedy's tokens is tried (or those of ``--methods``): the stage-aware
 ones over their option grid (``TUNE_GRID``, or ``grids``) with their stage-derived layers as the stage file
 gives them and moved by each of ``layer_shifts`` (:meth:`Method.shifted`), DoLa and VCD at their published
-defaults. All candidates and greedy decode the same batches interleaved (:func:`evotool.evals.harness.evaluate_methods`),
+defaults. All candidates and greedy decode the same batches interleaved (:func:`evotool.evals.harness.run_methods`),
 are scored by the manifest eval (:mod:`evotool.evals.manifest`), and :func:`choose` picks one under the
 objective (:class:`~evotool.mitigate.config.Choice`), or greedy when nothing beats it.
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from typing import Any
 from torch import nn
 
 from evotool.config import to_dict
+from evotool.data.inputs import Sample
 from evotool.errors import ConfigError, InputError, StageFileError
-from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations, score_manifest
+from evotool.evals.manifest import ObjectVocabulary, check_manifest, record_kind, score_generations, score_manifest
+from evotool.generation import Generations
 from evotool.io import DirLock, atomic_write_text, write_json
 from evotool.mitigate.config import Choice, MitigateConfig
 from evotool.mitigate.methods import BASELINE, build_method, default_grid, method_class, method_names
@@ -76,14 +79,18 @@ class Decision:
     message: str
 
 
-def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
+def choose(table: Sequence[Mapping[str, float]], choice: Choice,
+           win_rate: Callable[[int], float] | None = None) -> Decision:
     """Pick from validation metrics ``table`` (row 0: greedy, then the candidates).
 
     A candidate is eligible when its latency ratio is at most ``choice.max_latency_ratio``, (CHAIR objectives)
     its recall is at most ``choice.max_recall_loss`` below greedy's (absolute), each metric of ``choice.guards``
     is at most its allowed loss worse than greedy's (absolute, in the metric's direction; InputError when
-    greedy's metrics lack it), and its objective is strictly better than greedy's. The eligible candidate with the best objective wins; ties go to the higher recall
-    (CHAIR) or the higher mean POPE accuracy (``pope_f1``), then the lower latency ratio, then the earlier row.
+    greedy's metrics lack it), its objective is strictly better than greedy's, and (given ``win_rate(i)``: the
+    share of paired bootstrap resamples in which row i beats greedy, :func:`paired_bootstrap`) that gain holds
+    in at least ``choice.min_win_rate`` of the resamples; ``win_rate`` is called only for rows passing the rest.
+    The eligible candidate with the best objective wins; ties go to the higher recall (CHAIR) or the higher
+    mean POPE accuracy (``pope_f1``), then the lower latency ratio, then the earlier row.
     Without an eligible candidate the choice is greedy (row 0), so the chosen row is never worse than greedy
     on the table it was chosen on.
     """
@@ -119,6 +126,8 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
             verdicts.append("; ".join(f"{g} loss {loss(m, g):.3f} > {choice.guards[g]}" for g in broken))
         elif sign * m[key] >= sign * base[key]:
             verdicts.append(f"{key} not better than greedy")
+        elif win_rate is not None and choice.min_win_rate > 0 and (rate := win_rate(i)) < choice.min_win_rate:
+            verdicts.append(f"{key} better in {rate:.0%} of resamples < {choice.min_win_rate:.0%}")
         else:
             verdicts.append("eligible")
             eligible.append(i)
@@ -127,6 +136,33 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice) -> Decision:
     best = min(eligible, key=lambda i: (sign * table[i][key], -tie(table[i]), table[i].get("latency_ratio", 1.0), i))
     verdicts[best] = "chosen"
     return Decision(best, key, verdicts, f"row {best}: {key} {table[best][key]:.4f} vs greedy {base[key]:.4f}")
+
+
+def paired_bootstrap(samples: Sequence[Sample], base: Generations, key: str, resamples: int,
+                     vocab: ObjectVocabulary | None = None, seed: int = 0) -> Callable[[Generations], float]:
+    """A function giving, for other outputs on ``samples``, the share of ``resamples`` paired bootstrap resamples
+    (records drawn with replacement, the same draws for ``base`` and the other outputs) in which the other
+    outputs' metric ``key`` is strictly better than ``base``'s; a resample whose metrics lack ``key`` (e.g. one
+    without caption records) counts as no win. Seeded, so every candidate meets the same draws."""
+    vocab = vocab or ObjectVocabulary.from_samples([s for s in samples if record_kind(s) == "caption"] or samples)
+    sign = 1.0 if minimised(key) else -1.0
+    rng = random.Random(seed)
+    draws = [[rng.randrange(len(samples)) for _ in samples] for _ in range(resamples)]
+
+    def metric(gens: Generations, idx: list[int]) -> float | None:
+        scores = score_manifest([samples[i] for i in idx], [gens.texts[i] for i in idx], [len(gens.ids[i]) for i in idx], vocab)
+        return scores.get(key)
+
+    base_scores = [metric(base, idx) for idx in draws]
+
+    def rate(other: Generations) -> float:
+        wins = 0
+        for idx, a in zip(draws, base_scores):
+            b = metric(other, idx)
+            wins += a is not None and b is not None and sign * b < sign * a
+        return wins / resamples
+
+    return rate
 
 
 def candidate_options(name: str, model: nn.Module, stages: StageFile | None, cfg: MitigateConfig) -> list[dict[str, Any]]:
@@ -177,7 +213,7 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
 def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: bool) -> Path:
     from evotool.analysis.run import resolve_model_id
     from evotool.data.inputs import load_samples
-    from evotool.evals.harness import evaluate_methods
+    from evotool.evals.harness import run_methods
     from evotool.models.loading import fingerprint, load_model
     from evotool.tracking import Tracker
 
@@ -208,12 +244,19 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
     methods = {label: build_method(row["method"], model, row["options"], stages) for label, row in zip(labels, rows)}
     print(f"scoring greedy and {len(rows) - 1} candidates on {len(samples)} records", flush=True)
     clock = cfg.clock if cfg.clock != "auto" else ("cpu" if model.device.type == "cpu" else "wall")
-    scores = evaluate_methods(model, processor, methods, samples, cfg.batch_size, cfg.max_new_tokens,
-                              lambda s, g: score_generations(s, g, vocab), clock)
+    runner = run_methods(model, processor, methods, samples, cfg.batch_size, cfg.max_new_tokens, clock)
+    latency = runner.latency()
     for row, label in zip(rows, labels):
-        row["metrics"] = scores[label]
+        row["metrics"] = score_generations(samples, runner.outputs[label], vocab) | latency[label]
         row["layers"] = methods[label].layers_used()
-    decision = choose([row["metrics"] for row in rows], cfg.choice)
+    wins = paired_bootstrap(samples, runner.outputs[BASELINE], objective_key(cfg.choice, rows[0]["metrics"]),
+                            cfg.choice.resamples, vocab)
+
+    def rate(i: int) -> float:
+        rows[i]["win_rate"] = wins(runner.outputs[labels[i]])
+        return rows[i]["win_rate"]
+
+    decision = choose([row["metrics"] for row in rows], cfg.choice, rate if cfg.choice.min_win_rate > 0 else None)
     for row, verdict in zip(rows, decision.verdicts):
         row["verdict"] = verdict
     chosen = rows[decision.index]

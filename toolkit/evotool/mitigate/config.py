@@ -55,12 +55,19 @@ class Choice:
     guards: dict[str, float] = field(default_factory=dict, metadata={
         "help": "further metrics the choice may worsen by at most this much vs greedy (absolute, in the metric's "
                 "own direction), e.g. pope_f1=0.02: caption gains that cost POPE F1 are refused"})
+    min_win_rate: float = field(default=0.9, metadata={
+        "help": "a candidate must beat greedy's objective in at least this share of paired bootstrap resamples of "
+                "the validation records (the same resampled records for both), so a noise-sized gain is not "
+                "chosen; 0 switches the test off"})
+    resamples: int = field(default=200, metadata={"help": "bootstrap resamples for min_win_rate"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_recall_loss <= 1.0:
             raise ConfigError("choice.max_recall_loss must lie in [0, 1]")
         if self.max_latency_ratio < 1.0:
             raise ConfigError("choice.max_latency_ratio must be >= 1 (greedy's own ratio)")
+        if not 0.0 <= self.min_win_rate <= 1.0 or self.resamples < 1:
+            raise ConfigError("choice.min_win_rate must lie in [0, 1] and choice.resamples be >= 1")
         for key, loss in self.guards.items():
             if isinstance(loss, bool) or not isinstance(loss, (int, float)) or loss < 0:
                 raise ConfigError(f"choice.guards.{key} must be a number >= 0 (the loss allowed), got {loss!r}")
