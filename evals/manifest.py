@@ -109,6 +109,12 @@ class ObjectVocabulary:
         return out
 
 
+def caption_vocabulary(samples: Sequence[Sample]) -> ObjectVocabulary | None:
+    """The vocabulary of the caption records' objects (:meth:`ObjectVocabulary.from_samples`); None without them."""
+    captions = [s for s in samples if record_kind(s) == "caption"]
+    return ObjectVocabulary.from_samples(captions) if captions else None
+
+
 def _normalise_answer(text: str) -> str:
     return text.strip().lower().removesuffix(".").strip()
 
@@ -140,7 +146,7 @@ def score_manifest(
     out: dict[str, float] = {}
     captions = [i for i, k in enumerate(kinds) if k == "caption"]
     if captions:
-        vocab = vocab or ObjectVocabulary.from_samples([samples[i] for i in captions])
+        vocab = vocab or caption_vocabulary(samples)
         groups = {None: captions}
         for split in dict.fromkeys(splits[i] for i in captions):
             if split is not None:
