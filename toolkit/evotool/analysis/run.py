@@ -80,7 +80,7 @@ def run_analysis(cfg: AnalyzeConfig, loaded: tuple[nn.Module, Any] | None = None
     """
     output_dir(cfg.out)
     samples = resolve_samples(cfg)
-    state = process_state(cpu=cfg.load.device == "cpu" or cfg.load.gpus_per_process > 1)
+    state = process_state(cfg.load)
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
         return _run(cfg, samples, state, loaded)
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from evotool.config import field_default, field_help, merge, nest, parse_set
+from evotool.options import LoadOptions
 
 
 def option(cls: type, key: str, *param_decls: str, **kwargs: Any) -> Any:
@@ -36,8 +37,7 @@ SetPairs = Annotated[Optional[list[str]], typer.Option("--set", help="Config ove
 # Options of the commands without a config dataclass (eval, train-demo).
 Model = Annotated[Optional[str], typer.Option(help="Hub id or local path (default: the shipped demo model).")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")]
-GpusPerProcess = Annotated[int, typer.Option(help="GPUs each process spreads its model over (device_map auto on its "
-                                                 "own GPUs); start GPUs / this many processes per node.")]
+GpusPerProcess = Annotated[int, option(LoadOptions, "gpus_per_process")]
 NoWandb = Annotated[bool, typer.Option("--no-wandb", help="Do not log to Weights & Biases.")]
 
 
@@ -48,11 +48,12 @@ def load_command_model(model: str | None, dtype: str = "auto", device: str | Non
     import torch
 
     from evotool.analysis.run import resolve_model_id
-    from evotool.models.loading import LoadOptions, load_model, process_state
+    from evotool.models.loading import load_model, process_state
 
     model_id = resolve_model_id(model)
     if dtype == "auto" and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         dtype = "bfloat16"
-    process_state(cpu=gpus_per_process > 1)  # before any other use fixes it (see process_state)
-    m, p = load_model(model_id, LoadOptions(dtype=dtype, device=device, gpus_per_process=gpus_per_process))
+    load = LoadOptions(dtype=dtype, device=device, gpus_per_process=gpus_per_process)
+    process_state(load)  # before any other use fixes it
+    m, p = load_model(model_id, load)
     return m, p, model_id

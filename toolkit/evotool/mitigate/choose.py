@@ -206,7 +206,7 @@ def run_choice(cfg: MitigateConfig, model: nn.Module | None = None, processor: A
     output_dir(cfg.out)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)
-    state = process_state(cpu=cfg.load.gpus_per_process > 1)
+    state = process_state(cfg.load)
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():
         return _choose(cfg, model, processor, state.is_main_process)
 

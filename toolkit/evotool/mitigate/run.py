@@ -104,7 +104,7 @@ def run_mitigate(cfg: MitigateConfig, model: nn.Module | None = None, processor:
     output_dir(cfg.out)
     if cfg.stages is not None:
         StageFile.read(cfg.stages)
-    state = process_state(cpu=cfg.load.gpus_per_process > 1)
+    state = process_state(cfg.load)
     if cfg.method in TRAINED and state.num_processes > 1:
         raise ConfigError(f"{cfg.method} trains in one process; start it without torchrun / accelerate launch")
     with DirLock(cfg.out) if state.is_main_process else contextlib.nullcontext():

@@ -27,13 +27,15 @@ def default_device() -> str:
     return f"cuda:{rank}" if rank is not None else "cuda"
 
 
-def process_state(cpu: bool = False) -> Any:
+def process_state(load: LoadOptions | None = None) -> Any:
     """accelerate's ``PartialState`` of this process (rank, number of processes; one process unless started by
-    torchrun / ``accelerate launch``); CPU processes (``cpu`` or no CUDA) talk over gloo, and so do processes
-    whose model spans several GPUs (``cpu=True`` for ``gpus_per_process > 1``: a process's GPU group does not
-    contain ``cuda:LOCAL_RANK``, the device NCCL would bind it to). The first call fixes the state."""
+    torchrun / ``accelerate launch``) for a model loaded with ``load``. Processes talk over gloo when they run on
+    CPU (``load.device == "cpu"`` or no CUDA) and when their model spans several GPUs (``gpus_per_process > 1``:
+    a process's GPU group does not contain ``cuda:LOCAL_RANK``, the device NCCL would bind it to), else over
+    NCCL. The first call fixes the state; later calls (``load`` None) read it."""
     from accelerate import PartialState
 
+    cpu = load is not None and (load.device == "cpu" or load.gpus_per_process > 1)
     return PartialState(cpu=cpu or not torch.cuda.is_available())
 
 
