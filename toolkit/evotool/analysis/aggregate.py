@@ -33,11 +33,19 @@ def stacked(traces: list[SampleTrace], name: str) -> np.ndarray:
     return np.concatenate([metric(t, name) for t in traces], axis=0)
 
 
+def token_samples(traces: list[SampleTrace]) -> np.ndarray:
+    """The index of the sample each token belongs to: [N]."""
+    return np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)])
+
+
+def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
+    """``direct_flip`` of every token [N, L+1] (NaN at layer 0), or None when a sample was traced without it."""
+    return stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
+
+
 def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
     """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap)."""
-    groups = np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)])
-    direct = stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
-    return detect_stages(stacked(traces, "p_token"), direct, groups, cfg)
+    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg)
 
 
 def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evotool.analysis.aggregate import decision_depth
+from evotool.analysis.aggregate import decision_depth, direct_flips, stacked, token_samples
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
 from evotool.io import atomic_write_bytes
@@ -31,21 +31,16 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
     if not loaded:
         raise InputError(f"no finished samples in {run_dir}")
     traces = [t for _, t in loaded]
-    top1 = np.concatenate([t.layers["top1"] for t in traces]).astype(np.int64)
+    top1 = stacked(traces, "top1").astype(np.int64)
     token_id = np.concatenate([t.token_ids for t in traces]).astype(np.int64)
     flip = np.zeros_like(top1, dtype=bool)
     flip[:, 1:] = top1[:, 1:] != top1[:, :-1]
-    curves = {
-        "js_prev": np.concatenate([t.layers["js_prev"] for t in traces]),
-        "p_token": np.concatenate([t.layers["p_token"] for t in traces]),
-        "cos_prev": np.concatenate([t.layers["cos_prev"] for t in traces]),
-        "top1_flip": flip,
-        "decision_depth": decision_depth(top1, token_id),
-        "sample": np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)]),
-        "token_id": token_id,
-    }
-    if all("direct_flip" in t.layers for t in traces):
-        curves["direct_flip"] = np.nan_to_num(np.concatenate([t.layers["direct_flip"] for t in traces])).astype(bool)
+    curves = {name: stacked(traces, name) for name in ("js_prev", "p_token", "cos_prev")}
+    curves |= {"top1_flip": flip, "decision_depth": decision_depth(top1, token_id), "sample": token_samples(traces),
+               "token_id": token_id}
+    direct = direct_flips(traces)
+    if direct is not None:
+        curves["direct_flip"] = np.nan_to_num(direct).astype(bool)
     return {k: v[:max_tokens] for k, v in curves.items()} if max_tokens else curves
 
 
