@@ -28,11 +28,10 @@ from transformers import LogitsProcessorList
 
 from evotool import __version__
 from evotool.config import to_dict
-from evotool.errors import ConfigError, StageFileError
+from evotool.errors import ConfigError
 from evotool.io import atomic_write_text, write_json
 from evotool.mitigate.methods import build_method, make_config
 from evotool.mitigate.run import MethodSpec, load_stages_for, method_for, resolve_spec
-from evotool.models.loading import fingerprint
 from evotool.stages import StageFile
 
 CUSTOM_GENERATE = "custom_generate"
@@ -122,10 +121,8 @@ def generate_with(model: nn.Module, record: dict[str, Any], inputs: torch.Tensor
     ``max_new_tokens``, ...). Returns what ``generate`` returns, with the batch's B rows.
     """
     stages = StageFile.from_payload(record["stages"], "custom_generate/method.json") if record["stages"] else None
-    if stages is not None and stages.fingerprint != fingerprint(model):
-        raise StageFileError(f"this custom_generate folder was exported with the stage file of another model "
-                             f"(fingerprint {stages.fingerprint}, this model {fingerprint(model)}); "
-                             "re-run `evotool analyze` and `evotool export-generate` on this model")
+    if stages is not None:
+        stages.check_model(model, "re-run `evotool analyze` and `evotool export-generate` on this model")
     method = build_method(record["method"], model, record["options"], stages)
     if inputs is not None:
         kwargs["input_ids"] = inputs

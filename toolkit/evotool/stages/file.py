@@ -73,16 +73,25 @@ class StageFile:
 
     @classmethod
     def for_model(cls, path_or_run_dir: str | Path, model: Any) -> StageFile:
-        """:meth:`read` checked against a loaded ``model``: same fingerprint and the same number of decoder layers."""
+        """:meth:`read` checked against a loaded ``model`` (:meth:`check_model`), its flags printed."""
+        stage_file = cls.read(path_or_run_dir).check_model(model)
+        stage_file.warn_flags()
+        return stage_file
+
+    def check_model(self, model: Any, remedy: str = "re-run `evotool analyze` on this model") -> StageFile:
+        """This stage file, refused (:class:`StageFileError`) unless it was computed on ``model``: the same weight
+        fingerprint and the same number of decoder layers; ``remedy`` ends the fingerprint message."""
         from evotool.models.loading import fingerprint
         from evotool.models.registry import decoder_parts
 
-        stage_file = cls.read(path_or_run_dir, fingerprint(model))
-        stage_file.warn_flags()
+        own = fingerprint(model)
+        if self.fingerprint != own:
+            raise StageFileError(f"{self.source} belongs to another model (fingerprint {self.fingerprint}, this model "
+                                 f"{own}); {remedy}")
         depth = decoder_parts(model).num_layers
-        if stage_file.num_layers != depth:
-            raise StageFileError(f"{stage_file.source} describes {stage_file.num_layers} layers, the model has {depth}")
-        return stage_file
+        if self.num_layers != depth:
+            raise StageFileError(f"{self.source} describes {self.num_layers} layers, the model has {depth}")
+        return self
 
     @classmethod
     def from_payload(cls, payload: Any, source: str = STAGES_FILE) -> StageFile:
