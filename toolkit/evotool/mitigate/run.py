@@ -143,13 +143,13 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
     if not state.is_main_process:
         return cfg.out / METHOD_FILE
     write_json(cfg.out / TUNING_FILE, {"candidates": tried}, schema=TUNING_SCHEMA)  # method.json last: it marks the run done
+    fp = fingerprint(model)
     path = write_json(cfg.out / METHOD_FILE, {
         "method": spec.method, "options": spec.options, "stages": spec.stages, "model": model_id,
-        "fingerprint": fingerprint(model), "layers": method.layers_used(), "config": to_dict(method.config),
+        "fingerprint": fp, "layers": method.layers_used(), "config": to_dict(method.config),
         "validation": {"world_seed": cfg.seed, "n": cfg.n, "metrics": chosen["metrics"], "processes": state.num_processes}},
         schema=METHOD_SCHEMA)
     tracker = Tracker("mitigate", to_dict(cfg), cfg.out, enabled=cfg.wandb)
-    fp = fingerprint(model)
     if stages is not None:
         tracker.use_artifact(ArtifactRef.stages(stages.source, fp))
     tracker.log_artifact(ArtifactRef.method(path, spec.method, fp))
