@@ -317,3 +317,21 @@ def test_without_direct_effect_no_mutation_is_searched(llava: Path, tmp_path: Pa
     assert stages.critical_layer is not None and stages.mutation_layers == []
     assert "no_direct_effect" in stages.flags and f"warning: {run / 'stages.json'}: no_direct_effect" in err
     assert stages.payload["evidence"]["direct_flip"] == [None] * (stages.num_layers + 1)
+
+    # a rerun with the direct effect on resumes those samples and fills it in from their kept float16 states,
+    # as a run that traced it from the start computes it
+    code, err = evotool(analyze(llava, tmp_path / "images", run, "--no-wandb", "--set", "stages.min_tokens=1"),
+                        monkeypatch, capsys)
+    assert code == 0, err
+    fresh = tmp_path / "fresh"
+    assert evotool(analyze(llava, tmp_path / "images", fresh, "--no-wandb", "--set", "stages.min_tokens=1"),
+                   monkeypatch, capsys)[0] == 0
+    from evotool.analysis.store import RunStore
+
+    filled, traced = RunStore(run).load_all(), RunStore(fresh).load_all()
+    assert len(filled) == len(traced) == 2
+    for (_, a), (_, b) in zip(filled, traced):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        assert np.array_equal(a.layers["direct_flip"], b.layers["direct_flip"], equal_nan=True)
+        np.testing.assert_allclose(a.layers["direct_js"], b.layers["direct_js"], atol=2e-3)
+    assert "no_direct_effect" not in StageFile.read(run).flags

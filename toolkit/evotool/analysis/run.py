@@ -108,13 +108,14 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
             tqdm.write(f"sample {sample_id}: unreadable saved result, tracing it again", file=sys.stderr)
     state.wait_for_everyone()
     index = {s.id: i for i, s in enumerate(samples)}
-    pending = [s for s in samples if not store.is_done(s.id, digests[s.id])][state.process_index :: state.num_processes]
+    todo = [s for s in samples if not store.is_done(s.id, digests[s.id])]
+    pending = todo[state.process_index :: state.num_processes]
     with tqdm(total=len(pending), desc=f"analyze[{state.process_index}]", disable=not pending, unit="sample") as bar:
         for batch in batches(pending, cfg.batch_size):
             _analyse_batch(batch, cfg, store, model, parts, lens, processor, index, digests)
             bar.update(len(batch))
     if state.is_main_process and cfg.direct_effect:
-        _add_direct_effect(store, lens, model, cfg.js_base)
+        _add_direct_effect(store, lens, model, cfg.js_base, set(digests) - {s.id for s in todo})
     state.wait_for_everyone()
     if cfg.patch_lens:  # also for samples traced by an earlier run without --patch-lens
         todo = [s for s in samples if store.is_done(s.id) and not store.has_patch_lens(s.id)]
@@ -156,10 +157,11 @@ def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore,
         store.save(sample.id, trace, record)
 
 
-def _add_direct_effect(store: RunStore, lens: Lens, model: nn.Module, js_base: float) -> None:
-    """Samples traced before the direct-effect metrics existed get them from their kept features (float16 states)."""
+def _add_direct_effect(store: RunStore, lens: Lens, model: nn.Module, js_base: float, earlier: set[str]) -> None:
+    """Samples finished by an earlier run (ids ``earlier``; this run's traces have them) and traced before the
+    direct-effect metrics existed get them from their kept features (float16 states)."""
     for record in store.records():
-        if store.has_metric(record["id"], "direct_flip"):
+        if record["id"] not in earlier or store.has_metric(record["id"], "direct_flip"):
             continue
         trace = store.load_trace(record["id"])
         if trace.features is None:
