@@ -52,8 +52,7 @@ def forced_batch(model: nn.Module, processor: Any, samples: Sequence[Sample], id
     """The prompts of ``samples`` followed by ``ids`` (the full model's outputs) as one teacher-forcing batch."""
     _, images = load_images(samples)
     inputs = build_inputs(processor, images, [s.prompt for s in samples], model.device, model.dtype)
-    pad = getattr(processor, "tokenizer", processor).pad_token_id
-    return Forced.build(inputs, ids, pad if pad is not None else 0)
+    return Forced.from_outputs(model, processor, inputs, ids)
 
 
 def markdown(rows: dict[str, dict[str, Any]]) -> str:

@@ -129,6 +129,13 @@ class Forced:
     prompt_len: int
 
     @classmethod
+    def from_outputs(cls, model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor],
+                     ids: list[list[int]]) -> Forced:
+        """:meth:`build` with the processor's pad id (0 without one) and the model's image placeholder id."""
+        pad = getattr(processor, "tokenizer", processor).pad_token_id
+        return cls.build(inputs, ids, pad if pad is not None else 0, image_token_id(model.config))
+
+    @classmethod
     def build(cls, inputs: dict[str, torch.Tensor], ids: list[list[int]], pad_id: int, image_token: int | None = None
               ) -> Forced:
         """``image_token``: a generated image placeholder id is fed back as ``pad_id`` (the model would otherwise
@@ -283,8 +290,7 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
         bypass_curve.append({"layer": layer, **metrics})
     say("bypass curve done")
 
-    pad = getattr(processor, "tokenizer", processor).pad_token_id
-    forced = Forced.build(probe.caption_inputs, ref, pad if pad is not None else 0, image_token_id(model.config))
+    forced = Forced.from_outputs(model, processor, probe.caption_inputs, ref)
     oracle, cache = [], {}
     for k in range(1, min(n - 1, math.ceil(n * cfg.oracle_fraction)) + 1):
         oracle.append(oracle_removal(model, k, forced, cfg,
