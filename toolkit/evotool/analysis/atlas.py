@@ -40,6 +40,7 @@ from evotool.errors import InputError  # noqa: E402
 from evotool.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour  # noqa: E402
 from evotool.stages.file import StageFile  # noqa: E402
+from evotool.validate import output_dir  # noqa: E402
 from evotool.zoo.report import verdict  # noqa: E402
 
 BEGIN = "<!-- evotool atlas: begin (generated; text outside these markers is kept) -->"
@@ -134,7 +135,7 @@ def row(run: AtlasRun) -> dict[str, str]:
     }
     b = run.behaviour
     if b is not None:
-        checks = verdict({"removable_at_least_2": False, **b}, s, None)
+        checks = verdict(b, s, None)
         cells.update({
             "beh. critical": "none" if b["critical_layer"] is None else str(b["critical_layer"]),
             "beh. mutation": _layers(b["mutation_layers"]),
@@ -248,10 +249,8 @@ def write_markdown(path: Path, block: str) -> Path:
 
 def write_atlas(run_dirs: Sequence[Path], cfg: AtlasConfig) -> list[Path]:
     """Write ``atlas.md``, ``atlas.png`` and (``cfg.html``) ``atlas.html`` into ``cfg.out``; returns their paths."""
+    out = output_dir(cfg.out)  # checked before the runs are read
     runs = load_runs(run_dirs, cfg.behaviour)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
     fig, _ = figure(runs, cfg.columns)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)

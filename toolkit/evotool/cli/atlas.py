@@ -21,9 +21,7 @@ def command(
     """Write atlas.md (table), atlas.png (one panel per run, x = layer / L) and atlas.html, with behavioural truth."""
     from evotool.analysis.atlas import write_atlas
     from evotool.config import load_config
-    from evotool.validate import output_dir
 
     cfg = load_config(C, None, overrides({"out": out, "behaviour": behaviour, "html": html, "columns": columns}))
-    output_dir(cfg.out)
     for path in write_atlas(runs, cfg):
         typer.echo(f"wrote {path}")

@@ -46,7 +46,7 @@ class ZooMember(TrainConfig):
 
     def cost(self) -> float:
         """Relative training cost (decoder layer-steps) for scheduling longest first."""
-        return 0.0 if self.pretrained else float(self.model.layers * self.train_config().steps()[1])
+        return 0.0 if self.pretrained else float(self.model.layers * self.steps()[1])
 
 
 @dataclass(frozen=True)

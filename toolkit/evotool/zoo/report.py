@@ -41,7 +41,7 @@ def verdict(boundaries: dict, a: StageFile, b: StageFile | None, tolerance: int 
     return {
         "critical": None if crit is None else close(a.critical_layer, crit),
         "mutation": None if crit is None else (a.mutation is None if not muts else any(close(a.mutation, m) for m in muts)),
-        "stabilization": (stab is not None and stab[1] - stab[0] + 1 >= 2) if boundaries["removable_at_least_2"] else None,
+        "stabilization": (stab is not None and stab[1] - stab[0] + 1 >= 2) if boundaries.get("removable_at_least_2") else None,
         "a/b": None if b is None else close(a.critical_layer, b.critical_layer) and close(a.mutation, b.mutation),
     }
 
@@ -63,7 +63,7 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
     behaviour = _read(member_dir / BEHAVIOUR_FILE, read_behaviour)
     family = member.model.family + (" (tied)" if member.model.tie_embeddings else "")
     row = {"member": name, "split": member.split, "family": family, "L": str(member.model.layers),
-           "width": str(member.model.width), "steps": str(member.train_config().steps()[1])}
+           "width": str(member.model.width), "steps": str(member.steps()[1])}
     if metrics:
         held = metrics["held_out"]
         pope = [held[g][t]["accuracy"] for g in held for t in held[g] if t.startswith("pope")]
