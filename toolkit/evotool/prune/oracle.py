@@ -14,7 +14,6 @@ Writes ``oracle.json`` (schema :data:`ORACLE_SCHEMA`) and ``oracle.md`` in ``cfg
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,18 +22,17 @@ from torch import nn
 from evotool.analysis.run import resolve_model_id
 from evotool.config import to_dict
 from evotool.data.inputs import Sample, load_samples
-from evotool.errors import ConfigError, StageFileError
+from evotool.errors import ConfigError
 from evotool.evals.manifest import ObjectVocabulary, check_manifest, score_generations
 from evotool.generation import build_inputs, generate_samples, load_images
 from evotool.io import atomic_write_text, write_json
 from evotool.mitigate.run import require_file
 from evotool.models.loading import load_model
-from evotool.prune.calibrate import calibrate
 from evotool.prune.config import PruneConfig
 from evotool.prune.evaluate import token_agreement
-from evotool.prune.plan import plan
+from evotool.prune.plan import plan_selectors
 from evotool.prune.run import resolve_stages
-from evotool.prune.select import SELECTORS, budget, needs_stats
+from evotool.prune.select import budget
 from evotool.stages.behaviour import Forced, oracle_removal, without_layers
 from evotool.tracking import Tracker
 from evotool.zoo.config import BehaviourConfig
@@ -92,16 +90,9 @@ def compare_with_oracle(cfg: PruneConfig) -> dict[str, Any]:
                 **score_generations(report, out, vocab)}
 
     rows: dict[str, dict[str, Any]] = {"full": evaluate(full, [])}
-    stats = None
-    if any(needs_stats(s, cfg.redundancy) for s in SELECTORS):
-        from evotool.finetune import world_samples
-
-        stats = calibrate(full, processor, world_samples(cfg.calibration_samples, seed=cfg.seed))
-    for sel in SELECTORS:
-        try:
-            selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
-        except (ConfigError, StageFileError) as err:  # e.g. the stabilization stage holds fewer than k layers
-            rows[f"static:{sel}"] = {"note": str(err)}
+    for sel, selection in plan_selectors(full, processor, stages, cfg).items():
+        if isinstance(selection, str):
+            rows[f"static:{sel}"] = {"note": selection}
             continue
         with without_layers(full, selection.removed) as variant:
             rows[f"static:{sel}"] = evaluate(variant, selection.removed)

@@ -8,12 +8,14 @@ mutation-stage layers, or the critical layer without ``--keep-critical``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 from evotool.prune.calibrate import calibrate
 from evotool.prune.config import PruneConfig
 from evotool.prune.select import SELECTORS, CalibrationStats, Selection, SelectionContext, budget, needs_stats
@@ -52,3 +54,17 @@ def plan(model: nn.Module, processor: Any, stages: StageFile, cfg: PruneConfig,
                            protected={stages.critical} if cfg.keep_critical and stages.critical_layer else set(),
                            redundancy=cfg.redundancy, keep_mutation=cfg.keep_mutation, seed=cfg.seed)
     return SELECTORS[cfg.selector](k, ctx), stats
+
+
+def plan_selectors(model: nn.Module, processor: Any, stages: StageFile, cfg: PruneConfig,
+                   selectors: Sequence[str] = tuple(SELECTORS)) -> dict[str, Selection | str]:
+    """Each selector's plan at ``cfg``'s budget, or the reason it does not apply (e.g. a stabilization stage
+    shorter than k); the calibration statistics are computed once, by the first selector that needs them."""
+    out: dict[str, Selection | str] = {}
+    stats = None
+    for sel in selectors:
+        try:
+            out[sel], stats = plan(model, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
+        except (ConfigError, StageFileError) as err:
+            out[sel] = str(err)
+    return out

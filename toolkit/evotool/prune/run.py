@@ -27,13 +27,12 @@ from evotool.integrations.hub import check_push, push_folder
 from evotool.io import DirLock, atomic_dir, atomic_write_text, write_json
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
-from evotool.prune.calibrate import calibrate
 from evotool.prune.card import write_card
 from evotool.prune.config import PruneConfig
 from evotool.prune.evaluate import HEADLINE, evaluate_variant, greedy_ids, headline
-from evotool.prune.plan import plan
+from evotool.prune.plan import plan, plan_selectors
 from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
-from evotool.prune.select import SELECTORS, Selection, needs_stats
+from evotool.prune.select import SELECTORS, Selection
 from evotool.prune.speed import measure, ratios
 from evotool.prune.static import remove_layers
 from evotool.stages import StageFile
@@ -204,9 +203,6 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
     model_id = resolve_model_id(cfg.model)
     full, processor = load_model(model_id, cfg.load)
     stages = resolve_stages(full, model_id, cfg)
-    stats = None
-    if any(needs_stats(s, cfg.redundancy) for s in selectors):
-        stats = calibrate(full, processor, world_samples(cfg.calibration_samples, seed=cfg.seed))
     samples = default_samples(cfg.agreement_samples, cfg.seed)
     ref = greedy_ids(full, processor, samples, cfg.max_new_tokens)
     n = stages.num_layers
@@ -216,11 +212,9 @@ def compare(cfg: PruneConfig, selectors: tuple[str, ...] = tuple(SELECTORS), mod
 
     rows: dict[str, dict[str, Any]] = {"full": {"layers": n, **evaluate(full)}}
     pruned_models: dict[str, nn.Module] = {}
-    for sel in selectors:
-        try:
-            selection, _ = plan(full, processor, stages, dataclasses.replace(cfg, selector=sel), stats)
-        except (ConfigError, StageFileError) as err:
-            rows[f"static:{sel}"] = {"note": str(err)}
+    for sel, selection in plan_selectors(full, processor, stages, cfg, selectors).items():
+        if isinstance(selection, str):
+            rows[f"static:{sel}"] = {"note": selection}
             continue
         pruned = copy.deepcopy(full)
         remove_layers(pruned, selection.removed)
