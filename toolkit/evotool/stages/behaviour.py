@@ -51,7 +51,7 @@ from evotool.patch_lens import image_token_id
 from evotool.prune.evaluate import token_agreement
 from evotool.prune.runtime import cache_reference_layers, exit_after, skip_layers
 from evotool.prune.static import remove_layers
-from evotool.world import records_to_samples
+from evotool.world import caption_records, records_to_samples
 from evotool.world.generator import WorldConfig, make_records
 from evotool.zoo.config import BehaviourConfig, BoundaryRules
 
@@ -87,9 +87,7 @@ class Probe:
 
     @classmethod
     def build(cls, model: nn.Module, processor: Any, world: WorldConfig, cfg: BehaviourConfig) -> Probe:
-        half = cfg.captions // 2
-        captions = records_to_samples(make_records("caption", "test", cfg.captions - half, world)
-                                      + make_records("caption", "prior_breaking", half, world))
+        captions = records_to_samples(caption_records(world, cfg.captions))
         records = []
         if cfg.pope:
             records = make_records("pope_random", "prior_breaking", cfg.pope - cfg.pope // 2, world)

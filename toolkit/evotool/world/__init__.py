@@ -33,6 +33,7 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "caption_records",
     "caption_text",
     "default_model_path",
     "default_samples",
@@ -75,12 +76,15 @@ def records_to_samples(records: list[dict]) -> list[Sample]:
     ]
 
 
+def caption_records(world: WorldConfig, n: int) -> list[dict]:
+    """``n`` held-out caption records of ``world``: the first half (rounded up) in distribution, the rest
+    prior-breaking (a circle without a square)."""
+    records = make_records("caption", "test", n - n // 2, world)
+    return records + (make_records("caption", "prior_breaking", n // 2, world) if n > 1 else [])
+
+
 def default_samples(n: int = 8, seed: int = 0) -> list[Sample]:
-    """``n`` held-out caption samples: the first half in distribution, the rest prior-breaking (circle, no square)."""
+    """``n`` held-out caption samples of the default world (:func:`caption_records`)."""
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
-    world = WorldConfig(seed=seed)
-    records = make_records("caption", "test", (n + 1) // 2, world)
-    if n > 1:
-        records += make_records("caption", "prior_breaking", n // 2, world)
-    return records_to_samples(records)
+    return records_to_samples(caption_records(WorldConfig(seed=seed), n))
