@@ -220,7 +220,7 @@ def test_auto_calibration_measures_every_size_and_confirms(demo):
     batches = [{k: v[:4] for k, v in inputs.items()}]
     cal = calibrate_draft(model, batches, [9, 5, 7], max_new_tokens=8, draft_lengths=(2, 4), repeats=1)
     assert [(row["skip"], row["max_draft"]) for row in cal.rows[:3]] == [([9], 4), ([5, 9], 4), ([5, 7, 9], 4)]
-    fastest = max(cal.rows[:3], key=lambda row: row["speedup"])["skip"]
+    fastest = max(cal.rows[:3], key=lambda row: row["score"])["skip"]  # measured speedup capped by its bound
     assert [(row["skip"], row["max_draft"], row["reuse_prefix"]) for row in cal.rows[3:]] == [
         (fastest, 2, False), (fastest, 4, True)]
     assert all(row["tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1 for row in cal.rows)
