@@ -1,13 +1,21 @@
 """Lossless stage speculative decoding against plain greedy and transformers' ``assistant_early_exit``.
 
 Trained model (``--model DIR --stages stages.json``): tunes on calibration data, reports on held-out data.
-* stage_speculative ``auto``: the draft plan (skip set from the stage ranking, max draft length) chosen by
-  measured tokens/s on the calibration samples at each batch size (``calibrate_draft``);
+* stage_speculative ``auto``: the draft plan (skip set from the stage rankings, max draft length) chosen by
+  measured tokens/s on the calibration samples at each batch size (``calibrate_draft``), searching the
+  stable stage's ranking and the stable and mutation stages' ranking (skipping every layer of both is an
+  early exit at the critical layer), as ``--skip auto`` does;
+* stage_speculative ``auto stable only``: the same search over the stable stage's ranking alone;
 * ``stable``: the draft skipping every skippable stable-stage layer (max draft 4), untuned;
 * ``early-exit``: transformers' ``assistant_early_exit`` (draft = the first e layers, batch 1 only), e swept
-  on the calibration samples, the fastest e reported. transformers reads the exit from the base model's
-  config, which for a LLaVA is the composite config: the benchmark forwards ``num_hidden_layers`` to the text
-  config (a property on a config subclass) so that transformers' own code runs unchanged.
+  on the calibration samples; the fastest e is reported and, when another e needs fewer full-forward
+  equivalents on the calibration samples, that e too (``early-exit fewest fwd-eq``). transformers reads the
+  exit from the base model's config, which for a LLaVA is the composite config: the benchmark forwards
+  ``num_hidden_layers`` to the text config (a property on a config subclass) so that transformers' own code
+  runs unchanged;
+* ``exit draft (our loop)``: an ablation: this package's loop with the draft = the first e layers (skip e+1..L),
+  e and the draft length chosen by ``calibrate_draft`` like ``auto``: it separates what the stage-guided skip
+  set brings from what the loop (adaptive length, one cache, batching) brings.
 Every method's tokens are checked against plain greedy. Columns: acceptance (accepted / drafted draft
 tokens), tokens per verify step, full-model-forward equivalents per token (decoder-layer calls / L per token
 after the first: stage_speculative from its counters, early exit from forward hooks on every decoder
@@ -151,6 +159,8 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
         from evotool.finetune import world_samples
         cal = world_samples(args.calibration_n)
     ranking = skip_ranking(model, stages, args.redundancy)
+    ranking_mut = skip_ranking(model, stages, args.redundancy, keep_mutation=False)
+    exit_ranking = list(range(L, 1, -1))  # the first N skip the last N layers: an exit after layer L - N
     stable = DraftPlan(sorted(ranking), 4)
     print(f"# {args.model or 'shipped demo model'}: {L} layers; stages critical {stages.critical_layer}, "
           f"stabilization {stages.stages['stabilization']}; ranking ({args.redundancy}) {ranking}")
@@ -164,10 +174,15 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
     for bsz in [int(b) for b in args.batches.split(",")]:
         cal_batches = calibration_inputs(processor, cal, bsz, model.device)
         batches = calibration_inputs(processor, test, bsz, model.device)
-        calib = calibrate_draft(model, cal_batches, ranking, args.max_new_tokens, repeats=args.calibration_repeats)
-        print(f"# batch {bsz}: auto chose skip {calib.plan.skip or '- (plain greedy)'} max_draft {calib.plan.max_draft} "
-              f"(re-measured {calib.confirmed_speedup:.3f}x greedy on calibration data, {calib.seconds:.0f} s)")
-        plans: dict[str, DraftPlan | None] = {"greedy": None, "stage_speculative auto": calib.plan,
+        calibs = {name: calibrate_draft(model, cal_batches, r, args.max_new_tokens, repeats=args.calibration_repeats)
+                  for name, r in (("stage_speculative auto", [ranking, ranking_mut]),
+                                  ("stage_speculative auto stable only", [ranking]),
+                                  ("exit draft (our loop)", [exit_ranking]))}
+        for name, calib in calibs.items():
+            print(f"# batch {bsz}: {name} chose skip {calib.plan.skip or '- (plain greedy)'} max_draft "
+                  f"{calib.plan.max_draft} (re-measured {calib.confirmed_speedup:.3f}x greedy on calibration data, "
+                  f"{calib.seconds:.0f} s)")
+        plans: dict[str, DraftPlan | None] = {"greedy": None, **{k: c.plan for k, c in calibs.items()},
                                               "stage_speculative stable": stable}
         runners: dict[str, Runner] = {"greedy": greedy_runner(model)}
         runners.update({k: spec_runner(model, p) for k, p in plans.items() if p is not None})
@@ -177,11 +192,16 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
                 ee = {f"early-exit {e}": greedy_runner(model, assistant_early_exit=e) for e in exits}
                 secs = timed(model, {"greedy": greedy_runner(model), **ee}, cal_batches, args.max_new_tokens, 1, clock)
                 sweep = {e: secs["greedy"] / secs[f"early-exit {e}"] for e in exits}
-                best = max(sweep, key=sweep.get)
-                print(f"# early-exit sweep on calibration data (speedup over greedy): "
-                      + ", ".join(f"{e}: {s:.2f}" for e, s in sweep.items()) + f" -> best exit {best}")
+                fwd = {e: count(model, ee[f"early-exit {e}"], cal_batches, args.max_new_tokens, None)["fwd_eq"] for e in exits}
+                best, fewest = max(sweep, key=sweep.get), min(fwd, key=fwd.get)
+                print(f"# early-exit sweep on calibration data (speedup over greedy / fwd-eq per token): "
+                      + ", ".join(f"{e}: {sweep[e]:.2f} / {fwd[e]:.3f}" for e in exits)
+                      + f" -> fastest exit {best}, fewest fwd-eq exit {fewest}")
                 runners["early-exit"] = greedy_runner(model, assistant_early_exit=best)
                 plans["early-exit"] = None
+                if fewest != best:
+                    runners["early-exit fewest fwd-eq"] = greedy_runner(model, assistant_early_exit=fewest)
+                    plans["early-exit fewest fwd-eq"] = None
                 counted = {name: count(model, runners[name], batches, args.max_new_tokens, plans[name]) for name in runners}
                 secs = timed(model, runners, batches, args.max_new_tokens, args.repeats, clock)
         else:
@@ -194,7 +214,8 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
         for name in runners:
             c, plan = counted[name], plans[name]
             draft = (f"skip {plan.skip}" + (" + prefix reuse" if plan.reuse_prefix else "") if plan and plan.skip else "-" if plan else
-                     f"first {best} layers" if name == "early-exit" else "-")
+                     f"first {best} layers" if name == "early-exit" else
+                     f"first {fewest} layers" if name == "early-exit fewest fwd-eq" else "-")
             rate = tokens / secs[name]
             ee_rate = tokens / secs["early-exit"] if "early-exit" in secs else None
             same = all(torch.equal(a, b) for a, b in zip(c["outs"], ref))
@@ -205,8 +226,10 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
             result["rows"].append({"batch": bsz, "method": name, "draft": draft, "acceptance": c["acceptance"],
                                    "tokens_per_step": c["per_step"], "forward_equivalents": c["fwd_eq"],
                                    "tokens_per_s": rate, "identical": same})
-        result.setdefault("calibration", {})[bsz] = calib.summary()
+        result.setdefault("calibration", {})[bsz] = {k: c.summary() for k, c in calibs.items()}
         result.setdefault("early_exit_sweep", {}).update({str(e): s for e, s in sweep.items()})
+        if sweep:
+            result["early_exit_forward_equivalents"] = {str(e): f for e, f in fwd.items()}
         print()
     return result
 

@@ -201,10 +201,15 @@ def test_first_layer_of_each_attention_type_is_refused_and_later_ones_work():
 
 
 def test_skip_ranking_follows_the_stage_selector(demo):
-    model, _, _ = demo
+    model, _, inputs = demo
     assert skip_ranking(model, DEMO_STAGES, "cosine") == [9, 5, 7, 6, 4, 8, 10]
     method = build_method("stage_speculative", model, {"skip": "3", "max_draft": "2"}, DEMO_STAGES)
     assert method.plan.skip == [5, 7, 9] and method.plan.max_draft == 2
+    # keep_mutation=false: the mutation stage (11, 12; cosines 0.2, 0.1) joins the ranking by the same score
+    assert skip_ranking(model, DEMO_STAGES, "cosine", keep_mutation=False) == [9, 5, 7, 6, 4, 8, 10, 11, 12]
+    method = build_method("stage_speculative", model, {"skip": "9", "keep_mutation": False}, DEMO_STAGES)
+    assert method.plan.skip == [4, 5, 6, 7, 8, 9, 10, 11, 12]  # the draft is the early exit at the critical layer
+    assert method.generate_ids(dict(inputs), 12) == generate_ids(model, dict(inputs), 12)
 
 
 def test_method_generates_greedy_tokens_and_reports_stats(demo):
@@ -218,10 +223,12 @@ def test_method_generates_greedy_tokens_and_reports_stats(demo):
 def test_auto_calibration_measures_every_size_and_confirms(demo):
     model, _, inputs = demo
     batches = [{k: v[:4] for k, v in inputs.items()}]
-    cal = calibrate_draft(model, batches, [9, 5, 7], max_new_tokens=8, draft_lengths=(2, 4), repeats=1)
-    assert [(row["skip"], row["max_draft"]) for row in cal.rows[:3]] == [([9], 4), ([5, 9], 4), ([5, 7, 9], 4)]
-    fastest = max(cal.rows[:3], key=lambda row: row["score"])["skip"]  # measured speedup capped by its bound
-    assert [(row["skip"], row["max_draft"], row["reuse_prefix"]) for row in cal.rows[3:]] == [
+    # two rankings (stable stage; stable + mutation stage): every prefix of each, a shared set measured once
+    cal = calibrate_draft(model, batches, [[9, 5, 7], [9, 11, 5]], max_new_tokens=8, draft_lengths=(2, 4), repeats=1)
+    assert [(row["skip"], row["max_draft"]) for row in cal.rows[:5]] == [
+        ([9], 4), ([5, 9], 4), ([5, 7, 9], 4), ([9, 11], 4), ([5, 9, 11], 4)]
+    fastest = max(cal.rows[:5], key=lambda row: row["score"])["skip"]  # measured speedup capped by its bound
+    assert [(row["skip"], row["max_draft"], row["reuse_prefix"]) for row in cal.rows[5:]] == [
         (fastest, 2, False), (fastest, 4, True)]
     assert all(row["tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1 for row in cal.rows)
     assert all(row["score"] == min(row["speedup"], 1 / row["forward_equivalents"]) for row in cal.rows)
@@ -241,7 +248,7 @@ def test_auto_reads_a_measurement_above_the_counted_bound_as_the_bound(demo, mon
 
     monkeypatch.setattr(plan_module, "_timed", noisy)
     model, _, inputs = demo
-    cal = calibrate_draft(model, [{k: v[:2] for k, v in inputs.items()}], [9], max_new_tokens=8,
+    cal = calibrate_draft(model, [{k: v[:2] for k, v in inputs.items()}], [[9]], max_new_tokens=8,
                           draft_lengths=(2, 4), repeats=1)
     for row in cal.rows:
         assert row["speedup"] > 2 and row["forward_equivalents"] > 1 and row["score"] == row["bound"] < 1

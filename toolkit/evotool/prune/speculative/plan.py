@@ -3,11 +3,14 @@
 * :func:`check_skip` refuses a skip set with layers outside 1..L, a cache-reference layer (layer 1, the first
   layer of each attention type: :func:`evotool.prune.runtime.cache_reference_layers`) or the critical layer.
 * :func:`skip_ranking`: the stage selector's ranking (:func:`evotool.prune.select.rank_stage`) of the
-  stabilization stage, most redundant first, cache-reference layers and the critical layer excluded;
-  ``skip=N`` takes its first N layers.
+  stabilization stage (with ``keep_mutation=False`` also of the mutation stage: the verifier still runs those
+  layers, so a draft may skip them at the cost of the tokens they overturn), most redundant first,
+  cache-reference layers and the critical layer excluded; ``skip=N`` takes its first N layers.
 * :func:`calibrate_draft` (``skip=auto``): measures tokens per second of plain greedy and of candidate
   plans on calibration batches and keeps the fastest; when no plan beats plain greedy the plan is plain
-  greedy (an empty skip set). Search, all measured: every skip size N (the first N ranked layers) at the
+  greedy (an empty skip set). ``auto`` searches two rankings, the stable stage's and the stable and mutation
+  stages' together (``keep_mutation`` only chooses the ranking of ``skip=N``). Search, all measured: every skip
+  size N of every ranking (the first N ranked layers; a set two rankings share is measured once) at the
   middle of ``draft_lengths``, then the fastest size at the other draft lengths and with ``reuse_prefix``
   flipped (it saves verifier compute but costs one more forward call per round), then a fresh measurement
   of the winner against plain greedy that decides; each pass interleaves its candidates with plain greedy
@@ -55,6 +58,7 @@ class SpeculativeConfig:
     threshold: float = field(default=0.0, metadata={"help": "stop drafting when the draft's top-1 probability falls below this"})
     reuse_prefix: bool = field(default=False, metadata={"help": "verify from the draft's state at the first skipped layer (exact; saves compute, costs a forward call; auto: calibrated)"})
     redundancy: str = field(default="cosine", metadata={"help": "stable-stage ranking: cosine or js (from stages.json) or influence (calibration pass)"})
+    keep_mutation: bool = field(default=True, metadata={"help": "skip=N: the draft never skips mutation-stage layers (false: it may, ranked with the stable stage's; the verifier runs them); auto measures both"})
     calibration_data: str | None = field(default=None, metadata={"help": "auto / influence: manifest, image folder or dataset; default: synthetic-world training samples"})
     calibration_samples: int = field(default=8, metadata={"help": "auto / influence: calibration samples"})
     calibration_tokens: int = field(default=32, metadata={"help": "auto: new tokens per calibration sample"})
@@ -105,21 +109,24 @@ def check_skip(model: nn.Module, layers: Sequence[int], stages: StageFile | None
 
 
 def skip_ranking(model: nn.Module, stages: StageFile, redundancy: str = "cosine",
-                 stats: CalibrationStats | None = None) -> list[int]:
-    """Skippable stabilization-stage layers, most redundant first (the stage selector's ranking)."""
+                 stats: CalibrationStats | None = None, keep_mutation: bool = True) -> list[int]:
+    """Skippable stabilization-stage layers (``keep_mutation=False``: and mutation-stage layers), most redundant
+    first (the stage selector's ranking)."""
     n = decoder_parts(model).num_layers
     protected = set(cache_reference_layers(model)) | ({_critical(stages)} - {None})
-    ctx = SelectionContext(num_layers=n, stages=stages, stats=stats, protected=protected, redundancy=redundancy)
+    ctx = SelectionContext(num_layers=n, stages=stages, stats=stats, protected=protected, redundancy=redundancy,
+                           keep_mutation=keep_mutation)
     ranked = rank_stage(ctx)[0]
     if not ranked:
-        raise ConfigError("the stabilization stage has no layer the draft can skip")
+        where = "stabilization stage" + ("" if keep_mutation else " and the mutation stage")
+        raise ConfigError(f"the {where} {'has' if keep_mutation else 'have'} no layer the draft can skip")
     return ranked
 
 
 def skip_first(ranking: Sequence[int], n: int) -> list[int]:
     """The first ``n`` ranked layers, sorted; :class:`ConfigError` when fewer are available."""
     if n > len(ranking):
-        raise ConfigError(f"cannot skip {n} layers: only {len(ranking)} skippable stable-stage layers {sorted(ranking)}")
+        raise ConfigError(f"cannot skip {n} layers: only {len(ranking)} skippable layers {sorted(ranking)}")
     return sorted(ranking[:n])
 
 
@@ -161,11 +168,14 @@ def _timed(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: D
     return clock() - start, tokens, stats
 
 
-def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], ranking: Sequence[int],
-                    max_new_tokens: int = 32, draft_lengths: Sequence[int] = (2, 4, 8), threshold: float = 0.0,
-                    reuse_prefix: bool = False, repeats: int = 2, clock: str | None = None) -> Calibration:
-    """Pick the fastest plan on ``batches`` (prepared ``generate`` inputs) by measured tokens/s (module docstring)."""
-    if not batches or not ranking or repeats < 1:
+def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                    rankings: Sequence[Sequence[int]], max_new_tokens: int = 32, draft_lengths: Sequence[int] = (2, 4, 8),
+                    threshold: float = 0.0, reuse_prefix: bool = False, repeats: int = 2,
+                    clock: str | None = None) -> Calibration:
+    """Pick the fastest plan on ``batches`` (prepared ``generate`` inputs) by measured tokens/s (module docstring);
+    ``rankings``: one or more skip rankings (most redundant first) whose every prefix is a candidate skip set."""
+    sets = list(dict.fromkeys(tuple(skip_first(r, n)) for r in rankings for n in range(1, len(r) + 1)))
+    if not batches or not sets or repeats < 1:
         raise ConfigError("calibration needs at least one batch, one skippable layer and repeats >= 1")
     if not draft_lengths or min(draft_lengths) < 1:
         raise ConfigError("draft_lengths must hold at least one length >= 1")
@@ -193,10 +203,9 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
             row["score"] = min(row["speedup"], row["bound"])
         return rows, rate[0]
 
-    _timed(model, batches[:1], DraftPlan(skip_first(ranking, 1), 2, threshold, reuse_prefix), 2, tick)  # warm-up
+    _timed(model, batches[:1], DraftPlan(list(sets[0]), 2, threshold, reuse_prefix), 2, tick)  # warm-up
     middle = sorted(draft_lengths)[len(draft_lengths) // 2]
-    rows, base = measure([DraftPlan(skip_first(ranking, n), middle, threshold, reuse_prefix)
-                          for n in range(1, len(ranking) + 1)])
+    rows, base = measure([DraftPlan(list(skip), middle, threshold, reuse_prefix) for skip in sets])
     fastest = max(rows, key=lambda row: row["score"])["skip"]
     more = [DraftPlan(fastest, d, threshold, reuse_prefix) for d in draft_lengths if d != middle]
     rows += measure(more + [DraftPlan(fastest, middle, threshold, not reuse_prefix)])[0]
@@ -232,11 +241,15 @@ def resolve_plan(model: nn.Module, stages: StageFile, config: SpeculativeConfig,
     if needs_data and samples is None:
         samples = _calibration_samples(config)
     stats = calibrate(model, processor, samples) if config.redundancy == "influence" else None
-    ranking = skip_ranking(model, stages, config.redundancy, stats)
     if config.skip != "auto":
+        ranking = skip_ranking(model, stages, config.redundancy, stats, config.keep_mutation)
         return DraftPlan(check_skip(model, skip_first(ranking, int(config.skip)), stages), **opts), None
+    both = skip_ranking(model, stages, config.redundancy, stats, keep_mutation=False)
+    first, last = stages.stable_range
+    stable = [i for i in both if first <= i <= last]  # the stable stage's ranking: the same scores, the same order
+    rankings = [r for r in (stable, both) if r]
     batches = calibration_inputs(processor, samples, min(batch_size, len(samples)), model.device)
-    cal = calibrate_draft(model, batches, ranking, config.calibration_tokens, threshold=config.threshold,
+    cal = calibrate_draft(model, batches, rankings, config.calibration_tokens, threshold=config.threshold,
                           reuse_prefix=config.reuse_prefix)
     return cal.plan, cal
 
