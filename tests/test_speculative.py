@@ -170,6 +170,8 @@ def test_refusals(demo):
         build_method("stage_speculative", model, {"layers": "3,4"}, DEMO_STAGES)
     with pytest.raises(ConfigError, match="skip must be auto or a number"):
         SpeculativeConfig(skip="half")
+    with pytest.raises(ConfigError, match="min_gain must be >= 0"):
+        SpeculativeConfig(min_gain=-0.1)
     with pytest.raises(ConfigError):
         speculative_generate(model, inputs, [5], 4, do_sample=True)
 
@@ -232,7 +234,7 @@ def test_auto_calibration_measures_every_size_and_confirms(demo):
         (fastest, 2, False), (fastest, 4, True)]
     assert all(row["tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1 for row in cal.rows)
     assert all(row["score"] == min(row["speedup"], 1 / row["forward_equivalents"]) for row in cal.rows)
-    assert cal.plan.skip == ([] if cal.confirmed_speedup <= 1 else max(cal.rows, key=lambda r: r["score"])["skip"])
+    assert cal.plan.skip == ([] if cal.confirmed_speedup <= 1.05 else max(cal.rows, key=lambda r: r["score"])["skip"])
 
 
 def test_auto_reads_a_measurement_above_the_counted_bound_as_the_bound(demo, monkeypatch):
@@ -253,6 +255,25 @@ def test_auto_reads_a_measurement_above_the_counted_bound_as_the_bound(demo, mon
     for row in cal.rows:
         assert row["speedup"] > 2 and row["forward_equivalents"] > 1 and row["score"] == row["bound"] < 1
     assert cal.plan.skip == [] and cal.confirmed_speedup < 1
+
+
+@pytest.mark.parametrize("min_gain,accepted", [(0.05, False), (0.0, True)])
+def test_auto_keeps_greedy_unless_the_confirmed_gain_exceeds_min_gain(demo, monkeypatch, min_gain, accepted):
+    """A clock under which every draft runs at exactly 1.03x greedy's tokens/s: within the 5% margin greedy stays."""
+    from evotool.prune.speculative import plan as plan_module
+
+    real = plan_module._timed
+
+    def fixed(model, batches, plan, max_new_tokens, clock):
+        _, tokens, stats = real(model, batches, plan, max_new_tokens, clock)
+        return tokens / (103.0 if plan.skip else 100.0), tokens, stats
+
+    monkeypatch.setattr(plan_module, "_timed", fixed)
+    model, _, inputs = demo
+    cal = calibrate_draft(model, [{k: v[:2] for k, v in inputs.items()}], [[4, 5, 6, 7, 8, 9, 10]], max_new_tokens=8,
+                          draft_lengths=(4,), repeats=1, min_gain=min_gain)
+    assert cal.confirmed_speedup == pytest.approx(1.03)  # under its counted bound: the stable stage skipped
+    assert (cal.plan.skip != []) is accepted
 
 
 @pytest.fixture(scope="module")
