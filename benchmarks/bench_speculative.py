@@ -213,7 +213,8 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name in runners:
             c, plan = counted[name], plans[name]
-            draft = (f"skip {plan.skip}" + (" + prefix reuse" if plan.reuse_prefix else "") if plan and plan.skip else "-" if plan else
+            draft = (f"skip {plan.skip}" + (" + prefix reuse" if plan.reuse_prefix else "")
+                     + (f" + stop below p {plan.threshold}" if plan.threshold else "") if plan and plan.skip else "-" if plan else
                      f"first {best} layers" if name == "early-exit" else
                      f"first {fewest} layers" if name == "early-exit fewest fwd-eq" else "-")
             rate = tokens / secs[name]

@@ -230,8 +230,8 @@ def test_auto_calibration_measures_every_size_and_confirms(demo):
     assert [(row["skip"], row["max_draft"]) for row in cal.rows[:5]] == [
         ([9], 4), ([5, 9], 4), ([5, 7, 9], 4), ([9, 11], 4), ([5, 9, 11], 4)]
     fastest = max(cal.rows[:5], key=lambda row: row["score"])["skip"]  # measured speedup capped by its bound
-    assert [(row["skip"], row["max_draft"], row["reuse_prefix"]) for row in cal.rows[5:]] == [
-        (fastest, 2, False), (fastest, 4, True)]
+    assert [(row["skip"], row["max_draft"], row["reuse_prefix"], row["threshold"]) for row in cal.rows[5:]] == [
+        (fastest, 2, False, 0.0), (fastest, 4, True, 0.0), (fastest, 4, False, 0.4)]  # longest drafts, adaptive stop
     assert all(row["tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1 for row in cal.rows)
     assert all(row["score"] == min(row["speedup"], 1 / row["forward_equivalents"]) for row in cal.rows)
     assert cal.plan.skip == ([] if cal.confirmed_speedup <= 1.05 else max(cal.rows, key=lambda r: r["score"])["skip"])

@@ -11,8 +11,10 @@
   greedy (an empty skip set). ``auto`` searches two rankings, the stable stage's and the stable and mutation
   stages' together (``keep_mutation`` only chooses the ranking of ``skip=N``). Search, all measured: every skip
   size N of every ranking (the first N ranked layers; a set two rankings share is measured once) at the
-  middle of ``draft_lengths``, then the fastest size at the other draft lengths and with ``reuse_prefix``
-  flipped (it saves verifier compute but costs one more forward call per round), then a fresh measurement
+  middle of ``draft_lengths``, then the fastest size at the other draft lengths, with ``reuse_prefix``
+  flipped (it saves verifier compute but costs one more forward call per round) and, at the longest draft
+  length, with each adaptive stop of ``thresholds`` (drafting ends once the draft's top-1 probability falls
+  below it; 0.4 is transformers' default for its assistant's confidence), then a fresh measurement
   of the winner against plain greedy that decides: the plan must be at least ``min_gain`` (5%) faster, the
   spread of repeated greedy-vs-greedy timings on a shared CPU (a one-of-12-layer skip confirmed at 1.016x once
   ran at 0.79x on held-out data); each pass interleaves its candidates with plain greedy
@@ -57,7 +59,7 @@ class SpeculativeConfig:
     skip: str = field(default="auto", metadata={"help": "draft skip set: auto (calibrated by measured tokens/s) or N (the N most redundant stable-stage layers)"})
     layers: list[int] | None = field(default=None, metadata={"help": "explicit draft skip set (1..L); overrides skip"})
     max_draft: int = field(default=4, metadata={"help": "draft tokens per verify step (auto: calibrated)"})
-    threshold: float = field(default=0.0, metadata={"help": "stop drafting when the draft's top-1 probability falls below this"})
+    threshold: float = field(default=0.0, metadata={"help": "stop drafting when the draft's top-1 probability falls below this (auto: also measures 0.4)"})
     reuse_prefix: bool = field(default=False, metadata={"help": "verify from the draft's state at the first skipped layer (exact; saves compute, costs a forward call; auto: calibrated)"})
     redundancy: str = field(default="cosine", metadata={"help": "stable-stage ranking: cosine or js (from stages.json) or influence (calibration pass)"})
     keep_mutation: bool = field(default=True, metadata={"help": "skip=N: the draft never skips mutation-stage layers (false: it may, ranked with the stable stage's; the verifier runs them); auto measures both"})
@@ -139,7 +141,7 @@ def skip_first(ranking: Sequence[int], n: int) -> list[int]:
 class Calibration:
     """Result of :func:`calibrate_draft`: the chosen plan and every measured candidate.
 
-    ``rows``: one dict per candidate (``skip``, ``max_draft``, ``reuse_prefix``, ``tokens_per_s``, ``speedup`` over plain
+    ``rows``: one dict per candidate (``skip``, ``max_draft``, ``threshold``, ``reuse_prefix``, ``tokens_per_s``, ``speedup`` over plain
     greedy timed in the same interleaved pass, ``acceptance_rate``, ``tokens_per_step``,
     ``forward_equivalents``, ``bound`` = 1 / forward_equivalents, ``score`` = min(speedup, bound));
     ``greedy_tokens_per_s`` (first pass); ``confirmed_speedup``: the best-scoring candidate re-measured against
@@ -176,7 +178,8 @@ def _timed(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: D
 def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                     rankings: Sequence[Sequence[int]], max_new_tokens: int = 32, draft_lengths: Sequence[int] = (2, 4, 8),
                     threshold: float = 0.0, reuse_prefix: bool = False, repeats: int = 2,
-                    clock: str | None = None, min_gain: float = 0.05) -> Calibration:
+                    clock: str | None = None, min_gain: float = 0.05,
+                    thresholds: Sequence[float] = (0.4,)) -> Calibration:
     """Pick the fastest plan on ``batches`` (prepared ``generate`` inputs) by measured tokens/s (module docstring);
     ``rankings``: one or more skip rankings (most redundant first) whose every prefix is a candidate skip set."""
     sets = list(dict.fromkeys(tuple(skip_first(r, n)) for r in rankings for n in range(1, len(r) + 1)))
@@ -199,7 +202,8 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                 runs[i] = _timed(model, batches, plans[i], max_new_tokens, tick)
                 times[i].append(runs[i][0])
         rate = [runs[i][1] / statistics.median(times[i]) for i in range(len(plans))]
-        rows = [{"skip": p.skip, "max_draft": p.max_draft, "reuse_prefix": p.reuse_prefix, "tokens_per_s": rate[i],
+        rows = [{"skip": p.skip, "max_draft": p.max_draft, "threshold": p.threshold, "reuse_prefix": p.reuse_prefix,
+                 "tokens_per_s": rate[i],
                  "speedup": rate[i] / rate[0],
                  **{k: v for k, v in runs[i][2].summary().items() if k in SUMMARY}}
                 for i, p in enumerate(plans) if i > 0]
@@ -213,9 +217,11 @@ def calibrate_draft(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     rows, base = measure([DraftPlan(list(skip), middle, threshold, reuse_prefix) for skip in sets])
     fastest = max(rows, key=lambda row: row["score"])["skip"]
     more = [DraftPlan(fastest, d, threshold, reuse_prefix) for d in draft_lengths if d != middle]
-    rows += measure(more + [DraftPlan(fastest, middle, threshold, not reuse_prefix)])[0]
+    more.append(DraftPlan(fastest, middle, threshold, not reuse_prefix))
+    more += [DraftPlan(fastest, max(draft_lengths), t, reuse_prefix) for t in thresholds if t != threshold]
+    rows += measure(more)[0]
     best = max(rows, key=lambda row: row["score"])
-    plan = DraftPlan(best["skip"], best["max_draft"], threshold, best["reuse_prefix"])
+    plan = DraftPlan(best["skip"], best["max_draft"], best["threshold"], best["reuse_prefix"])
     confirm = measure([plan])[0][0]  # a fresh measurement of the winner: the maximum of noisy rows is biased upwards
     confirmed = confirm["score"] > 1.0 + min_gain
     return Calibration(plan if confirmed else DraftPlan([]), rows, base, confirm["score"], tick() - begin, clock)
