@@ -111,7 +111,8 @@ def check_skip(model: nn.Module, layers: Sequence[int], stages: StageFile | None
     chosen = check_runtime_skip(model, layers)
     critical = _critical(stages)
     if critical in chosen:
-        raise ConfigError(f"layer {critical} is the critical layer: a draft without it cannot predict the model's tokens")
+        raise ConfigError(f"layer {critical} is the critical layer, which the draft must keep (the stage-guided "
+                          "draft skips layers after it)")
     return chosen
 
 
