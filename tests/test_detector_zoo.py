@@ -17,9 +17,9 @@ from evotool.zoo.report import verdict
 from tiny_zoo import train_tiny_member
 
 ZOO_CURVES = Path(__file__).parent / "data" / "zoo"
-# What docs/stages.md reports for these tune members (critical within 1 of behaviour, mutation within 1 / none):
-# change both together.
-DOCUMENTED = {"l12-llama-w64": (True, True), "l24-gemma-w64": (True, True), "l16-llama-w64": (False, True),
+# What docs/stages.md reports for these tune members of the first zoo build (critical within 1 of behaviour,
+# mutation within 1 / none) under detector v3 (critical_rule depth): change both together.
+DOCUMENTED = {"l12-llama-w64": (True, True), "l24-gemma-w64": (False, True), "l16-llama-w64": (True, True),
               "l8-llama-long": (True, False)}
 
 
@@ -33,7 +33,7 @@ def test_detector_on_saved_zoo_curves_against_behaviour(member: str) -> None:
     meta, z = saved(member)
     flip = z["direct_flip"].astype(float)
     flip[:, 0] = np.nan
-    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"])
+    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], decision_depth=z["decision_depth"])
     truth = meta["behaviour"]
     a = stage_file(meta["num_layers"], res.critical_layer, res.mutation_layers)
     checks = verdict(truth, a, None)
@@ -51,7 +51,7 @@ def test_early_top1_flips_after_the_js_drop_do_not_pull_the_boundaries_early() -
     assert flips_after_js_drop({k: z[k] for k in ("js_prev", "top1_flip")}) >= 0.3
     flip = z["direct_flip"].astype(float)
     flip[:, 0] = np.nan
-    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"])
+    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], decision_depth=z["decision_depth"])
     assert (meta["behaviour"]["critical_layer"], meta["behaviour"]["mutation_layers"]) == (6, [11])
     assert (res.critical_layer, res.mutation_layers) == (6, [11])
     assert res.stages["stabilization"] == [7, 10] and res.flags == []

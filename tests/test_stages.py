@@ -3,18 +3,29 @@ curves instead of forcing boundaries."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
 from evotool.errors import ConfigError
-from evotool.stages import StageConfig, detect_stages
+from evotool.stages import StageConfig, StageResult, detect_stages
+from evotool.stages.detect import CRITICAL_RULES
+
+
+class Planted(NamedTuple):
+    p: np.ndarray  # p_token [N, L+1]
+    flip: np.ndarray  # direct_flip [N, L+1]
+    depth: np.ndarray  # decision depth [N]
 
 
 def planted(num_layers: int, critical: int, mutation: int | None, tokens: int, rng: np.random.Generator,
-            late_flips: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            late_flips: int | None = None) -> Planted:
     """Curves of ``tokens`` tokens: p_token [N, L+1] rising until ``critical``, then flat; direct_flip [N, L+1] with
     rare background flips, a third of the tokens decided by ``mutation``'s own update and a quarter by the layer
-    right after the critical one (the tail of rapid evolution), or by ``late_flips`` when given."""
+    right after the critical one (the tail of rapid evolution), or by ``late_flips`` when given; decision depths:
+    90% of the tokens decided at one of the three layers up to ``critical``, the rest only at the output."""
+    depth = np.where(rng.random(tokens) < 0.9, rng.integers(max(1, critical - 2), critical + 1, tokens), num_layers)
     p = np.empty((tokens, num_layers + 1))
     for i in range(tokens):
         top = rng.uniform(0.8, 0.99)
@@ -26,14 +37,19 @@ def planted(num_layers: int, critical: int, mutation: int | None, tokens: int, r
     if mutation is not None:
         flip[tokens // 3 : 2 * tokens // 3, mutation] = 1.0
     flip[:, 0] = np.nan
-    return p, flip
+    return Planted(p, flip, depth)
 
 
+def detect(c: Planted, groups: np.ndarray | None = None, cfg: StageConfig | None = None) -> StageResult:
+    return detect_stages(c.p, c.flip, groups, cfg, c.depth)
+
+
+@pytest.mark.parametrize("rule", CRITICAL_RULES)
 @pytest.mark.parametrize("num_layers,critical,mutation", [(32, 18, 28), (12, 5, 10), (24, 9, 24), (8, 3, 6)])
-def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mutation: int) -> None:
-    p, flip = planted(num_layers, critical, mutation, 400, np.random.default_rng(critical))
+def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mutation: int, rule: str) -> None:
+    c = planted(num_layers, critical, mutation, 400, np.random.default_rng(critical))
     groups = np.arange(400) % 40  # every sample holds tokens of each kind
-    res = detect_stages(p, flip, groups)
+    res = detect(c, groups, StageConfig(critical_rule=rule))
     assert res.critical_layer == critical
     assert res.mutation_layers == [mutation]  # the flips right after the critical layer are not a mutation
     assert res.stages == {
@@ -47,10 +63,11 @@ def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mu
     assert res.mutation_stats["histogram"][mutation] >= 400 // 3
 
 
-def test_evidence_curves_are_the_median_probability_and_flip_share() -> None:
-    p, flip = planted(12, 5, 10, 60, np.random.default_rng(0))
-    res = detect_stages(p, flip, cfg=StageConfig(bootstrap=0))
+def test_evidence_curves_are_the_median_probability_decided_share_and_flip_share() -> None:
+    p, flip, depth = c = planted(12, 5, 10, 60, np.random.default_rng(0))
+    res = detect(c, cfg=StageConfig(bootstrap=0))
     np.testing.assert_allclose(res.evidence["median_p"], np.median(p, axis=0))
+    np.testing.assert_allclose(res.evidence["decided_share"], [np.mean(depth <= layer) for layer in range(13)])
     assert res.evidence["direct_flip"][0] is None
     np.testing.assert_allclose(res.evidence["direct_flip"][1:], flip[:, 1:].mean(axis=0))
     assert res.interval == {"critical": None, "mutation": None}
@@ -58,14 +75,24 @@ def test_evidence_curves_are_the_median_probability_and_flip_share() -> None:
 
 def test_rise_fraction_moves_the_critical_layer() -> None:
     p = np.tile([0.0, 0.1, 0.5, 0.8, 0.92, 0.96, 1.0], (60, 1))
-    assert detect_stages(p, cfg=StageConfig(bootstrap=0)).critical_layer == 5
-    assert detect_stages(p, cfg=StageConfig(bootstrap=0, rise_fraction=0.9)).critical_layer == 4
-    assert detect_stages(p, cfg=StageConfig(bootstrap=0, rise_fraction=0.5)).critical_layer == 2
+    for fraction, layer in ((0.95, 5), (0.9, 4), (0.5, 2)):
+        cfg = StageConfig(bootstrap=0, critical_rule="probability", rise_fraction=fraction)
+        assert detect_stages(p, cfg=cfg).critical_layer == layer
+
+
+def test_depth_share_moves_the_critical_layer() -> None:
+    """Decision depths 1..6 of 60 tokens (10 each): 80% are decided by layer 5, half by layer 3."""
+    p, depth = np.full((60, 7), 0.5), np.repeat(np.arange(1, 7), 10)
+    for share, layer in ((0.8, 5), (0.5, 3), (1.0, 6)):
+        assert detect_stages(p, cfg=StageConfig(bootstrap=0, depth_share=share), decision_depth=depth).critical_layer == layer
+    with pytest.raises(ConfigError, match="decision depths"):
+        detect_stages(p, cfg=StageConfig(bootstrap=0))
+    with pytest.raises(ConfigError, match="decision_depth"):
+        detect_stages(p, decision_depth=depth[:10])
 
 
 def test_no_mutation_is_reported_not_forced() -> None:
-    p, flip = planted(20, 8, None, 80, np.random.default_rng(2))
-    res = detect_stages(p, flip)
+    res = detect(planted(20, 8, None, 80, np.random.default_rng(2)))
     assert res.critical_layer == 8
     assert res.mutation_layers == []
     assert res.stages["mutation"] is None and res.stages["stabilization"] == [9, 20]
@@ -74,38 +101,36 @@ def test_no_mutation_is_reported_not_forced() -> None:
 
 def test_weak_late_change_is_not_a_mutation() -> None:
     """A layer deciding 1% of the tokens stays below mutation_min_flip, however quiet the other layers are."""
-    p, flip = planted(16, 6, None, 200, np.random.default_rng(3))
-    flip[:, 1:] = 0.0
-    flip[:2, 12] = 1.0
-    assert detect_stages(p, flip).mutation_layers == []
+    c = planted(16, 6, None, 200, np.random.default_rng(3))
+    c.flip[:, 1:] = 0.0
+    c.flip[:2, 12] = 1.0
+    assert detect(c).mutation_layers == []
 
 
 def test_critical_at_the_output_has_no_stable_stage() -> None:
     p = np.tile(np.r_[np.zeros(11), 1.0], (60, 1))  # the emitted token only appears at the last layer
-    res = detect_stages(p, np.zeros_like(p))
+    res = detect_stages(p, np.zeros_like(p), decision_depth=np.full(60, 11))
     assert res.critical_layer == 11
     assert res.stages == {"rapid_evolution": [0, 11], "stabilization": None, "mutation": None}
     assert "no_stable_stage" in res.flags
 
 
 def test_one_layer_stable_stage_is_flagged() -> None:
-    p, flip = planted(12, 5, 7, 90, np.random.default_rng(4))
-    res = detect_stages(p, flip)
+    res = detect(planted(12, 5, 7, 90, np.random.default_rng(4)))
     assert res.stages["stabilization"] == [6, 6]
     assert "short_stable_stage" in res.flags
 
 
 def test_too_few_tokens_gives_null_boundaries() -> None:
-    p, flip = planted(12, 5, 10, 20, np.random.default_rng(5))
-    res = detect_stages(p, flip)
+    res = detect(planted(12, 5, 10, 20, np.random.default_rng(5)))
     assert res.critical_layer is None and res.mutation_layers == []
     assert res.stages == {"rapid_evolution": [0, 12], "stabilization": None, "mutation": None}
     assert res.flags == ["too_few_tokens"]
 
 
 def test_missing_direct_effect_leaves_mutation_undecided() -> None:
-    p, _ = planted(12, 5, 10, 60, np.random.default_rng(6))
-    res = detect_stages(p)
+    c = planted(12, 5, 10, 60, np.random.default_rng(6))
+    res = detect_stages(c.p, decision_depth=c.depth)
     assert res.critical_layer == 5 and res.mutation_layers == []
     assert "no_direct_effect" in res.flags
 
@@ -113,10 +138,10 @@ def test_missing_direct_effect_leaves_mutation_undecided() -> None:
 def test_disagreeing_samples_widen_the_interval() -> None:
     """Half the samples settle at layer 3, half at layer 9: the bootstrap interval spans both, and is flagged."""
     rng = np.random.default_rng(7)
-    early, f1 = planted(16, 3, None, 60, rng)
-    late, f2 = planted(16, 9, None, 60, rng)
+    early, late = planted(16, 3, None, 60, rng), planted(16, 9, None, 60, rng)
     groups = np.repeat(np.arange(12), 10)
-    res = detect_stages(np.concatenate([early, late]), np.concatenate([f1, f2]), groups)
+    res = detect_stages(np.concatenate([early.p, late.p]), np.concatenate([early.flip, late.flip]), groups,
+                        StageConfig(critical_rule="probability"))
     lo, hi = res.interval["critical"]
     assert lo <= 4 and hi >= 8
     assert "wide_interval" in res.flags
@@ -125,6 +150,10 @@ def test_disagreeing_samples_widen_the_interval() -> None:
 def test_bad_config_and_shapes_rejected() -> None:
     with pytest.raises(ConfigError, match="rise_fraction"):
         StageConfig(rise_fraction=1.5)
+    with pytest.raises(ConfigError, match="critical_rule"):
+        StageConfig(critical_rule="js")
+    with pytest.raises(ConfigError, match="depth_share"):
+        StageConfig(depth_share=0.0)
     with pytest.raises(ConfigError, match="mutation_ratio"):
         StageConfig(mutation_ratio=0.5)
     with pytest.raises(ConfigError):

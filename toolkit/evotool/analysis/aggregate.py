@@ -45,7 +45,8 @@ def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
 
 def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
     """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap)."""
-    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg)
+    depth = decision_depth(stacked(traces, "top1").astype(np.int64), np.concatenate([t.token_ids for t in traces]))
+    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg, depth)
 
 
 def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:

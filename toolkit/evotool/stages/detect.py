@@ -5,12 +5,16 @@ whole run, [N, L+1] each (N generated tokens):
 
 * ``p_token[t, l]``: the lens probability, at layer ``l``, of the token the model emitted (level 1);
 * ``direct_flip[t, l]`` (optional): 1 when removing layer ``l``'s own update ``h_l - h_{l-1}`` from the final
-  state changes the final top-1 token (the layer's *direct effect*), NaN at layer 0.
+  state changes the final top-1 token (the layer's *direct effect*), NaN at layer 0;
+* ``decision_depth[t]`` (needed by the default critical rule): the first layer from which the emitted token stays
+  the lens' top-1 through the last layer (level 1, top-1 stability).
 
 Rules (thresholds in :class:`StageConfig`; chosen on the tune half of the model zoo, see docs/stages.md):
 
-* **Critical layer**: the first layer at which the median over tokens of ``p_token`` reaches
-  ``rise_fraction`` of its maximum over layers: where the emitted tokens' probability has stopped rising fast.
+* **Critical layer** (``critical_rule``): ``depth`` (v3, default) = the first layer by which ``depth_share`` of the
+  tokens have reached their decision depth: where most emitted tokens are decided for good; ``probability`` (v2) =
+  the first layer at which the median over tokens of ``p_token`` reaches ``rise_fraction`` of its maximum over
+  layers: where the emitted tokens' probability has stopped rising fast.
 * **Mutation layers**: layers ``l >= critical + 2`` (so the tail of rapid evolution is never a mutation) whose
   direct-effect flip share is at least ``mutation_min_flip`` (and ``mutation_min_tokens`` tokens) and
   ``mutation_ratio`` times the median share over the layers after the critical one. The first of them starts the mutation stage.
@@ -33,13 +37,19 @@ import numpy as np
 
 from evotool.errors import ConfigError
 
+CRITICAL_RULES = ("depth", "probability")
+
 
 @dataclass
 class StageConfig:
     """Thresholds of the stage-detection rules (see the module docstring)."""
 
+    critical_rule: str = field(default="depth", metadata={
+        "help": "critical layer rule: depth (share of tokens past their decision depth; v3) or probability (median emitted-token probability rise; v2)"})
+    depth_share: float = field(default=0.8, metadata={
+        "help": "critical_rule depth: first layer by which this share of tokens have reached their decision depth"})
     rise_fraction: float = field(default=0.95, metadata={
-        "help": "critical layer: first layer whose median emitted-token probability reaches this share of its maximum"})
+        "help": "critical_rule probability: first layer whose median emitted-token probability reaches this share of its maximum"})
     mutation_ratio: float = field(default=3.0, metadata={
         "help": "mutation: direct-effect flip share / its median over the layers after the critical one"})
     mutation_min_flip: float = field(default=0.015, metadata={
@@ -53,7 +63,9 @@ class StageConfig:
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
     def __post_init__(self) -> None:
-        for name in ("rise_fraction", "mutation_min_flip", "interval"):
+        if self.critical_rule not in CRITICAL_RULES:
+            raise ConfigError(f"stage option critical_rule={self.critical_rule!r}: choose one of {', '.join(CRITICAL_RULES)}")
+        for name in ("depth_share", "rise_fraction", "mutation_min_flip", "interval"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"stage option {name}={value} must lie in (0, 1]")
@@ -64,9 +76,26 @@ class StageConfig:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
 
 
-def critical_from_curve(median_p: np.ndarray, cfg: StageConfig) -> int:
-    """Critical layer from the median emitted-token probability per layer [L+1]."""
-    return int(np.argmax(median_p >= cfg.rise_fraction * median_p.max()))
+def critical_from_curve(curve: np.ndarray, cfg: StageConfig) -> int:
+    """Critical layer from the rule's curve [L+1] (:func:`critical_curve`)."""
+    if cfg.critical_rule == "depth":
+        return int(np.argmax(curve >= cfg.depth_share - 1e-12))  # the last layer's share is 1 by definition
+    return int(np.argmax(curve >= cfg.rise_fraction * curve.max()))
+
+
+def critical_curve(p_token: np.ndarray, depth: np.ndarray | None, cfg: StageConfig) -> np.ndarray:
+    """[L+1]: the share of tokens whose decision depth is <= each layer (rule ``depth``), or the median
+    emitted-token probability (rule ``probability``)."""
+    if cfg.critical_rule == "depth":
+        if depth is None:
+            raise ConfigError("critical_rule=depth needs the tokens' decision depths (or use critical_rule=probability)")
+        return decided_share(depth, p_token.shape[1])
+    return np.median(p_token, axis=0)
+
+
+def decided_share(depth: np.ndarray, n_layers: int) -> np.ndarray:
+    """[N] decision depths -> [n_layers]: the share of tokens whose decision depth is <= each layer."""
+    return (depth[:, None] <= np.arange(n_layers)[None, :]).mean(axis=0)
 
 
 def mutations_from_curve(flip_share: np.ndarray, critical: int, tokens: int, cfg: StageConfig) -> list[int]:
@@ -116,18 +145,23 @@ def flip_share_curve(direct_flip: np.ndarray) -> np.ndarray:
     return np.r_[np.nan, direct_flip[:, 1:].mean(axis=0)]
 
 
-def _curves(p_token: np.ndarray, direct_flip: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The dataset curves the rules read: median emitted-token probability and direct-effect flip share, [L+1] each."""
-    return np.median(p_token, axis=0), None if direct_flip is None else flip_share_curve(direct_flip)
+def _curves(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.ndarray | None,
+            cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The dataset curves the rules read: the critical rule's curve and the direct-effect flip share, [L+1] each."""
+    return critical_curve(p_token, depth, cfg), None if direct_flip is None else flip_share_curve(direct_flip)
 
 
-def _boundaries(median_p: np.ndarray, flip_share: np.ndarray | None, tokens: int,
+def _boundaries(crit_curve: np.ndarray, flip_share: np.ndarray | None, tokens: int,
                 cfg: StageConfig) -> tuple[int, list[int]]:
-    critical = critical_from_curve(median_p, cfg)
+    critical = critical_from_curve(crit_curve, cfg)
     return critical, [] if flip_share is None else mutations_from_curve(flip_share, critical, tokens, cfg)
 
 
-def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.ndarray,
+def _pick(x: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if x is None else x[rows]
+
+
+def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.ndarray | None, groups: np.ndarray,
                cfg: StageConfig) -> dict[str, Any]:
     """Central ``cfg.interval`` range of the boundaries over resamples of the groups (samples)."""
     ids = np.unique(groups)
@@ -138,7 +172,7 @@ def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.n
     crit, mut = [], []
     for _ in range(cfg.bootstrap):
         pick = np.concatenate([rows[g] for g in rng.choice(ids, len(ids))])
-        c, m = _boundaries(*_curves(p_token[pick], None if direct_flip is None else direct_flip[pick]), len(pick), cfg)
+        c, m = _boundaries(*_curves(p_token[pick], _pick(direct_flip, pick), _pick(depth, pick), cfg), len(pick), cfg)
         crit.append(c)
         mut.append(m[0] if m else -1)
     lo, hi = (1 - cfg.interval) / 2 * 100, (1 + cfg.interval) / 2 * 100
@@ -153,8 +187,9 @@ def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, groups: np.n
 
 
 def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, groups: np.ndarray | None = None,
-                  cfg: StageConfig | None = None) -> StageResult:
-    """Stage boundaries from per-token curves p_token [N, L+1] and direct_flip [N, L+1] (optional; NaN at layer 0).
+                  cfg: StageConfig | None = None, decision_depth: np.ndarray | None = None) -> StageResult:
+    """Stage boundaries from per-token curves p_token [N, L+1], direct_flip [N, L+1] (optional; NaN at layer 0) and
+    decision_depth [N] (needed by ``critical_rule=depth``).
 
     ``groups`` [N]: the sample of each token, resampled together by the bootstrap (default: each token alone).
     """
@@ -163,20 +198,25 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         raise ConfigError(f"stage detection needs non-empty [tokens, layers] curves, got {p_token.shape}")
     if direct_flip is not None and direct_flip.shape != p_token.shape:
         raise ConfigError(f"direct_flip {direct_flip.shape} must match p_token {p_token.shape}")
+    if decision_depth is not None and decision_depth.shape != p_token.shape[:1]:
+        raise ConfigError(f"decision_depth {decision_depth.shape} must hold one layer per token of p_token {p_token.shape}")
     n_tok, n_layers = p_token.shape
     num_layers = n_layers - 1
     groups = np.arange(n_tok) if groups is None else np.asarray(groups)
     flags = [] if direct_flip is not None else ["no_direct_effect"]
-    median_p, flip_share = _curves(p_token, direct_flip)
-    per_c = [critical_from_curve(row, cfg) if row.max() > 0 else None for row in p_token]
+    crit_curve, flip_share = _curves(p_token, direct_flip, decision_depth, cfg)
+    if cfg.critical_rule == "depth":
+        per_c: list[int | None] = [int(d) for d in decision_depth]  # type: ignore[union-attr]
+    else:
+        per_c = [critical_from_curve(row, cfg) if row.max() > 0 else None for row in p_token]
     critical: int | None = None
     mutations: list[int] = []
     interval: dict[str, Any] = {"critical": None, "mutation": None}
     if n_tok < cfg.min_tokens:
         flags.append("too_few_tokens")
     else:
-        critical, mutations = _boundaries(median_p, flip_share, n_tok, cfg)
-        interval = _bootstrap(p_token, direct_flip, groups, cfg)
+        critical, mutations = _boundaries(crit_curve, flip_share, n_tok, cfg)
+        interval = _bootstrap(p_token, direct_flip, decision_depth, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
         if "mutation_share" in interval and (interval["mutation_share"] >= 0.5) != bool(mutations):
@@ -207,7 +247,9 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         stages=stages,
         flags=flags,
         interval=interval,
-        evidence={"median_p": [float(x) for x in median_p],
+        evidence={"median_p": [float(x) for x in np.median(p_token, axis=0)],
+                  "decided_share": None if decision_depth is None else
+                  [float(x) for x in decided_share(decision_depth, n_layers)],
                   "direct_flip": [None] * n_layers if flip_share is None else
                   [float(x) if np.isfinite(x) else None for x in flip_share]},
         critical_spread=spread,
