@@ -34,6 +34,8 @@ def command(
     gpus_per_process: Annotated[Optional[int], option(C, "load.gpus_per_process")] = None,
     trust_remote_code: Annotated[Optional[bool], option(C, "load.trust_remote_code", "--trust-remote-code/--no-trust-remote-code")] = None,
     world_samples: Annotated[Optional[int], option(C, "world_samples")] = None,
+    critical_rule: Annotated[Optional[str], option(C, "stages.critical_rule")] = None,
+    depth_share: Annotated[Optional[float], option(C, "stages.depth_share")] = None,
     rise_fraction: Annotated[Optional[float], option(C, "stages.rise_fraction")] = None,
     mutation_ratio: Annotated[Optional[float], option(C, "stages.mutation_ratio")] = None,
     config: ConfigFile = None,
@@ -50,6 +52,7 @@ def command(
              "load.dtype": dtype, "load.device": device, "load.device_map": device_map, "load.quantization": quantization,
              "load.gpus_per_process": gpus_per_process,
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
+             "stages.critical_rule": critical_rule, "stages.depth_share": depth_share,
              "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}
     path = run_analysis(load_config(C, config, overrides(flags, set_)))
     if path.is_file():
