@@ -77,6 +77,7 @@ def test_resume_skips_finished_samples(llava: Path, tmp_path: Path, monkeypatch,
             "features_single_image", "features_multi_image"} <= figures
     report = (run / "report.md").read_text()
     assert all(f"figures/{name}.png" in report for name in figures)
+    assert "80% of the tokens have reached their decision depth" in report  # the rule that placed the critical layer
 
 
 def test_run_directory_of_another_model_is_refused(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
