@@ -42,6 +42,7 @@ from evotool.trace import LayerCapture
 from evotool.world import WorldConfig, build_model, build_processor, default_model_path, make_records
 from evotool.world.config import TrainConfig, load_train_config
 from evotool.zoo import ZooMember, load_members
+from evotool.env import environment
 from evotool.zoo.build import ZOO_FILE, build_checkpoint, checkpoint_current, refresh_truth, world_records
 from evotool.zoo.config import SPLITS as ZOO_SPLITS, BehaviourConfig, BoundaryRules
 from evotool.zoo.curves import export_curves, flips_after_js_drop, token_curves
@@ -232,7 +233,9 @@ def test_pretrained_member_is_copied_once_and_recopied_when_its_config_changes(t
     target = tmp_path / "zoo" / "m" / "model"
     assert build_checkpoint("m", member, target, wandb=False)
     assert checkpoint_current(member, target)
-    assert json.loads((target / ZOO_FILE).read_text())["split"] == "tune"
+    info = json.loads((target / ZOO_FILE).read_text())
+    assert info["split"] == "tune"
+    assert info["environment"]["cpu"] == environment()["cpu"]  # weights reproduce bitwise only on the same CPU kind
     assert not build_checkpoint("m", member, target, wandb=False)  # cached
     changed = from_dict(ZooMember, {**to_dict(member), "seed": 5})
     assert not checkpoint_current(changed, target)

@@ -26,8 +26,20 @@ def git_hash(path: Path | None = None) -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
+def cpu_name() -> str | None:
+    """The CPU model (Linux ``/proc/cpuinfo``, else ``platform.processor()``): CPU training is bitwise reproducible
+    only on the same kind of CPU (docs/stages.md), so results record it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
-    """Versions of the relevant packages, python, platform, git hash and accelerator."""
+    """Versions of the relevant packages, python, platform, git hash, CPU and accelerator."""
     import torch
 
     versions = {}
@@ -41,6 +53,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git": git_hash(),
+        "cpu": cpu_name(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
     }

@@ -4,8 +4,9 @@ Each member is one YAML file in ``configs/zoo/`` (a :class:`~evotool.zoo.config.
 plus ``split`` (tune | holdout | holdout2, fixed before any detector output was seen on it), ``description`` and, for
 the shipped model, ``pretrained``). ``build_zoo`` runs, per member and into ``OUT/<member>/``:
 
-* ``train``: ``model/`` (checkpoint, model card, ``metrics.json``, ``zoo.json`` with the config hash);
-  skipped when ``model/zoo.json`` holds the member's current config hash;
+* ``train``: ``model/`` (checkpoint, model card, ``metrics.json``, ``zoo.json`` with the config hash and the
+  environment it was trained in, CPU included: training is bitwise reproducible on one kind of machine, not across
+  machines); skipped when ``model/zoo.json`` holds the member's current config hash;
 * ``manifests``: ``val/`` and ``test/`` (``manifest.jsonl`` + images: captions in distribution and
   prior-breaking, POPE questions of the three kinds in both groups; validation and test world seeds)
   and ``samples_a/`` / ``samples_b/`` (the two disjoint caption sets of the analyses);
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from evotool.config import to_dict
+from evotool.env import environment
 from evotool.errors import ConfigError
 from evotool.evals.world import POPE_TASKS
 from evotool.io import atomic_dir, atomic_write_text, read_json, write_json
@@ -52,7 +54,7 @@ def build_checkpoint(name: str, member: ZooMember, model_dir: Path, wandb: bool)
     if checkpoint_current(member, model_dir):
         return False
     info = {"member": name, "split": member.split, "description": member.description,
-            "config_hash": member.config_hash(), "config": to_dict(member)}
+            "config_hash": member.config_hash(), "config": to_dict(member), "environment": environment()}
 
     def stamp(folder: Path) -> None:
         write_json(folder / ZOO_FILE, info, schema=ZOO_SCHEMA)
