@@ -61,6 +61,9 @@ SPLITS = {
     # holdout2: written after detector v2 was frozen, committed before any analysis of them ran
     "l6-llama-w96-prior": "holdout2", "l8-gemma-w64": "holdout2", "l10-qwen2-w96": "holdout2",
     "l12-llama-w96-seed2": "holdout2", "l14-llama-w64": "holdout2",
+    # holdout3: written after detector v3 was frozen, committed before any of them was trained
+    "l6-gemma-w96": "holdout3", "l8-qwen2-w64-prior": "holdout3", "l10-llama-w96": "holdout3",
+    "l12-qwen2-w96": "holdout3", "l16-gemma-w64": "holdout3", "l20-llama-w64": "holdout3",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -181,10 +184,11 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    earlier = [m for m in members.values() if m.split != "holdout2"]
-    for m in (m for m in members.values() if m.split == "holdout2"):  # new seeds, not re-runs of seen members
-        assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
-        assert m.description
+    for later in ("holdout2", "holdout3"):  # new seeds, not re-runs of members seen before them
+        earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
+        for m in (m for m in members.values() if m.split == later):
+            assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
+            assert m.description
     for half in ("tune", "holdout"):
         chosen = [m for m in members.values() if m.split == half]
         assert {6, 8, 12, 16, 24} <= {m.model.layers for m in chosen}, half

@@ -18,7 +18,7 @@ from evotool.world.config import TrainConfig
 
 STEPS = ("train", "manifests", "analyze", "truth")
 HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change what is learned
-Split = Literal["tune", "holdout", "holdout2"]
+Split = Literal["tune", "holdout", "holdout2", "holdout3"]
 SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
