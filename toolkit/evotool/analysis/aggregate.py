@@ -38,6 +38,11 @@ def token_samples(traces: list[SampleTrace]) -> np.ndarray:
     return np.concatenate([np.full(len(t.token_ids), i) for i, t in enumerate(traces)])
 
 
+def token_ids(traces: list[SampleTrace]) -> np.ndarray:
+    """The emitted token of every token position of every sample: [N] (int64)."""
+    return np.concatenate([t.token_ids for t in traces]).astype(np.int64)
+
+
 def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
     """``direct_flip`` of every token [N, L+1] (NaN at layer 0), or None when a sample was traced without it."""
     return stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
@@ -45,7 +50,7 @@ def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
 
 def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
     """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap)."""
-    depth = decision_depth(stacked(traces, "top1").astype(np.int64), np.concatenate([t.token_ids for t in traces]))
+    depth = decision_depth(stacked(traces, "top1").astype(np.int64), token_ids(traces))
     return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg, depth)
 
 

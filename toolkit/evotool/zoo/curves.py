@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evotool.analysis.aggregate import decision_depth, direct_flips, stacked, token_samples
+from evotool.analysis.aggregate import decision_depth, direct_flips, stacked, token_ids, token_samples
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
 from evotool.io import atomic_write_bytes
@@ -32,7 +32,7 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
         raise InputError(f"no finished samples in {run_dir}")
     traces = [t for _, t in loaded]
     top1 = stacked(traces, "top1").astype(np.int64)
-    token_id = np.concatenate([t.token_ids for t in traces]).astype(np.int64)
+    token_id = token_ids(traces)
     flip = np.zeros_like(top1, dtype=bool)
     flip[:, 1:] = top1[:, 1:] != top1[:, :-1]
     curves = {name: stacked(traces, name) for name in ("js_prev", "p_token", "cos_prev")}
