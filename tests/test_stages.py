@@ -91,6 +91,34 @@ def test_depth_share_moves_the_critical_layer() -> None:
         detect_stages(p, decision_depth=depth[:10])
 
 
+def test_object_tokens_decided_late_move_the_critical_layer() -> None:
+    """A caption's frame decided early, its objects late (v4): 70 frame tokens decided at layers 1-2, 30 object tokens
+    at 6-9 of 10. All tokens: 80% decided by layer 7; object tokens: 80% only by layer 9."""
+    p = np.full((100, 11), 0.5)
+    depth = np.r_[np.repeat([1, 2], 35), np.repeat([6, 7, 8, 9], [6, 6, 11, 7])]
+    objects = np.r_[np.zeros(70, bool), np.ones(30, bool)]
+    assert np.mean(depth <= 7) >= 0.8 > np.mean(depth <= 6) and np.mean(depth[objects] <= 8) < 0.8
+
+    def critical(cfg: StageConfig, obj: np.ndarray | None = objects) -> StageResult:
+        return detect_stages(p, cfg=cfg, decision_depth=depth, objects=obj)
+
+    v4 = critical(StageConfig(bootstrap=0))
+    assert v4.critical_layer == 9
+    np.testing.assert_allclose(v4.evidence["object_decided_share"], [np.mean(depth[objects] <= lay) for lay in range(11)])
+    assert v4.critical_spread["object_tokens"] == 30
+    assert critical(StageConfig(bootstrap=0, object_share=0.5)).critical_layer == 8  # 23 of 30 by layer 8
+    for v3 in (critical(StageConfig(bootstrap=0, object_share=0.0)), critical(StageConfig(bootstrap=0), None),
+               critical(StageConfig(bootstrap=0, min_object_tokens=31))):  # off, no mask, too few object tokens
+        assert v3.critical_layer == 7 and v3.evidence["object_decided_share"] is None
+    assert critical(StageConfig(bootstrap=0, critical_rule="probability")).evidence["object_decided_share"] is None
+    # the object share can only move the critical layer later: with objects decided first it is the all-token layer
+    assert detect_stages(p, cfg=StageConfig(bootstrap=0), decision_depth=depth, objects=~objects).critical_layer == 7
+    with pytest.raises(ConfigError, match="objects"):
+        detect_stages(p, decision_depth=depth, objects=objects[:10])
+    # resamples keep each token's object flag: the interval is the object layer's
+    assert critical(StageConfig(bootstrap=50)).interval["critical"][1] == 9
+
+
 def test_no_mutation_is_reported_not_forced() -> None:
     res = detect(planted(20, 8, None, 80, np.random.default_rng(2)))
     assert res.critical_layer == 8
@@ -156,6 +184,10 @@ def test_bad_config_and_shapes_rejected() -> None:
         StageConfig(depth_share=0.0)
     with pytest.raises(ConfigError, match="mutation_ratio"):
         StageConfig(mutation_ratio=0.5)
+    with pytest.raises(ConfigError, match="object_share"):
+        StageConfig(object_share=1.2)
+    with pytest.raises(ConfigError, match="min_object_tokens"):
+        StageConfig(min_object_tokens=-1)
     with pytest.raises(ConfigError):
         detect_stages(np.zeros((0, 5)))
     with pytest.raises(ConfigError, match="direct_flip"):

@@ -48,10 +48,11 @@ def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
     return stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
 
 
-def detect(traces: list[SampleTrace], cfg: StageConfig) -> StageResult:
-    """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap)."""
+def detect(traces: list[SampleTrace], cfg: StageConfig, objects: np.ndarray | None = None) -> StageResult:
+    """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap); ``objects`` [N]:
+    which tokens are object words."""
     depth = decision_depth(stacked(traces, "top1").astype(np.int64), token_ids(traces))
-    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg, depth)
+    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg, depth, objects)
 
 
 def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:

@@ -61,6 +61,11 @@ def object_vocabulary(records: Sequence[dict[str, Any]], words: Sequence[str] | 
     return {w.lower() for w in words} if words else {o.lower() for r in records for o in (r.get("objects") or [])}
 
 
+def object_mask(records: Sequence[dict[str, Any]], vocab: set[str]) -> np.ndarray:
+    """[N] over every generated token of the records, in order: True where the token's word is in ``vocab``."""
+    return np.array([token_word(token) in vocab for record in records for token in record["tokens"]], dtype=bool)
+
+
 def object_tokens(record: dict[str, Any], vocab: set[str]) -> list[tuple[int, bool]]:
     """(step, hallucinated) of each generated token whose word is in ``vocab``: hallucinated when the record's
     own ground truth lacks it. Empty when the record has no ground truth."""

@@ -22,7 +22,7 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
         "| | value |",
         "|---|---|",
         f"| critical layer | {payload['critical_layer']} (bootstrap interval {interval.get('critical') or 'n/a'}; "
-        f"{_critical_rule(payload['config']['stages'])}) |",
+        f"{_critical_rule(payload['config']['stages'], payload['evidence'].get('object_decided_share') is not None)}) |",
         f"| mutation layers | {payload['mutation_layers'] or 'none'} (interval {interval.get('mutation') or 'n/a'}; "
         f"{mut['share_mutated']:.0%} of tokens have their top-1 decided by a layer's own update after the critical layer) |",
         f"| flags | {', '.join(payload.get('flags', [])) or 'none'} |",
@@ -58,8 +58,10 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _critical_rule(cfg: dict) -> str:
-    """The critical-layer rule of a run's stage options, in words (runs before v3 had no ``critical_rule``)."""
+def _critical_rule(cfg: dict, objects: bool) -> str:
+    """The critical-layer rule of a run's stage options, in words (runs before v3 had no ``critical_rule``);
+    ``objects``: the run's object-word tokens took part (v4)."""
     if cfg.get("critical_rule", "probability") == "depth":
-        return f"the first layer by which {cfg['depth_share']:.0%} of the tokens have reached their decision depth"
+        also = f" and {cfg['object_share']:.0%} of the object words" if objects else ""
+        return f"the first layer by which {cfg['depth_share']:.0%} of the tokens{also} have reached their decision depth"
     return f"median emitted-token probability reaches {cfg['rise_fraction']:.0%} of its maximum"

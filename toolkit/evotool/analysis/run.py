@@ -23,6 +23,7 @@ from evotool.analysis.hallucination import (
     ending_token_ids,
     find_divergence,
     hallucination_link,
+    object_mask,
     object_vocabulary,
 )
 from evotool.analysis.html import write_html_report
@@ -192,11 +193,11 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
         raise InputError(f"no sample could be analysed (see {store.root / 'errors.jsonl'})")
     records = [r for r, _ in loaded]
     traces = [t for _, t in loaded]
-    result = detect(traces, cfg.stages)
+    vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
+    result = detect(traces, cfg.stages, object_mask(records, vocab))
     curves = summary_curves(traces)
     write_token_table(cfg.out / "tokens.parquet", records, traces, result)
     boundaries = result.to_dict()
-    vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
     points = find_divergence(records, traces, boundaries["stages"], vocab, ending_token_ids(tokenizer))
     commits = divergence_by_sample(points)
     atomic_write_jsonl(cfg.out / "texts.jsonl", [

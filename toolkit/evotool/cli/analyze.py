@@ -36,6 +36,7 @@ def command(
     world_samples: Annotated[Optional[int], option(C, "world_samples")] = None,
     critical_rule: Annotated[Optional[str], option(C, "stages.critical_rule")] = None,
     depth_share: Annotated[Optional[float], option(C, "stages.depth_share")] = None,
+    object_share: Annotated[Optional[float], option(C, "stages.object_share")] = None,
     rise_fraction: Annotated[Optional[float], option(C, "stages.rise_fraction")] = None,
     mutation_ratio: Annotated[Optional[float], option(C, "stages.mutation_ratio")] = None,
     config: ConfigFile = None,
@@ -53,6 +54,7 @@ def command(
              "load.gpus_per_process": gpus_per_process,
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
              "stages.critical_rule": critical_rule, "stages.depth_share": depth_share,
+             "stages.object_share": object_share,
              "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}
     path = run_analysis(load_config(C, config, overrides(flags, set_)))
     if path.is_file():

@@ -7,12 +7,15 @@ whole run, [N, L+1] each (N generated tokens):
 * ``direct_flip[t, l]`` (optional): 1 when removing layer ``l``'s own update ``h_l - h_{l-1}`` from the final
   state changes the final top-1 token (the layer's *direct effect*), NaN at layer 0;
 * ``decision_depth[t]`` (needed by the default critical rule): the first layer from which the emitted token stays
-  the lens' top-1 through the last layer (level 1, top-1 stability).
+  the lens' top-1 through the last layer (level 1, top-1 stability);
+* ``objects[t]`` (optional): True for object-word tokens (the run's object vocabulary).
 
 Rules (thresholds in :class:`StageConfig`; chosen on the tune half of the model zoo, see docs/stages.md):
 
-* **Critical layer** (``critical_rule``): ``depth`` (v3, default) = the first layer by which ``depth_share`` of the
-  tokens have reached their decision depth: where most emitted tokens are decided for good; ``probability`` (v2) =
+* **Critical layer** (``critical_rule``): ``depth`` (default) = the first layer by which ``depth_share`` of the
+  tokens have reached their decision depth: where most emitted tokens are decided for good; v4 adds that, when the
+  run has at least ``min_object_tokens`` object-word tokens, ``object_share`` of *those* must be decided too (a
+  caption's frame words settle before its objects); ``probability`` (v2) =
   the first layer at which the median over tokens of ``p_token`` reaches ``rise_fraction`` of its maximum over
   layers: where the emitted tokens' probability has stopped rising fast.
 * **Mutation layers**: layers ``l >= critical + 2`` (so the tail of rapid evolution is never a mutation) whose
@@ -48,6 +51,10 @@ class StageConfig:
         "help": "critical layer rule: depth (share of tokens past their decision depth; v3) or probability (median emitted-token probability rise; v2)"})
     depth_share: float = field(default=0.8, metadata={
         "help": "critical_rule depth: first layer by which this share of tokens have reached their decision depth"})
+    object_share: float = field(default=0.8, metadata={
+        "help": "critical_rule depth (v4): this share of the object-word tokens must be decided by the critical layer too (0: all tokens only, v3)"})
+    min_object_tokens: int = field(default=20, metadata={
+        "help": "object_share applies only to runs with at least this many object-word tokens"})
     rise_fraction: float = field(default=0.95, metadata={
         "help": "critical_rule probability: first layer whose median emitted-token probability reaches this share of its maximum"})
     mutation_ratio: float = field(default=3.0, metadata={
@@ -69,9 +76,11 @@ class StageConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"stage option {name}={value} must lie in (0, 1]")
+        if not 0.0 <= self.object_share <= 1.0:
+            raise ConfigError(f"stage option object_share={self.object_share} must lie in [0, 1] (0: off)")
         if self.mutation_ratio < 1.0:
             raise ConfigError(f"stage option mutation_ratio={self.mutation_ratio} must be >= 1")
-        for name in ("mutation_min_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
+        for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
 
@@ -79,17 +88,29 @@ class StageConfig:
 def critical_from_curve(curve: np.ndarray, cfg: StageConfig) -> int:
     """Critical layer from the rule's curve [L+1] (:func:`critical_curve`)."""
     if cfg.critical_rule == "depth":
-        return int(np.argmax(curve >= cfg.depth_share - 1e-12))  # the last layer's share is 1 by definition
+        return int(np.argmax(curve >= 1.0 - 1e-12))  # the last layer's shares are 1 by definition
     return int(np.argmax(curve >= cfg.rise_fraction * curve.max()))
 
 
-def critical_curve(p_token: np.ndarray, depth: np.ndarray | None, cfg: StageConfig) -> np.ndarray:
-    """[L+1]: the share of tokens whose decision depth is <= each layer (rule ``depth``), or the median
-    emitted-token probability (rule ``probability``)."""
+def uses_objects(objects: np.ndarray | None, cfg: StageConfig) -> bool:
+    """Whether the depth rule also reads the object-word tokens (``objects`` [N] bool)."""
+    return (cfg.critical_rule == "depth" and cfg.object_share > 0 and objects is not None
+            and int(objects.sum()) >= max(1, cfg.min_object_tokens))
+
+
+def critical_curve(p_token: np.ndarray, depth: np.ndarray | None, cfg: StageConfig,
+                   objects: np.ndarray | None = None) -> np.ndarray:
+    """[L+1]: rule ``depth``: the share of tokens whose decision depth is <= each layer over ``depth_share``, or,
+    when :func:`uses_objects`, the smaller of that and the object-word tokens' share over ``object_share`` (the
+    rule's layer is the first where the curve reaches 1); rule ``probability``: the median emitted-token
+    probability."""
     if cfg.critical_rule == "depth":
         if depth is None:
             raise ConfigError("critical_rule=depth needs the tokens' decision depths (or use critical_rule=probability)")
-        return decided_share(depth, p_token.shape[1])
+        curve = decided_share(depth, p_token.shape[1]) / cfg.depth_share
+        if uses_objects(objects, cfg):
+            curve = np.minimum(curve, decided_share(depth[objects], p_token.shape[1]) / cfg.object_share)
+        return curve
     return np.median(p_token, axis=0)
 
 
@@ -145,10 +166,22 @@ def flip_share_curve(direct_flip: np.ndarray) -> np.ndarray:
     return np.r_[np.nan, direct_flip[:, 1:].mean(axis=0)]
 
 
-def _curves(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.ndarray | None,
-            cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """The dataset curves the rules read: the critical rule's curve and the direct-effect flip share, [L+1] each."""
-    return critical_curve(p_token, depth, cfg), None if direct_flip is None else flip_share_curve(direct_flip)
+@dataclass
+class _Tokens:
+    """The per-token inputs of the rules (see :func:`detect_stages`); ``rows`` selects tokens (a resample)."""
+
+    p_token: np.ndarray
+    direct_flip: np.ndarray | None
+    depth: np.ndarray | None
+    objects: np.ndarray | None
+
+    def rows(self, pick: np.ndarray) -> _Tokens:
+        return _Tokens(*(None if x is None else x[pick] for x in (self.p_token, self.direct_flip, self.depth, self.objects)))
+
+    def curves(self, cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None]:
+        """The dataset curves the rules read: the critical rule's curve and the direct-effect flip share, [L+1] each."""
+        flips = None if self.direct_flip is None else flip_share_curve(self.direct_flip)
+        return critical_curve(self.p_token, self.depth, cfg, self.objects), flips
 
 
 def _boundaries(crit_curve: np.ndarray, flip_share: np.ndarray | None, tokens: int,
@@ -157,12 +190,7 @@ def _boundaries(crit_curve: np.ndarray, flip_share: np.ndarray | None, tokens: i
     return critical, [] if flip_share is None else mutations_from_curve(flip_share, critical, tokens, cfg)
 
 
-def _pick(x: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
-    return None if x is None else x[rows]
-
-
-def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.ndarray | None, groups: np.ndarray,
-               cfg: StageConfig) -> dict[str, Any]:
+def _bootstrap(tokens: _Tokens, groups: np.ndarray, cfg: StageConfig) -> dict[str, Any]:
     """Central ``cfg.interval`` range of the boundaries over resamples of the groups (samples)."""
     ids = np.unique(groups)
     if cfg.bootstrap == 0 or len(ids) < 2:
@@ -172,7 +200,7 @@ def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.nd
     crit, mut = [], []
     for _ in range(cfg.bootstrap):
         pick = np.concatenate([rows[g] for g in rng.choice(ids, len(ids))])
-        c, m = _boundaries(*_curves(p_token[pick], _pick(direct_flip, pick), _pick(depth, pick), cfg), len(pick), cfg)
+        c, m = _boundaries(*tokens.rows(pick).curves(cfg), len(pick), cfg)
         crit.append(c)
         mut.append(m[0] if m else -1)
     lo, hi = (1 - cfg.interval) / 2 * 100, (1 + cfg.interval) / 2 * 100
@@ -182,14 +210,15 @@ def _bootstrap(p_token: np.ndarray, direct_flip: np.ndarray | None, depth: np.nd
 
     found = [m for m in mut if m >= 0]
     return {"critical": central(crit),
-            "mutation": central(found) if direct_flip is not None and len(found) >= len(mut) / 2 else None,
+            "mutation": central(found) if tokens.direct_flip is not None and len(found) >= len(mut) / 2 else None,
             "mutation_share": len(found) / len(mut)}
 
 
 def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, groups: np.ndarray | None = None,
-                  cfg: StageConfig | None = None, decision_depth: np.ndarray | None = None) -> StageResult:
-    """Stage boundaries from per-token curves p_token [N, L+1], direct_flip [N, L+1] (optional; NaN at layer 0) and
-    decision_depth [N] (needed by ``critical_rule=depth``).
+                  cfg: StageConfig | None = None, decision_depth: np.ndarray | None = None,
+                  objects: np.ndarray | None = None) -> StageResult:
+    """Stage boundaries from per-token curves p_token [N, L+1], direct_flip [N, L+1] (optional; NaN at layer 0),
+    decision_depth [N] (needed by ``critical_rule=depth``) and objects [N] (optional, bool: object-word tokens).
 
     ``groups`` [N]: the sample of each token, resampled together by the bootstrap (default: each token alone).
     """
@@ -200,11 +229,14 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         raise ConfigError(f"direct_flip {direct_flip.shape} must match p_token {p_token.shape}")
     if decision_depth is not None and decision_depth.shape != p_token.shape[:1]:
         raise ConfigError(f"decision_depth {decision_depth.shape} must hold one layer per token of p_token {p_token.shape}")
+    if objects is not None and objects.shape != p_token.shape[:1]:
+        raise ConfigError(f"objects {objects.shape} must hold one flag per token of p_token {p_token.shape}")
     n_tok, n_layers = p_token.shape
     num_layers = n_layers - 1
     groups = np.arange(n_tok) if groups is None else np.asarray(groups)
     flags = [] if direct_flip is not None else ["no_direct_effect"]
-    crit_curve, flip_share = _curves(p_token, direct_flip, decision_depth, cfg)
+    tokens = _Tokens(p_token, direct_flip, decision_depth, None if objects is None else objects.astype(bool))
+    crit_curve, flip_share = tokens.curves(cfg)
     if cfg.critical_rule == "depth":
         per_c: list[int | None] = [int(d) for d in decision_depth]  # type: ignore[union-attr]
     else:
@@ -216,7 +248,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         flags.append("too_few_tokens")
     else:
         critical, mutations = _boundaries(crit_curve, flip_share, n_tok, cfg)
-        interval = _bootstrap(p_token, direct_flip, decision_depth, groups, cfg)
+        interval = _bootstrap(tokens, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
         if "mutation_share" in interval and (interval["mutation_share"] >= 0.5) != bool(mutations):
@@ -235,7 +267,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         per_m = [critical + 2 + int(row.argmax()) if row.any() else None for row in late]
         histogram = {critical + 2 + int(i): int(c) for i, c in enumerate(late.sum(axis=0)) if c}
     found = np.array([c for c in per_c if c is not None])
-    spread: dict[str, Any] = {"tokens": n_tok, "samples": int(len(np.unique(groups)))}
+    spread: dict[str, Any] = {"tokens": n_tok, "samples": int(len(np.unique(groups))),
+                              "object_tokens": None if objects is None else int(tokens.objects.sum())}
     if len(found):
         q25, q75 = np.percentile(found, [25, 75])
         spread.update(median=float(np.median(found)), iqr=[float(q25), float(q75)], min=int(found.min()), max=int(found.max()))
@@ -250,6 +283,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         evidence={"median_p": [float(x) for x in np.median(p_token, axis=0)],
                   "decided_share": None if decision_depth is None else
                   [float(x) for x in decided_share(decision_depth, n_layers)],
+                  "object_decided_share": [float(x) for x in decided_share(decision_depth[tokens.objects], n_layers)]
+                  if uses_objects(tokens.objects, cfg) else None,
                   "direct_flip": [None] * n_layers if flip_share is None else
                   [float(x) if np.isfinite(x) else None for x in flip_share]},
         critical_spread=spread,
