@@ -68,7 +68,8 @@ class Selection:
 
 
 def _budget_error(k: int, available: int, what: str) -> ConfigError:
-    return ConfigError(f"cannot remove {k} layers: only {available} {what}")
+    """``what`` names the available kind in the plural ("removable layers in ...")."""
+    return ConfigError(f"cannot remove {k} layers: only {available} {what.replace('layers', 'layer', 1) if available == 1 else what}")
 
 
 # Rankings of the stage selector (see the module docstring).
