@@ -11,14 +11,15 @@ import pytest
 
 from conftest import run_cli, stage_file
 from evotool.analysis.store import RunStore
-from evotool.stages import StageFile, detect_stages
+from evotool.stages import StageConfig, StageFile, detect_stages
 from evotool.zoo.curves import flips_after_js_drop
 from evotool.zoo.report import verdict
 from tiny_zoo import train_tiny_member
 
 ZOO_CURVES = Path(__file__).parent / "data" / "zoo"
 # What docs/stages.md reports for these tune members of the first zoo build (critical within 1 of behaviour,
-# mutation within 1 / none) under detector v3 (critical_rule depth): change both together.
+# mutation within 1 / none) under detector v3 (critical_rule depth); their files predate the object-word mask, so v4
+# reads them as v3 does. Change both together.
 DOCUMENTED = {"l12-llama-w64": (True, True), "l24-gemma-w64": (False, True), "l16-llama-w64": (True, True),
               "l8-llama-long": (True, False)}
 
@@ -55,6 +56,28 @@ def test_early_top1_flips_after_the_js_drop_do_not_pull_the_boundaries_early() -
     assert (meta["behaviour"]["critical_layer"], meta["behaviour"]["mutation_layers"]) == (6, [11])
     assert (res.critical_layer, res.mutation_layers) == (6, [11])
     assert res.stages["stabilization"] == [7, 10] and res.flags == []
+
+
+def test_object_words_fix_an_early_critical_layer_on_a_rebuilt_member() -> None:
+    """Rebuilt holdout member l8-llama-short (set A, every token): its frame words are decided early, its object words
+    late. Detector v3 (all tokens) says 4, v4 (object words too) 6; behaviour: 7 (docs/stages.md, "Detector v4")."""
+    meta, z = saved("l8-llama-short-rebuilt")
+    flip = z["direct_flip"].astype(float)
+    flip[:, 0] = np.nan
+    objects = z["objects"]
+    assert meta["behaviour"]["critical_layer"] == 7 and objects.sum() >= StageConfig().min_object_tokens
+
+    def detect(cfg: StageConfig):
+        res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], cfg, z["decision_depth"], objects)
+        return res, verdict(meta["behaviour"], stage_file(meta["num_layers"], res.critical_layer, res.mutation_layers), None)
+
+    (v4, ok4), (v3, ok3) = detect(StageConfig()), detect(StageConfig(object_share=0.0))
+    assert (v4.critical_layer, v3.critical_layer) == (6, 4)
+    assert ok4 == {"critical": True, "mutation": True, "stabilization": True, "a/b": None}
+    assert ok3["critical"] is False
+    decided = v4.evidence["object_decided_share"]
+    assert decided[5] < 0.8 <= decided[6] and v4.evidence["decided_share"][4] >= 0.8  # objects settle later
+    assert v4.interval["critical"][1] == 6 and v4.flags == []
 
 
 def test_verdict_follows_the_targets() -> None:

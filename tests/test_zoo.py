@@ -507,6 +507,7 @@ def test_token_curves_flips_after_js_drop_and_export(tmp_path: Path):
         meta = json.loads(str(z["meta"]))
         assert meta["member"] == "m" and meta["tokens"] == 1 and meta["num_layers"] == 4
         assert z["js_prev"].dtype == np.float16 and z["js_prev"].shape == (1, 5)
+        assert "objects" not in z.files  # the run's stage file names no object vocabulary
 
 
 def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, monkeypatch, capsys):

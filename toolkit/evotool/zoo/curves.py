@@ -4,7 +4,8 @@
 per-layer arrays the detector reads ([T, L+1], layer 0 = embeddings): ``js_prev``, ``p_token``,
 ``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's), ``direct_flip`` (the layer's own update
 decides the final top-1; runs that hold it) and the per-token ``decision_depth``,
-plus ``sample`` (index of the sample each token belongs to) and ``token_id``. Floats are stored as float16;
+plus ``sample`` (index of the sample each token belongs to), ``token_id`` and ``objects`` (object-word tokens of the
+run's ``object_vocab``; runs whose ``stages.json`` names one). Floats are stored as float16;
 ``meta`` (a JSON string) names the member and, when the member has a ``behaviour.json``, its behavioural
 critical / mutation layers.
 """
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from evotool.analysis.aggregate import decision_depth, direct_flips, stacked, token_ids, token_samples
+from evotool.analysis.hallucination import object_mask
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
 from evotool.io import atomic_write_bytes
 from evotool.stages.behaviour import read_behaviour
-from evotool.stages.file import StageFile
+from evotool.stages.file import STAGES_FILE, StageFile
 
 
 def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.ndarray]:
@@ -30,7 +32,7 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
     loaded = RunStore(Path(run_dir)).load_all()
     if not loaded:
         raise InputError(f"no finished samples in {run_dir}")
-    traces = [t for _, t in loaded]
+    records, traces = [r for r, _ in loaded], [t for _, t in loaded]
     top1 = stacked(traces, "top1").astype(np.int64)
     token_id = token_ids(traces)
     flip = np.zeros_like(top1, dtype=bool)
@@ -41,6 +43,9 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
     direct = direct_flips(traces)
     if direct is not None:
         curves["direct_flip"] = np.nan_to_num(direct).astype(bool)
+    vocab = StageFile.read(run_dir).payload.get("object_vocab") if (Path(run_dir) / STAGES_FILE).is_file() else None
+    if vocab:
+        curves["objects"] = object_mask(records, set(vocab))
     return {k: v[:max_tokens] for k, v in curves.items()} if max_tokens else curves
 
 
