@@ -158,8 +158,11 @@ def test_selectors_and_budget():
     assert len(r) == 3 and 4 not in r and r == SELECTORS["random"](3, ctx).removed
     js_ctx = SelectionContext(n, stage_file(12, 4, [10], curves={"js_prev": {"median": [0, *range(12, 0, -1)]}}), redundancy="js")
     assert SELECTORS["stage"](2, js_ctx).removed == [8, 9]  # lowest adjacent JS inside 5..9
-    with pytest.raises(EvotoolError, match="only 5"):
+    with pytest.raises(EvotoolError, match=r"only 5 removable layers in the stabilization stage .*--selector block-influence"):
         SELECTORS["stage"](6, ctx)  # larger than the stable stage
+    one = SelectionContext(n, stage_file(12, 10, [12]), CalibrationStats(bi, ang, 10))  # stabilization: layer 11
+    with pytest.raises(EvotoolError, match=r"cannot remove 2 layers: only 1 removable layer in the stabilization stage \[11\]"):
+        SELECTORS["stage"](2, one)
     assert budget(12, drop=3) == 3 and budget(12, ratio=0.25) == 3 and budget(12, speedup=1.5) == 4
     with pytest.raises(EvotoolError):
         budget(12, drop=2, ratio=0.5)

@@ -107,7 +107,8 @@ def select_stage(k: int, ctx: SelectionContext) -> Selection:
     ranked, score, label = rank_stage(ctx)
     if k > len(ranked):
         where = "stabilization" + ("" if ctx.keep_mutation else " + mutation")
-        raise _budget_error(k, len(ranked), f"removable layers in the {where} stage {sorted(ranked)}")
+        raise _budget_error(k, len(ranked), f"removable layers in the {where} stage {sorted(ranked)} (--selector "
+                            "block-influence ranks every layer by measured redundancy)")
     chosen = sorted(ranked[:k])
     return Selection(chosen, {i: f"stabilization stage, {label.format(score[i])}" for i in chosen}, "stage")
 
