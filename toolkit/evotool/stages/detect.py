@@ -10,7 +10,8 @@ whole run, [N, L+1] each (N generated tokens):
   the lens' top-1 through the last layer (level 1, top-1 stability);
 * ``objects[t]`` (optional): True for object-word tokens (the run's object vocabulary).
 
-Rules (thresholds in :class:`StageConfig`; chosen on the tune half of the model zoo, see docs/stages.md):
+Rules (thresholds in :class:`StageConfig`; chosen on model zoo members, reported on members built after each choice;
+see docs/stages.md):
 
 * **Critical layer** (``critical_rule``): ``depth`` (default) = the first layer by which ``depth_share`` of the
   tokens have reached their decision depth: where most emitted tokens are decided for good; v4 adds that, when the
