@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, stage_file
-from evotool.analysis.atlas import BEGIN, END, figure, load_runs, write_atlas
+from evotool.analysis.atlas import BEGIN, END, figure, load_runs, second_curve, write_atlas
 from evotool.analysis.config import AtlasConfig
 from evotool.errors import EvotoolError
 from evotool.stages.behaviour import save_behaviour
@@ -128,6 +128,17 @@ def test_one_panel_per_run_on_normalised_depth(runs: list[Path]) -> None:
         second = fig.axes[len(panels) + panels.index(ax)].lines[0].get_ydata()
         expected = stages["evidence"]["direct_flip"] if run.label == "deep" else stages["curves"]["js_prev"]["median"]
         np.testing.assert_allclose(second, [np.nan if v is None else v for v in expected])
+
+
+def test_second_curve_is_what_the_mutation_rule_read(tmp_path: Path) -> None:
+    js = [None, 0.001, 0.002, 0.05, 0.001]
+    flips = [None, 0.0, 0.01, 0.2, 0.0]
+    for signal, expected, name in (("js", js, "mean direct-effect JS"), ("flip", flips, "direct-effect flip share"),
+                                   (None, flips, "direct-effect flip share")):  # no signal stored: a run before v5
+        config = {"stages": {} if signal is None else {"mutation_signal": signal}}
+        curve, label = second_curve(stage_file(4, 2, [3], evidence={"direct_js": js, "direct_flip": flips}, config=config))
+        np.testing.assert_allclose(curve, [np.nan if v is None else v for v in expected])
+        assert label == name
 
 
 def test_regenerating_keeps_text_around_the_markers(runs: list[Path], tmp_path: Path) -> None:

@@ -18,10 +18,14 @@ from tiny_zoo import train_tiny_member
 
 ZOO_CURVES = Path(__file__).parent / "data" / "zoo"
 # What docs/stages.md reports for these tune members of the first zoo build (critical within 1 of behaviour,
-# mutation within 1 / none) under detector v3 (critical_rule depth); their files predate the object-word mask, so v4
-# reads them as v3 does. Change both together.
+# mutation within 1 / none) under detector v3 (critical_rule depth, mutation_signal flip); their files predate the
+# object-word mask and the direct-effect JS, so they are read with v4's flip signal (and v4 reads them as v3). Change
+# both together.
 DOCUMENTED = {"l12-llama-w64": (True, True), "l24-gemma-w64": (False, True), "l16-llama-w64": (True, True),
               "l8-llama-long": (True, False)}
+
+
+FLIP = StageConfig(mutation_signal="flip")
 
 
 def saved(member: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -34,7 +38,7 @@ def test_detector_on_saved_zoo_curves_against_behaviour(member: str) -> None:
     meta, z = saved(member)
     flip = z["direct_flip"].astype(float)
     flip[:, 0] = np.nan
-    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], decision_depth=z["decision_depth"])
+    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], FLIP, decision_depth=z["decision_depth"])
     truth = meta["behaviour"]
     a = stage_file(meta["num_layers"], res.critical_layer, res.mutation_layers)
     checks = verdict(truth, a, None)
@@ -52,7 +56,7 @@ def test_early_top1_flips_after_the_js_drop_do_not_pull_the_boundaries_early() -
     assert flips_after_js_drop({k: z[k] for k in ("js_prev", "top1_flip")}) >= 0.3
     flip = z["direct_flip"].astype(float)
     flip[:, 0] = np.nan
-    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], decision_depth=z["decision_depth"])
+    res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], FLIP, decision_depth=z["decision_depth"])
     assert (meta["behaviour"]["critical_layer"], meta["behaviour"]["mutation_layers"]) == (6, [11])
     assert (res.critical_layer, res.mutation_layers) == (6, [11])
     assert res.stages["stabilization"] == [7, 10] and res.flags == []
@@ -68,7 +72,8 @@ def test_object_words_fix_an_early_critical_layer_on_a_rebuilt_member() -> None:
     assert meta["behaviour"]["critical_layer"] == 7 and objects.sum() >= StageConfig().min_object_tokens
 
     def detect(cfg: StageConfig):
-        res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], cfg, z["decision_depth"], objects)
+        res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], cfg, z["decision_depth"], objects,
+                            z["direct_js"].astype(np.float64))
         return res, verdict(meta["behaviour"], stage_file(meta["num_layers"], res.critical_layer, res.mutation_layers), None)
 
     (v4, ok4), (v3, ok3) = detect(StageConfig()), detect(StageConfig(object_share=0.0))
@@ -108,3 +113,25 @@ def test_analysis_of_a_quickly_trained_member(family: str, layers: int, tmp_path
     assert lo <= stages.critical_layer <= hi <= layers
     assert set(stages.flags) <= {"no_stable_stage", "short_stable_stage", "wide_interval", "uncertain_mutation"}
     assert f"critical layer {stages.critical_layer}" in out
+
+
+def test_direct_effect_js_finds_a_mid_stack_mutation_the_flip_share_misses() -> None:
+    """Rebuilt holdout member l20-llama-w64 (set A, every token): bypassing layer 14 rewrites 14% of its captions
+    (behavioural mutation 14), yet its update decides the final top-1 of only 3 of 424 tokens, under v4's flip floor.
+    The mean direct-effect JS there is ~28x its post-critical median: v5 (signal js) finds it (docs/stages.md)."""
+    meta, z = saved("l20-llama-w64-rebuilt")
+    flip, js = z["direct_flip"].astype(float), z["direct_js"].astype(np.float64)
+    flip[:, 0] = np.nan
+    assert meta["behaviour"]["mutation_layers"] == [14] and int(flip[:, 14].sum()) == 3
+
+    def detect(cfg: StageConfig):
+        res = detect_stages(z["p_token"].astype(np.float64), flip, z["sample"], cfg, z["decision_depth"], z["objects"], js)
+        return res, verdict(meta["behaviour"], stage_file(meta["num_layers"], res.critical_layer, res.mutation_layers), None)
+
+    (v5, ok5), (v4, ok4) = detect(StageConfig()), detect(FLIP)
+    assert v5.critical_layer == v4.critical_layer == 4 and ok5["critical"]
+    assert (v5.mutation_layers, v4.mutation_layers) == ([14], [])
+    assert ok5["mutation"] and not ok4["mutation"] and ok5["stabilization"]
+    post = np.array(v5.evidence["direct_js"][v5.critical_layer + 1:], dtype=np.float64)
+    assert post[14 - v5.critical_layer - 1] >= StageConfig().mutation_ratio * np.median(post)
+    assert v5.interval["mutation"][0] <= 14 <= v5.interval["mutation"][1]

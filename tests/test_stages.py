@@ -17,14 +17,17 @@ class Planted(NamedTuple):
     p: np.ndarray  # p_token [N, L+1]
     flip: np.ndarray  # direct_flip [N, L+1]
     depth: np.ndarray  # decision depth [N]
+    js: np.ndarray  # direct_js [N, L+1]
 
 
 def planted(num_layers: int, critical: int, mutation: int | None, tokens: int, rng: np.random.Generator,
             late_flips: int | None = None) -> Planted:
     """Curves of ``tokens`` tokens: p_token [N, L+1] rising until ``critical``, then flat; direct_flip [N, L+1] with
     rare background flips, a third of the tokens decided by ``mutation``'s own update and a quarter by the layer
-    right after the critical one (the tail of rapid evolution), or by ``late_flips`` when given; decision depths:
-    90% of the tokens decided at one of the three layers up to ``critical``, the rest only at the output."""
+    right after the critical one (the tail of rapid evolution), or by ``late_flips`` when given; direct_js [N, L+1]:
+    0.05-0.3 where a planted update decides the token, 0.001-0.004 for the background flips (near ties, as in zoo
+    runs), below 2e-4 elsewhere; decision depths: 90% of the tokens decided at one of the three layers up to
+    ``critical``, the rest only at the output."""
     depth = np.where(rng.random(tokens) < 0.9, rng.integers(max(1, critical - 2), critical + 1, tokens), num_layers)
     p = np.empty((tokens, num_layers + 1))
     for i in range(tokens):
@@ -32,24 +35,28 @@ def planted(num_layers: int, critical: int, mutation: int | None, tokens: int, r
         p[i, : critical + 1] = np.linspace(0.0, 0.9 * top, critical + 1)
         p[i, critical:] = top * rng.uniform(0.97, 1.0, num_layers + 1 - critical)
     flip = (rng.random((tokens, num_layers + 1)) < 0.002).astype(float)
+    js = np.where(flip > 0, rng.uniform(0.001, 0.004, flip.shape), rng.uniform(0.0, 2e-4, flip.shape))
     tail = critical + 1 if late_flips is None else late_flips
-    flip[: tokens // 4, tail] = 1.0
+    planted_rows = [(slice(None, tokens // 4), tail)]
     if mutation is not None:
-        flip[tokens // 3 : 2 * tokens // 3, mutation] = 1.0
-    flip[:, 0] = np.nan
-    return Planted(p, flip, depth)
+        planted_rows.append((slice(tokens // 3, 2 * tokens // 3), mutation))
+    for rows, layer in planted_rows:
+        flip[rows, layer] = 1.0
+        js[rows, layer] = rng.uniform(0.05, 0.3, len(range(tokens)[rows]))
+    flip[:, 0] = js[:, 0] = np.nan
+    return Planted(p, flip, depth, js)
 
 
 def detect(c: Planted, groups: np.ndarray | None = None, cfg: StageConfig | None = None) -> StageResult:
-    return detect_stages(c.p, c.flip, groups, cfg, c.depth)
+    return detect_stages(c.p, c.flip, groups, cfg, c.depth, direct_js=c.js)
 
 
-@pytest.mark.parametrize("rule", CRITICAL_RULES)
+@pytest.mark.parametrize("rule,signal", [("depth", "js"), ("probability", "js"), ("depth", "flip")])
 @pytest.mark.parametrize("num_layers,critical,mutation", [(32, 18, 28), (12, 5, 10), (24, 9, 24), (8, 3, 6)])
-def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mutation: int, rule: str) -> None:
+def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mutation: int, rule: str, signal: str) -> None:
     c = planted(num_layers, critical, mutation, 400, np.random.default_rng(critical))
     groups = np.arange(400) % 40  # every sample holds tokens of each kind
-    res = detect(c, groups, StageConfig(critical_rule=rule))
+    res = detect(c, groups, StageConfig(critical_rule=rule, mutation_signal=signal))
     assert res.critical_layer == critical
     assert res.mutation_layers == [mutation]  # the flips right after the critical layer are not a mutation
     assert res.stages == {
@@ -63,13 +70,15 @@ def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mu
     assert res.mutation_stats["histogram"][mutation] >= 400 // 3
 
 
-def test_evidence_curves_are_the_median_probability_decided_share_and_flip_share() -> None:
-    p, flip, depth = c = planted(12, 5, 10, 60, np.random.default_rng(0))
+def test_evidence_curves_are_the_median_probability_decided_share_and_direct_effects() -> None:
+    p, flip, depth, js = c = planted(12, 5, 10, 60, np.random.default_rng(0))
     res = detect(c, cfg=StageConfig(bootstrap=0))
     np.testing.assert_allclose(res.evidence["median_p"], np.median(p, axis=0))
     np.testing.assert_allclose(res.evidence["decided_share"], [np.mean(depth <= layer) for layer in range(13)])
     assert res.evidence["direct_flip"][0] is None
     np.testing.assert_allclose(res.evidence["direct_flip"][1:], flip[:, 1:].mean(axis=0))
+    assert res.evidence["direct_js"][0] is None
+    np.testing.assert_allclose(res.evidence["direct_js"][1:], js[:, 1:].mean(axis=0))
     assert res.interval == {"critical": None, "mutation": None}
 
 
@@ -128,11 +137,19 @@ def test_no_mutation_is_reported_not_forced() -> None:
 
 
 def test_weak_late_change_is_not_a_mutation() -> None:
-    """A layer deciding 1% of the tokens stays below mutation_min_flip, however quiet the other layers are."""
+    """Signal flip (v4): a layer deciding 1% of the tokens stays below mutation_min_flip, however quiet the other
+    layers are. Signal js (v5): a layer must stand out by mutation_ratio (8) times the post-critical median of the
+    mean direct-effect JS: 4x is a bump, 12x a mutation; below mutation_min_js nothing is, whatever the ratio."""
     c = planted(16, 6, None, 200, np.random.default_rng(3))
     c.flip[:, 1:] = 0.0
     c.flip[:2, 12] = 1.0
-    assert detect(c).mutation_layers == []
+    assert detect(c, cfg=StageConfig(mutation_signal="flip")).mutation_layers == []
+    c.js[:, 1:] = 1e-4
+    for factor, found in ((4, []), (12, [12])):
+        c.js[:, 12] = factor * 1e-4
+        assert detect(c).mutation_layers == found
+    c.js[:, 1:] /= 100
+    assert detect(c).mutation_layers == []  # 12x the median, but a mean JS of 1.2e-5 < mutation_min_js
 
 
 def test_critical_at_the_output_has_no_stable_stage() -> None:
@@ -188,7 +205,15 @@ def test_bad_config_and_shapes_rejected() -> None:
         StageConfig(object_share=1.2)
     with pytest.raises(ConfigError, match="min_object_tokens"):
         StageConfig(min_object_tokens=-1)
+    with pytest.raises(ConfigError, match="mutation_signal"):
+        StageConfig(mutation_signal="cos")
+    with pytest.raises(ConfigError, match="mutation_min_js"):
+        StageConfig(mutation_min_js=-0.1)
+    assert (StageConfig().mutation_ratio, StageConfig(mutation_signal="flip").mutation_ratio) == (8.0, 3.0)
+    assert StageConfig(mutation_signal="flip", mutation_ratio=5).mutation_ratio == 5
     with pytest.raises(ConfigError):
         detect_stages(np.zeros((0, 5)))
     with pytest.raises(ConfigError, match="direct_flip"):
         detect_stages(np.zeros((60, 5)), np.zeros((60, 4)))
+    with pytest.raises(ConfigError, match="direct_js"):
+        detect_stages(np.zeros((60, 5)), direct_js=np.zeros((60, 4)))

@@ -43,16 +43,18 @@ def token_ids(traces: list[SampleTrace]) -> np.ndarray:
     return np.concatenate([t.token_ids for t in traces]).astype(np.int64)
 
 
-def direct_flips(traces: list[SampleTrace]) -> np.ndarray | None:
-    """``direct_flip`` of every token [N, L+1] (NaN at layer 0), or None when a sample was traced without it."""
-    return stacked(traces, "direct_flip") if all("direct_flip" in t.layers for t in traces) else None
+def direct_metric(traces: list[SampleTrace], name: str) -> np.ndarray | None:
+    """A direct-effect metric (``direct_flip`` or ``direct_js``) of every token [N, L+1] (NaN at layer 0), or None
+    when a sample was traced without it."""
+    return stacked(traces, name) if all(name in t.layers for t in traces) else None
 
 
 def detect(traces: list[SampleTrace], cfg: StageConfig, objects: np.ndarray | None = None) -> StageResult:
     """Stage boundaries of the whole run (tokens of one sample resampled together by the bootstrap); ``objects`` [N]:
     which tokens are object words."""
     depth = decision_depth(stacked(traces, "top1").astype(np.int64), token_ids(traces))
-    return detect_stages(stacked(traces, "p_token"), direct_flips(traces), token_samples(traces), cfg, depth, objects)
+    return detect_stages(stacked(traces, "p_token"), direct_metric(traces, "direct_flip"), token_samples(traces), cfg, depth,
+                         objects, direct_metric(traces, "direct_js"))
 
 
 def summary_curves(traces: list[SampleTrace]) -> dict[str, dict[str, list[float | None]]]:

@@ -159,12 +159,16 @@ def _curve(values: Any, length: int) -> np.ndarray:
 
 
 def second_curve(stages: StageFile) -> tuple[np.ndarray, str]:
-    """The direct-effect flip share per layer [L+1] (``evidence.direct_flip``), or, for runs traced without direct
-    effect, the median adjacent-layer JS (``curves.js_prev``); with the curve's name."""
+    """The curve the run's mutation rule read, per layer [L+1]: the mean direct-effect JS (``evidence.direct_js``,
+    signal js, v5) or flip share (``evidence.direct_flip``, signal flip: runs before v5), or, for runs traced without
+    direct effect, the median adjacent-layer JS (``curves.js_prev``); with the curve's name."""
     n = stages.num_layers + 1
-    flips = (stages.payload.get("evidence") or {}).get("direct_flip")
-    if flips is not None:
-        return _curve(flips, n), "direct-effect flip share"
+    evidence = stages.payload.get("evidence") or {}
+    signal = ((stages.payload.get("config") or {}).get("stages") or {}).get("mutation_signal", "flip")
+    for key, name in (("direct_js", "mean direct-effect JS"), ("direct_flip", "direct-effect flip share")):
+        values = evidence.get(key)
+        if (signal == "js" or key == "direct_flip") and values is not None and any(v is not None for v in values):
+            return _curve(values, n), name
     return _curve(((stages.payload.get("curves") or {}).get("js_prev") or {}).get("median"), n), "median adjacent JS"
 
 

@@ -24,7 +24,8 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
         f"| critical layer | {payload['critical_layer']} (bootstrap interval {interval.get('critical') or 'n/a'}; "
         f"{_critical_rule(payload['config']['stages'], payload['evidence'].get('object_decided_share') is not None)}) |",
         f"| mutation layers | {payload['mutation_layers'] or 'none'} (interval {interval.get('mutation') or 'n/a'}; "
-        f"{mut['share_mutated']:.0%} of tokens have their top-1 decided by a layer's own update after the critical layer) |",
+        f"{_mutation_rule(payload['config']['stages'])}; {mut['share_mutated']:.0%} of tokens have their top-1 decided "
+        "by a layer's own update after the critical layer) |",
         f"| flags | {', '.join(payload.get('flags', [])) or 'none'} |",
     ]
     for name in ("rapid_evolution", "stabilization", "mutation"):
@@ -56,6 +57,13 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
     for record in records[:10]:
         lines.append(f"- `{record['id']}`: {record['text']}")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _mutation_rule(cfg: dict) -> str:
+    """The mutation rule of a run's stage options, in words (runs before v5 read the flip share)."""
+    if cfg.get("mutation_signal", "flip") == "js":
+        return f"layers whose mean direct-effect JS is >= {cfg['mutation_ratio']:g}x its post-critical median"
+    return f"layers whose direct-effect flip share is >= {cfg['mutation_ratio']:g}x its post-critical median"
 
 
 def _critical_rule(cfg: dict, objects: bool) -> str:

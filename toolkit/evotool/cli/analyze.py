@@ -38,6 +38,7 @@ def command(
     depth_share: Annotated[Optional[float], option(C, "stages.depth_share")] = None,
     object_share: Annotated[Optional[float], option(C, "stages.object_share")] = None,
     rise_fraction: Annotated[Optional[float], option(C, "stages.rise_fraction")] = None,
+    mutation_signal: Annotated[Optional[str], option(C, "stages.mutation_signal")] = None,
     mutation_ratio: Annotated[Optional[float], option(C, "stages.mutation_ratio")] = None,
     config: ConfigFile = None,
     set_: SetPairs = None,
@@ -55,7 +56,8 @@ def command(
              "load.trust_remote_code": trust_remote_code, "world_samples": world_samples,
              "stages.critical_rule": critical_rule, "stages.depth_share": depth_share,
              "stages.object_share": object_share,
-             "stages.rise_fraction": rise_fraction, "stages.mutation_ratio": mutation_ratio}
+             "stages.rise_fraction": rise_fraction, "stages.mutation_signal": mutation_signal,
+             "stages.mutation_ratio": mutation_ratio}
     path = run_analysis(load_config(C, config, overrides(flags, set_)))
     if path.is_file():
         st = StageFile.read(path)

@@ -4,8 +4,9 @@ Layer numbering: 0 = embedding output, 1..L = decoder layer outputs. Inputs are 
 whole run, [N, L+1] each (N generated tokens):
 
 * ``p_token[t, l]``: the lens probability, at layer ``l``, of the token the model emitted (level 1);
-* ``direct_flip[t, l]`` (optional): 1 when removing layer ``l``'s own update ``h_l - h_{l-1}`` from the final
-  state changes the final top-1 token (the layer's *direct effect*), NaN at layer 0;
+* ``direct_js[t, l]`` / ``direct_flip[t, l]`` (optional): the layer's *direct effect*: remove layer ``l``'s own
+  update ``h_l - h_{l-1}`` from the final state and read the lens: the JS divergence of that distribution from the
+  output / 1 when the final top-1 token changes; NaN at layer 0;
 * ``decision_depth[t]`` (needed by the default critical rule): the first layer from which the emitted token stays
   the lens' top-1 through the last layer (level 1, top-1 stability);
 * ``objects[t]`` (optional): True for object-word tokens (the run's object vocabulary).
@@ -19,14 +20,17 @@ see docs/stages.md):
   caption's frame words settle before its objects); ``probability`` (v2) =
   the first layer at which the median over tokens of ``p_token`` reaches ``rise_fraction`` of its maximum over
   layers: where the emitted tokens' probability has stopped rising fast.
-* **Mutation layers**: layers ``l >= critical + 2`` (so the tail of rapid evolution is never a mutation) whose
-  direct-effect flip share is at least ``mutation_min_flip`` (and ``mutation_min_tokens`` tokens) and
-  ``mutation_ratio`` times the median share over the layers after the critical one. The first of them starts the mutation stage.
+* **Mutation layers** (``mutation_signal``): layers ``l >= critical + 2`` (so the tail of rapid evolution is never a
+  mutation) whose direct effect stands out among the layers after the critical one: ``js`` (default, v5) = the mean
+  direct-effect JS over tokens is at least ``mutation_ratio`` (8) times its median over those layers and at least
+  ``mutation_min_js``; ``flip`` (v2-v4) = the share of tokens whose top-1 the layer's update decides is at least
+  ``mutation_ratio`` (3) times its median, ``mutation_min_flip`` and ``mutation_min_tokens`` tokens. The first of
+  them starts the mutation stage.
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
 * **Flags**: ``too_few_tokens`` (fewer than ``min_tokens``: no boundaries at all, never made-up ones),
-  ``no_direct_effect`` (no ``direct_flip`` curves: mutation undecided), ``no_stable_stage`` / ``short_stable_stage``
+  ``no_direct_effect`` (no direct-effect curves for the mutation signal: mutation undecided), ``no_stable_stage`` / ``short_stable_stage``
   (stabilization empty / shorter than 2 layers), ``wide_interval`` (critical interval wider than
   ``max_interval`` layers), ``uncertain_mutation`` (most bootstrap resamples disagree with the point estimate on
   whether a mutation stage exists).
@@ -42,6 +46,8 @@ import numpy as np
 from evotool.errors import ConfigError
 
 CRITICAL_RULES = ("depth", "probability")
+MUTATION_SIGNALS = ("js", "flip")
+MUTATION_RATIO = {"js": 8.0, "flip": 3.0}  # chosen per signal on zoo members (docs/stages.md)
 
 
 @dataclass
@@ -58,12 +64,16 @@ class StageConfig:
         "help": "object_share applies only to runs with at least this many object-word tokens"})
     rise_fraction: float = field(default=0.95, metadata={
         "help": "critical_rule probability: first layer whose median emitted-token probability reaches this share of its maximum"})
-    mutation_ratio: float = field(default=3.0, metadata={
-        "help": "mutation: direct-effect flip share / its median over the layers after the critical one"})
+    mutation_signal: str = field(default="js", metadata={
+        "help": "mutation signal: js (mean direct-effect JS per layer; v5) or flip (share of tokens whose top-1 the layer's update decides; v2-v4)"})
+    mutation_ratio: float | None = field(default=None, metadata={
+        "help": "mutation: the signal / its median over the layers after the critical one (default 8 for js, 3 for flip)"})
+    mutation_min_js: float = field(default=0.001, metadata={
+        "help": "mutation_signal js: minimum mean direct-effect JS of a mutation layer"})
     mutation_min_flip: float = field(default=0.015, metadata={
-        "help": "mutation: minimum share of tokens whose top-1 the layer's own update decides"})
+        "help": "mutation_signal flip: minimum share of tokens whose top-1 the layer's own update decides"})
     mutation_min_tokens: int = field(default=5, metadata={
-        "help": "mutation: minimum number of such tokens (a noise floor for small runs)"})
+        "help": "mutation_signal flip: minimum number of such tokens (a noise floor for small runs)"})
     min_tokens: int = field(default=50, metadata={"help": "fewer generated tokens than this: no boundaries (flag too_few_tokens)"})
     bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the samples for the intervals (0: none)"})
     interval: float = field(default=0.9, metadata={"help": "central share of the bootstrap values reported as the interval"})
@@ -73,6 +83,10 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.critical_rule not in CRITICAL_RULES:
             raise ConfigError(f"stage option critical_rule={self.critical_rule!r}: choose one of {', '.join(CRITICAL_RULES)}")
+        if self.mutation_signal not in MUTATION_SIGNALS:
+            raise ConfigError(f"stage option mutation_signal={self.mutation_signal!r}: choose one of {', '.join(MUTATION_SIGNALS)}")
+        if self.mutation_ratio is None:
+            self.mutation_ratio = MUTATION_RATIO[self.mutation_signal]
         for name in ("depth_share", "rise_fraction", "mutation_min_flip", "interval"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -81,6 +95,8 @@ class StageConfig:
             raise ConfigError(f"stage option object_share={self.object_share} must lie in [0, 1] (0: off)")
         if self.mutation_ratio < 1.0:
             raise ConfigError(f"stage option mutation_ratio={self.mutation_ratio} must be >= 1")
+        if not 0.0 <= self.mutation_min_js <= 1.0:
+            raise ConfigError(f"stage option mutation_min_js={self.mutation_min_js} must lie in [0, 1]")
         for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
@@ -120,14 +136,15 @@ def decided_share(depth: np.ndarray, n_layers: int) -> np.ndarray:
     return (depth[:, None] <= np.arange(n_layers)[None, :]).mean(axis=0)
 
 
-def mutations_from_curve(flip_share: np.ndarray, critical: int, tokens: int, cfg: StageConfig) -> list[int]:
-    """Mutation layers from the direct-effect flip share per layer [L+1] (NaN at 0) of ``tokens`` tokens after
-    ``critical``."""
-    after = np.nan_to_num(flip_share[critical + 1 :], nan=0.0)
+def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: StageConfig) -> list[int]:
+    """Mutation layers after ``critical`` from the mutation signal per layer [L+1] (NaN at 0; :func:`signal_curve`)
+    of ``tokens`` tokens."""
+    after = np.nan_to_num(signal[critical + 1 :], nan=0.0)
     if len(after) < 2:
         return []
-    floor = max(cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens, cfg.mutation_ratio * float(np.median(after)))
-    return [critical + 1 + i for i, share in enumerate(after) if i >= 1 and share >= floor]
+    minimum = (cfg.mutation_min_js,) if cfg.mutation_signal == "js" else (cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens)
+    floor = max(*minimum, cfg.mutation_ratio * float(np.median(after)))  # type: ignore[operator]
+    return [critical + 1 + i for i, value in enumerate(after) if i >= 1 and value >= floor]
 
 
 def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[int]) -> dict[str, list[int] | None]:
@@ -162,9 +179,14 @@ class StageResult:
         return out
 
 
-def flip_share_curve(direct_flip: np.ndarray) -> np.ndarray:
-    """[N, L+1] -> [L+1]: share of tokens whose top-1 each layer's own update decides (NaN at layer 0)."""
-    return np.r_[np.nan, direct_flip[:, 1:].mean(axis=0)]
+def signal_curve(direct: np.ndarray) -> np.ndarray:
+    """[N, L+1] -> [L+1]: the mean over tokens of a direct-effect metric (NaN at layer 0): of ``direct_flip``, the
+    share of tokens whose top-1 each layer's own update decides; of ``direct_js``, the mean JS it causes."""
+    return np.r_[np.nan, direct[:, 1:].mean(axis=0)]
+
+
+def _curve_list(curve: np.ndarray | None, length: int) -> list[float | None]:
+    return [None] * length if curve is None else [float(x) if np.isfinite(x) else None for x in curve]
 
 
 @dataclass
@@ -173,22 +195,28 @@ class _Tokens:
 
     p_token: np.ndarray
     direct_flip: np.ndarray | None
+    direct_js: np.ndarray | None
     depth: np.ndarray | None
     objects: np.ndarray | None
 
     def rows(self, pick: np.ndarray) -> _Tokens:
-        return _Tokens(*(None if x is None else x[pick] for x in (self.p_token, self.direct_flip, self.depth, self.objects)))
+        return _Tokens(*(None if x is None else x[pick]
+                         for x in (self.p_token, self.direct_flip, self.direct_js, self.depth, self.objects)))
+
+    def signal(self, cfg: StageConfig) -> np.ndarray | None:
+        """[N, L+1]: the per-token direct effect the mutation rule reads (None: not traced)."""
+        return self.direct_js if cfg.mutation_signal == "js" else self.direct_flip
 
     def curves(self, cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None]:
-        """The dataset curves the rules read: the critical rule's curve and the direct-effect flip share, [L+1] each."""
-        flips = None if self.direct_flip is None else flip_share_curve(self.direct_flip)
-        return critical_curve(self.p_token, self.depth, cfg, self.objects), flips
+        """The dataset curves the rules read: the critical rule's curve and the mutation signal, [L+1] each."""
+        signal = self.signal(cfg)
+        return critical_curve(self.p_token, self.depth, cfg, self.objects), None if signal is None else signal_curve(signal)
 
 
-def _boundaries(crit_curve: np.ndarray, flip_share: np.ndarray | None, tokens: int,
+def _boundaries(crit_curve: np.ndarray, signal: np.ndarray | None, tokens: int,
                 cfg: StageConfig) -> tuple[int, list[int]]:
     critical = critical_from_curve(crit_curve, cfg)
-    return critical, [] if flip_share is None else mutations_from_curve(flip_share, critical, tokens, cfg)
+    return critical, [] if signal is None else mutations_from_curve(signal, critical, tokens, cfg)
 
 
 def _bootstrap(tokens: _Tokens, groups: np.ndarray, cfg: StageConfig) -> dict[str, Any]:
@@ -211,23 +239,25 @@ def _bootstrap(tokens: _Tokens, groups: np.ndarray, cfg: StageConfig) -> dict[st
 
     found = [m for m in mut if m >= 0]
     return {"critical": central(crit),
-            "mutation": central(found) if tokens.direct_flip is not None and len(found) >= len(mut) / 2 else None,
+            "mutation": central(found) if tokens.signal(cfg) is not None and len(found) >= len(mut) / 2 else None,
             "mutation_share": len(found) / len(mut)}
 
 
 def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, groups: np.ndarray | None = None,
                   cfg: StageConfig | None = None, decision_depth: np.ndarray | None = None,
-                  objects: np.ndarray | None = None) -> StageResult:
-    """Stage boundaries from per-token curves p_token [N, L+1], direct_flip [N, L+1] (optional; NaN at layer 0),
-    decision_depth [N] (needed by ``critical_rule=depth``) and objects [N] (optional, bool: object-word tokens).
+                  objects: np.ndarray | None = None, direct_js: np.ndarray | None = None) -> StageResult:
+    """Stage boundaries from per-token curves p_token [N, L+1], direct_flip and direct_js [N, L+1] (optional; NaN at
+    layer 0; the mutation rule reads the one ``cfg.mutation_signal`` names), decision_depth [N] (needed by
+    ``critical_rule=depth``) and objects [N] (optional, bool: object-word tokens).
 
     ``groups`` [N]: the sample of each token, resampled together by the bootstrap (default: each token alone).
     """
     cfg = cfg or StageConfig()
     if p_token.ndim != 2 or p_token.shape[0] == 0 or p_token.shape[1] < 2:
         raise ConfigError(f"stage detection needs non-empty [tokens, layers] curves, got {p_token.shape}")
-    if direct_flip is not None and direct_flip.shape != p_token.shape:
-        raise ConfigError(f"direct_flip {direct_flip.shape} must match p_token {p_token.shape}")
+    for name, direct in (("direct_flip", direct_flip), ("direct_js", direct_js)):
+        if direct is not None and direct.shape != p_token.shape:
+            raise ConfigError(f"{name} {direct.shape} must match p_token {p_token.shape}")
     if decision_depth is not None and decision_depth.shape != p_token.shape[:1]:
         raise ConfigError(f"decision_depth {decision_depth.shape} must hold one layer per token of p_token {p_token.shape}")
     if objects is not None and objects.shape != p_token.shape[:1]:
@@ -235,9 +265,9 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     n_tok, n_layers = p_token.shape
     num_layers = n_layers - 1
     groups = np.arange(n_tok) if groups is None else np.asarray(groups)
-    flags = [] if direct_flip is not None else ["no_direct_effect"]
-    tokens = _Tokens(p_token, direct_flip, decision_depth, None if objects is None else objects.astype(bool))
-    crit_curve, flip_share = tokens.curves(cfg)
+    tokens = _Tokens(p_token, direct_flip, direct_js, decision_depth, None if objects is None else objects.astype(bool))
+    flags = [] if tokens.signal(cfg) is not None else ["no_direct_effect"]
+    crit_curve, signal = tokens.curves(cfg)
     if cfg.critical_rule == "depth":
         per_c: list[int | None] = [int(d) for d in decision_depth]  # type: ignore[union-attr]
     else:
@@ -248,7 +278,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     if n_tok < cfg.min_tokens:
         flags.append("too_few_tokens")
     else:
-        critical, mutations = _boundaries(crit_curve, flip_share, n_tok, cfg)
+        critical, mutations = _boundaries(crit_curve, signal, n_tok, cfg)
         interval = _bootstrap(tokens, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
@@ -286,8 +316,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
                   [float(x) for x in decided_share(decision_depth, n_layers)],
                   "object_decided_share": [float(x) for x in decided_share(decision_depth[tokens.objects], n_layers)]
                   if uses_objects(tokens.objects, cfg) else None,
-                  "direct_flip": [None] * n_layers if flip_share is None else
-                  [float(x) if np.isfinite(x) else None for x in flip_share]},
+                  "direct_flip": _curve_list(None if direct_flip is None else signal_curve(direct_flip), n_layers),
+                  "direct_js": _curve_list(None if direct_js is None else signal_curve(direct_js), n_layers)},
         critical_spread=spread,
         mutation_stats={"share_mutated": len(mutated) / n_tok, "histogram": histogram},
         per_token_critical=per_c,

@@ -2,8 +2,8 @@
 
 :func:`export_curves` keeps, for up to ``max_tokens`` generated tokens of an ``evotool analyze`` run, the
 per-layer arrays the detector reads ([T, L+1], layer 0 = embeddings): ``js_prev``, ``p_token``,
-``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's), ``direct_flip`` (the layer's own update
-decides the final top-1; runs that hold it) and the per-token ``decision_depth``,
+``cos_prev``, ``top1_flip`` (top-1 differs from the previous layer's), ``direct_flip`` / ``direct_js`` (the layer's
+own update decides the final top-1 / the JS it causes there; runs that hold them) and the per-token ``decision_depth``,
 plus ``sample`` (index of the sample each token belongs to), ``token_id`` and ``objects`` (object-word tokens of the
 run's ``object_vocab``; runs whose ``stages.json`` names one). Floats are stored as float16;
 ``meta`` (a JSON string) names the member and, when the member has a ``behaviour.json``, its behavioural
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evotool.analysis.aggregate import decision_depth, direct_flips, stacked, token_ids, token_samples
+from evotool.analysis.aggregate import decision_depth, direct_metric, stacked, token_ids, token_samples
 from evotool.analysis.hallucination import object_mask
 from evotool.analysis.store import RunStore
 from evotool.errors import InputError
@@ -40,9 +40,11 @@ def token_curves(run_dir: Path, max_tokens: int | None = None) -> dict[str, np.n
     curves = {name: stacked(traces, name) for name in ("js_prev", "p_token", "cos_prev")}
     curves |= {"top1_flip": flip, "decision_depth": decision_depth(top1, token_id), "sample": token_samples(traces),
                "token_id": token_id}
-    direct = direct_flips(traces)
-    if direct is not None:
-        curves["direct_flip"] = np.nan_to_num(direct).astype(bool)
+    flips, js = direct_metric(traces, "direct_flip"), direct_metric(traces, "direct_js")
+    if flips is not None:
+        curves["direct_flip"] = np.nan_to_num(flips).astype(bool)
+    if js is not None:
+        curves["direct_js"] = js.astype(np.float32)  # NaN at layer 0
     vocab = StageFile.read(run_dir).payload.get("object_vocab") if (Path(run_dir) / STAGES_FILE).is_file() else None
     if vocab:
         curves["objects"] = object_mask(records, set(vocab))
