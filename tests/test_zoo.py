@@ -72,6 +72,10 @@ SPLITS = {
     "l6-llama-w64": "holdout5", "l8-gemma-w96": "holdout5", "l10-qwen2-w64-prior": "holdout5",
     "l12-qwen2-w64-short": "holdout5", "l12-gemma-w64": "holdout5", "l16-llama-w96": "holdout5",
     "l22-llama-w64": "holdout5", "l14-gemma-w64-long": "holdout5",
+    # holdout6: written after detector v5 was frozen, committed before any of them was trained
+    "l10-llama-w64": "holdout6", "l14-llama-w96": "holdout6", "l16-qwen2-w96": "holdout6", "l18-gemma-w64": "holdout6",
+    "l20-qwen2-w64": "holdout6", "l12-llama-w64-prior": "holdout6", "l8-qwen2-w96-long": "holdout6",
+    "l10-gemma-w96-short": "holdout6",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -192,7 +196,7 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    for later in ("holdout2", "holdout3", "holdout4", "holdout5"):  # new seeds, not re-runs of members seen before them
+    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
