@@ -29,17 +29,29 @@ from evotool.stages.behaviour import (
     Forced,
     Probe,
     boundaries,
+    caption_metrics,
     forced_agreement,
+    in_distribution,
     measure,
     overturn_layers,
     phantom_positions,
     read_behaviour,
+    resample_boundaries,
     save_behaviour,
     score,
     without_layers,
 )
 from evotool.trace import LayerCapture
-from evotool.world import WorldConfig, build_model, build_processor, default_model_path, make_records
+from evals.world import caption_scores
+from evotool.world import (
+    WorldConfig,
+    build_model,
+    build_processor,
+    caption_records,
+    default_model_path,
+    make_records,
+    records_to_samples,
+)
 from evotool.world.config import TrainConfig, load_train_config
 from evotool.zoo import ZooMember, load_members
 from evotool.env import environment
@@ -382,10 +394,16 @@ def test_write_behaviour_reuses_stored_curves_and_reapplies_the_rules(tmp_path: 
     cfg = BehaviourConfig(captions=4, pope=2, max_new_tokens=4)
     path = behaviour.write_behaviour(model_dir, tmp_path / "behaviour.json", WorldConfig(seed=4), cfg, progress=None)
     stored = json.loads(path.read_text())
-    assert stored["schema_version"] == "1.1" and stored["kind"] == "evotool.behaviour"
+    assert stored["schema_version"] == "1.2" and stored["kind"] == "evotool.behaviour"
     assert stored["boundaries"] == boundaries(stored) and stored["rules"] == to_dict(BoundaryRules())
-    # a file written before schema 1.1, under other rules: its curves are reused, its boundaries re-derived
+    assert stored["resampled"] == resample_boundaries(stored) and stored["resampled"]["resamples"] == 200
+    assert [len(stored["generations"][k]) for k in ("exit", "bypass")] == [3, 3]
+    assert stored["generations"]["full"]["texts"] == stored["texts"]
+    # a file written before schema 1.1, under other rules and without generations (before 1.2): its curves are
+    # reused, its boundaries re-derived, the generations behind its curves added (checked to reproduce them)
     stored.update(schema_version=1, boundaries={"critical_layer": 99}, rules={"mutation_ratio": 2.0})
+    generations = stored.pop("generations")
+    del stored["resampled"]
     path.write_text(json.dumps(stored))
 
     def no_measuring(*args, **kwargs):
@@ -396,8 +414,15 @@ def test_write_behaviour_reuses_stored_curves_and_reapplies_the_rules(tmp_path: 
     behaviour.write_behaviour(model_dir, path, WorldConfig(seed=4), BehaviourConfig(captions=4, pope=2, max_new_tokens=4,
                                                                                    rules=loose), progress=None)
     again = json.loads(path.read_text())
-    assert again["schema_version"] == "1.1" and again["exit_curve"] == stored["exit_curve"]
+    assert again["schema_version"] == "1.2" and again["exit_curve"] == stored["exit_curve"]
     assert again["boundaries"]["critical_layer"] == 1 and again["rules"] == to_dict(loose)  # every exit is within 1.0
+    assert again["generations"] == generations and again["resampled"]["critical"] == {"1": 200}
+    # stored curves that the model does not reproduce are measured again
+    again.pop("generations")
+    again["bypass_curve"][0]["agreement"] = 0.123
+    path.write_text(json.dumps(again))
+    with pytest.raises(AssertionError, match="measured again"):
+        behaviour.write_behaviour(model_dir, path, WorldConfig(seed=4), cfg, progress=None)
     with pytest.raises(AssertionError, match="measured again"):  # other measurement settings: measured again
         behaviour.write_behaviour(model_dir, path, WorldConfig(seed=4), BehaviourConfig(captions=6, pope=2), progress=None)
 
@@ -470,6 +495,60 @@ def test_boundaries_follow_the_documented_definitions():
     assert not boundaries(payload)["removable_at_least_2"]  # recall loss 0.03 > 0.02
 
 
+def test_caption_metrics_split_the_groups_like_caption_scores():
+    world = WorldConfig(seed=4)
+    captions = records_to_samples(caption_records(world, 6))
+    texts = ["a red circle", "a blue square , a green circle", "a circle", "a square", "a triangle", "a"]
+    ids = [[1, 2, 3], [1, 2], [4], [1, 2, 3, 4], [1], [2]]
+    dist = in_distribution(6)
+    assert dist == [True] * 3 + [False] * 3 and [c.id.startswith("test") for c in captions] == dist
+    got = caption_metrics(texts, ids, captions, dist, reference=[[1, 2, 3]] * 6)
+    ind = caption_scores(texts[:3], captions[:3], [3, 2, 1])
+    pb = caption_scores(texts[3:], captions[3:], [4, 1, 1])
+    assert got["chair_i_in"] == ind["chair_i"] and got["chair_i_pb"] == pb["chair_i"] and got["recall_pb"] == pb["recall"]
+    assert got["recall"] == caption_scores(texts, captions, [len(i) for i in ids])["recall"]
+    assert got["agreement"] == pytest.approx(9 / 18)  # matched positions over the reference's tokens
+
+
+def _resample_payload(correct_early: list[int]) -> dict:
+    """A 3-layer model on 4 captions whose exits 1-2 name nothing (exit 1: except on the captions in
+    ``correct_early``, where it names every object) and exit 3 names every object; bypassing a layer changes nothing."""
+    world = WorldConfig(seed=4)
+    captions = records_to_samples(caption_records(world, 4))
+    truth = [" , ".join(f"a {o}" for o in c.objects) for c in captions]
+    ids = [[i + 1] * 3 for i in range(4)]
+    gen = {"ids": ids, "texts": truth}
+    early = {"ids": ids, "texts": [t if i in correct_early else "a" for i, t in enumerate(truth)]}
+    generations = {"full": gen, "exit": [early, {"ids": ids, "texts": ["a"] * 4}, gen], "bypass": [gen] * 3}
+    dist = in_distribution(4)
+
+    def metrics(g, reference=None):
+        return caption_metrics(g["texts"], g["ids"], captions, dist, reference)
+
+    return {"num_layers": 3, "settings": {"world": to_dict(world)}, "record_ids": [c.id for c in captions],
+            "generations": generations, "full": metrics(gen), "oracle": [],
+            "exit_curve": [{"layer": i + 1, **metrics(g, ids)} for i, g in enumerate(generations["exit"])],
+            "bypass_curve": [{"layer": i + 1, **metrics(g, ids)} for i, g in enumerate(generations["bypass"])]}
+
+
+def test_resampled_boundaries_say_how_firmly_the_captions_place_them():
+    firm = _resample_payload([])
+    assert boundaries(firm)["critical_layer"] == 3
+    assert resample_boundaries(firm, resamples=50) == {
+        "resamples": 50, "seed": 0, "critical": {"3": 50}, "mutation": {"none": 50},
+        "critical_reproduced": 1.0, "mutation_reproduced": 1.0}
+    # exit 1 right on one caption per group: a resample holding only those two (1/4 x 1/4 of them) has its best
+    # recall at exit 1, two layers from 3
+    loose = _resample_payload([0, 2])
+    assert boundaries(loose)["critical_layer"] == 3
+    out = resample_boundaries(loose, resamples=400, seed=1)
+    assert set(out["critical"]) == {"1", "3"} and sum(out["critical"].values()) == 400
+    assert out["critical_reproduced"] == out["critical"]["3"] / 400 == pytest.approx(15 / 16, abs=0.04)
+    assert resample_boundaries({**loose, "generations": None}) is None
+    with pytest.raises(InputError, match="probe captions"):
+        resample_boundaries({**loose, "record_ids": ["x"] * 4})
+
+
 @pytest.mark.slow
 def test_a_tiny_member_trains_in_seconds_and_loads(tmp_path: Path):
     out = train_tiny_member(tmp_path / "m", layers=4, steps=10)
@@ -530,6 +609,7 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     old_rules = BoundaryRules(mutation_min_change=0.01, mutation_ratio=0.5)
     payload.update(rules=to_dict(old_rules), boundaries=boundaries(payload, old_rules))
     assert payload["boundaries"]["mutation_layers"] == [4, 5, 6]
+    payload["resampled"] = {"critical_reproduced": 0.5, "mutation_reproduced": 0.95}  # a loose critical layer
     save_behaviour(root / "behaviour.json", payload)
     write_stages(root / "analysis_a" / "stages.json", stage_file(6, 1, [4]).payload)
     table = zoo_table(members, tmp_path)
@@ -539,10 +619,12 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
-    assert "Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0." in table
+    assert "0.50 / 0.95" in row
+    assert ("Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0. Misses "
+            "where the behaviour itself is loose (reproduced by < 80% of caption resamples): critical 1, mutation 0.") in table
     # splits in the order they were made, not by depth; one score line per split present, none for absent ones
     assert table.splitlines()[3].startswith("| later | holdout2 |") and "on the holdout members" not in table
-    assert "Detector vs behaviour on the holdout2 members: critical 0/0, mutation 0/0, stabilization 0/0, a/b 0/0." in table
+    assert "Detector vs behaviour on the holdout2 members: critical 0/0, mutation 0/0, stabilization 0/0, a/b 0/0.\n" in table
     # `zoo status --refresh` rewrites the stale file once; the table then shows it as current
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -550,11 +632,12 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     code, out, err = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs), "--refresh")
     assert code == 0 and "refreshed boundaries of 1 member(s): m" in err and "| 3 |" in out and "*" not in out
     stored = json.loads((root / "behaviour.json").read_text())
-    assert stored["schema_version"] == "1.1" and stored["boundaries"]["mutation_layers"] == [5] and "stale" not in stored
+    assert stored["schema_version"] == "1.2" and stored["boundaries"]["mutation_layers"] == [5] and "stale" not in stored
+    assert stored["resampled"] is None  # re-derived with the boundaries: this file holds no generations to resample
     assert refresh_truth(["m"], tmp_path) == [] and not read_behaviour(root / "behaviour.json")["stale"]
     # a behaviour file without curves: '-' in the table, one error line from --refresh
     write_json(root / "behaviour.json", {"boundaries": {}}, schema="1.1")
-    assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11] == "-"
+    assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11:14] == ["-", "-", "-"]
     code, _, err = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs), "--refresh")
     assert code == 2 and err.startswith("error: ") and "without 'num_layers'" in err
 

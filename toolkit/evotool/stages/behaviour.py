@@ -17,7 +17,9 @@ On held-out world captions (half in distribution, half prior-breaking) and POPE 
   phantom object tokens of prior-breaking captions and the separator that continued the list before them.
 
 :func:`boundaries` turns these curves into the behavioural critical layer, mutation layer and removable
-sets; the definitions and their reasons are in docs/stages.md. Layers are numbered 1..L (0 = embeddings).
+sets; the definitions and their reasons are in docs/stages.md. The caption generations behind the exit and bypass
+curves are stored too, so :func:`resample_boundaries` can say how firmly the 48 captions place those boundaries
+(bootstrap over captions). Layers are numbered 1..L (0 = embeddings).
 The rules are cheap to re-apply: :func:`read_behaviour` re-derives the boundaries of a stored ``behaviour.json``
 from its curves with the current rules, so a refined rule never needs the curves measured again.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -55,7 +58,7 @@ from evotool.world import caption_records, records_to_samples
 from evotool.world.generator import WorldConfig, make_records
 from evotool.zoo.config import BehaviourConfig, BoundaryRules
 
-SCHEMA_VERSION = "1.1"  # 1.1: string version; the curves are those of 1 (stored curves of 1 are reused)
+SCHEMA_VERSION = "1.2"  # 1.1: string version; 1.2: + generations, resampled (curves as in 1: stored ones are reused)
 KIND = "evotool.behaviour"
 BEHAVIOUR_FILE = "behaviour.json"
 
@@ -97,23 +100,39 @@ class Probe:
         return cls(captions, inputs, records_to_samples(records))
 
 
+def in_distribution(n: int) -> list[bool]:
+    """Which of ``n`` probe captions are in distribution (:func:`evotool.world.caption_records`: the first half)."""
+    return [i < n - n // 2 for i in range(n)]
+
+
+def caption_metrics(texts: Sequence[str], ids: Sequence[Sequence[int]], captions: Sequence[Sample],
+                    in_dist: Sequence[bool], reference: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Recall, CHAIR_i (all / in distribution / prior-breaking), prior-breaking recall and mean length of caption
+    generations (``in_dist`` per caption); with the full model's ids, token agreement too."""
+    lengths = [len(i) for i in ids]
+
+    def scores(rows: Sequence[int]) -> dict[str, float]:
+        return caption_scores([texts[i] for i in rows], [captions[i] for i in rows], [lengths[i] for i in rows])
+
+    both = scores(range(len(texts)))
+    ind = scores([i for i, d in enumerate(in_dist) if d])
+    pb = scores([i for i, d in enumerate(in_dist) if not d])
+    out = {"recall": both["recall"], "chair_i": both["chair_i"], "chair_i_in": ind["chair_i"],
+           "chair_i_pb": pb["chair_i"], "recall_pb": pb["recall"], "mean_length": both["mean_length"]}
+    if reference is not None:
+        out.update(token_agreement(reference, ids))
+    return out
+
+
 def score(model: nn.Module, processor: Any, probe: Probe, reference: list[list[int]] | None,
           cfg: BehaviourConfig, pope: bool = True) -> tuple[dict[str, float], Generations]:
     """Task metrics of ``model`` as it stands (greedy; POPE accuracy when ``pope``) and, given the full model's
     ids, token agreement; and its caption generations."""
     gen = generate_samples(model, processor, probe.captions, cfg.batch_size, cfg.max_new_tokens)
-    ids, texts = gen.ids, gen.texts
-    half = len(probe.captions) - cfg.captions // 2
-    both = caption_scores(texts, probe.captions, [len(i) for i in ids])
-    ind = caption_scores(texts[:half], probe.captions[:half], [len(i) for i in ids[:half]])
-    pb = caption_scores(texts[half:], probe.captions[half:], [len(i) for i in ids[half:]])
-    out = {"recall": both["recall"], "chair_i": both["chair_i"], "chair_i_in": ind["chair_i"],
-           "chair_i_pb": pb["chair_i"], "recall_pb": pb["recall"], "mean_length": both["mean_length"]}
+    out = caption_metrics(gen.texts, gen.ids, probe.captions, in_distribution(len(probe.captions)), reference)
     if pope and probe.pope:
         answers = generate_samples(model, processor, probe.pope, cfg.batch_size, 3).texts
         out["pope_accuracy"] = pope_metrics(answers, [s.answer for s in probe.pope])["accuracy"]
-    if reference is not None:
-        out.update(token_agreement(reference, ids))
     return out, gen
 
 
@@ -263,6 +282,37 @@ def oracle_removal(model: nn.Module, k: int, forced: Forced, cfg: BehaviourConfi
     return {"k": k, "method": method, "subsets_scored": len(ranked), "best": rescored[0], "next_best": rescored[1:]}
 
 
+def _texts(gen: Generations) -> dict[str, list]:
+    return {"ids": gen.ids, "texts": gen.texts}
+
+
+def exit_and_bypass(model: nn.Module, processor: Any, probe: Probe, cfg: BehaviourConfig, pope: bool = True,
+                    say: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+    """The full model's metrics (``full``), the ``exit_curve`` and ``bypass_curve`` (POPE on the exit curve when
+    ``pope``) and every caption generation behind them (``generations``: ``full``, ``exit`` / ``bypass`` per layer
+    1..L, each ``ids`` and ``texts`` per caption), as payload entries."""
+    n = decoder_parts(model).num_layers
+    full, reference = score(model, processor, probe, None, cfg, pope)
+    ref = reference.ids
+    say(f"full model: {full}")
+    generations: dict[str, Any] = {"full": _texts(reference), "exit": [], "bypass": []}
+    exit_curve = []
+    for e in range(1, n + 1):
+        with exit_after(model, e):
+            metrics, gen = score(model, processor, probe, ref, cfg, pope)
+        exit_curve.append({"layer": e, **metrics})
+        generations["exit"].append(_texts(gen))
+    say("exit curve done")
+    bypass_curve = []
+    for layer in range(1, n + 1):
+        with without_layers(model, [layer]) as variant:
+            metrics, gen = score(variant, processor, probe, ref, cfg, pope=False)
+        bypass_curve.append({"layer": layer, **metrics})
+        generations["bypass"].append(_texts(gen))
+    say("bypass curve done")
+    return {"full": full, "exit_curve": exit_curve, "bypass_curve": bypass_curve, "generations": generations}
+
+
 def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: BehaviourConfig | None = None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every behavioural curve of ``model`` (see module docstring), as the ``behaviour.json`` payload body."""
@@ -271,22 +321,8 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     parts = decoder_parts(model)
     n = parts.num_layers
     probe = Probe.build(model, processor, world, cfg)
-    full, reference = score(model, processor, probe, None, cfg)
-    ref = reference.ids
-    say(f"full model: {full}")
-
-    exit_curve = []
-    for e in range(1, n + 1):
-        with exit_after(model, e):
-            metrics, _ = score(model, processor, probe, ref, cfg)
-        exit_curve.append({"layer": e, **metrics})
-    say("exit curve done")
-    bypass_curve = []
-    for layer in range(1, n + 1):
-        with without_layers(model, [layer]) as variant:
-            metrics, _ = score(variant, processor, probe, ref, cfg, pope=False)
-        bypass_curve.append({"layer": layer, **metrics})
-    say("bypass curve done")
+    curves = exit_and_bypass(model, processor, probe, cfg, say=say)
+    ref = curves["generations"]["full"]["ids"]
 
     forced = Forced.from_outputs(model, processor, probe.caption_inputs, ref)
     oracle, cache = [], {}
@@ -301,9 +337,8 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
     top1 = layer_top1(model, parts, forced).cpu().numpy()
     objects, separators = phantom_positions(processor, probe.captions, ref)
     overturns = overturn_stats(top1, emitted, {"phantom_object": objects, "phantom_separator": separators})
-    return {"num_layers": n, "full": full, "exit_curve": exit_curve, "bypass_curve": bypass_curve,
-            "oracle": oracle, "overturns": overturns,
-            "texts": reference.texts, "record_ids": [s.id for s in probe.captions]}
+    return {"num_layers": n, **curves, "oracle": oracle, "overturns": overturns,
+            "texts": curves["generations"]["full"]["texts"], "record_ids": [s.id for s in probe.captions]}
 
 
 def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dict[str, Any]:
@@ -343,13 +378,68 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     }
 
 
-def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None) -> bool:
-    """Set ``payload["rules"]`` and re-derive ``payload["boundaries"]`` from its curves (cheap); True when either
-    changed (the stored boundaries were stale, e.g. written under an earlier rule)."""
+def _close(x: int | None, y: int | None) -> bool:
+    return x is None and y is None or x is not None and y is not None and abs(x - y) <= 1
+
+
+def resample_boundaries(payload: dict[str, Any], rules: BoundaryRules | None = None, resamples: int = 200,
+                        seed: int = 0) -> dict[str, Any] | None:
+    """How firmly the captions place the behavioural boundaries: :func:`boundaries` on ``resamples`` bootstrap
+    resamples of the probe captions (in-distribution and prior-breaking halves resampled separately), every curve
+    re-scored from the stored ``generations``. Returns the resampled critical layers and first mutation layers
+    (counts per layer, ``none``) and the shares of resamples that reproduce the full-sample boundaries by the
+    verdict's tolerance (critical within 1; first mutation within 1 of a mutation layer, or none where there is
+    none); None without stored generations."""
+    gens = payload.get("generations")
+    if not gens:
+        return None
+    n = len(gens["full"]["ids"])
+    world = WorldConfig(**payload["settings"]["world"])
+    captions = records_to_samples(caption_records(world, n))
+    if [c.id for c in captions] != payload["record_ids"]:
+        raise InputError(f"behaviour file of {payload.get('model')}: its probe captions cannot be rebuilt from its settings")
+    dist = in_distribution(n)
+
+    def curves(rows: Sequence[int]) -> dict[str, Any]:
+        ref = [gens["full"]["ids"][i] for i in rows]
+
+        def metrics(gen: dict[str, list], reference: list[list[int]] | None) -> dict[str, float]:
+            return caption_metrics([gen["texts"][i] for i in rows], [gen["ids"][i] for i in rows],
+                                   [captions[i] for i in rows], [dist[i] for i in rows], reference)
+
+        return {"num_layers": payload["num_layers"], "full": metrics(gens["full"], None), "oracle": [],
+                **{f"{kind}_curve": [{"layer": i + 1, **metrics(g, ref)} for i, g in enumerate(gens[kind])]
+                   for kind in ("exit", "bypass")}}
+
+    point = boundaries(payload, rules)
+    rng = np.random.default_rng(seed)
+    half = sum(dist)
+    critical: Counter[str] = Counter()
+    mutation: Counter[str] = Counter()
+    same_c = same_m = 0
+    for _ in range(resamples):
+        rows = np.r_[rng.integers(0, half, half), rng.integers(half, n, n - half)].tolist()
+        b = boundaries(curves(rows), rules)
+        critical[str(b["critical_layer"]).lower()] += 1
+        mutation[str(b["mutation_layer"]).lower()] += 1
+        same_c += _close(b["critical_layer"], point["critical_layer"])
+        first, layers = b["mutation_layer"], point["mutation_layers"]
+        same_m += first is None if not layers else any(_close(first, m) for m in layers)
+    return {"resamples": resamples, "seed": seed, "critical": dict(critical.most_common()),
+            "mutation": dict(mutation.most_common()), "critical_reproduced": same_c / resamples,
+            "mutation_reproduced": same_m / resamples}
+
+
+def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None, resample: bool = False) -> bool:
+    """Set ``payload["rules"]`` and re-derive ``payload["boundaries"]`` from its curves (cheap; with ``resample``,
+    also ``payload["resampled"]``, :func:`resample_boundaries`: seconds); True when the rules or boundaries changed
+    (the stored boundaries were stale, e.g. written under an earlier rule)."""
     rules = rules or BoundaryRules()
     old = (payload.get("rules"), payload.get("boundaries"))
     payload["rules"] = asdict(rules)
     payload["boundaries"] = boundaries(payload, rules)
+    if resample:
+        payload["resampled"] = resample_boundaries(payload, rules)
     return old != (payload["rules"], payload["boundaries"])
 
 
@@ -384,8 +474,16 @@ def write_behaviour(model_dir: Path, out: Path, world: WorldConfig, cfg: Behavio
         payload: dict[str, Any] | None = read_behaviour(out, cfg.rules) if out.is_file() else None
     except InputError:
         payload = None
+    if payload is not None and payload.get("fingerprint") == fp and payload.get("settings") == settings \
+            and "generations" not in payload:  # curves stored before 1.2: add the generations behind them
+        probe = Probe.build(model, processor, world, cfg)
+        again = exit_and_bypass(model, processor, probe, cfg, pope=False)
+        stored = {k: [{m: v for m, v in e.items() if m != "pope_accuracy"} for e in payload[k]]
+                  for k in ("exit_curve", "bypass_curve")}
+        same = stored == {k: again[k] for k in stored}
+        payload = {**payload, "generations": again["generations"]} if same else None  # not reproduced: measure anew
     if payload is None or payload.get("fingerprint") != fp or payload.get("settings") != settings:
         payload = {"kind": KIND, "model": str(model_dir), "fingerprint": fp, "settings": settings,
                    **measure(model, processor, world, cfg, progress)}
-        apply_rules(payload, cfg.rules)
+    apply_rules(payload, cfg.rules, resample=True)
     return save_behaviour(out, payload)

@@ -33,7 +33,7 @@ from evotool.env import environment
 from evotool.errors import ConfigError
 from evotool.evals.world import POPE_TASKS
 from evotool.io import atomic_dir, atomic_write_text, read_json, write_json
-from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour, save_behaviour, write_behaviour
+from evotool.stages.behaviour import BEHAVIOUR_FILE, apply_rules, read_behaviour, save_behaviour, write_behaviour
 from evotool.validate import output_dir
 from evotool.world.generator import WorldConfig, make_records, write_manifest
 from evotool.world.train import train
@@ -202,13 +202,15 @@ def _spawn(name: str, out: Path, config: Path) -> subprocess.Popen:
 
 def refresh_truth(names: list[str], out: Path, rules: BoundaryRules | None = None) -> list[str]:
     """Re-derive the boundaries of each member's stored ``behaviour.json`` under ``rules`` (default: the current
-    ones) and rewrite the stale files; returns the members rewritten. Members without the file are skipped."""
+    ones) and rewrite the stale files (their caption resamples too, or where those are missing); returns the members
+    rewritten. Members without the file are skipped."""
     rewritten = []
     for name in names:
         path = out / name / BEHAVIOUR_FILE
         if path.is_file():
             payload = read_behaviour(path, rules)
-            if payload["stale"]:
+            if payload["stale"] or payload.get("generations") and not payload.get("resampled"):
+                apply_rules(payload, rules, resample=True)
                 save_behaviour(path, payload)
                 rewritten.append(name)
     return rewritten
