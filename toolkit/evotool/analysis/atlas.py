@@ -165,9 +165,10 @@ def second_curve(stages: StageFile) -> tuple[np.ndarray, str]:
     n = stages.num_layers + 1
     evidence = stages.payload.get("evidence") or {}
     signal = ((stages.payload.get("config") or {}).get("stages") or {}).get("mutation_signal", "flip")
-    for key, name in (("direct_js", "mean direct-effect JS"), ("direct_flip", "direct-effect flip share")):
+    keys = (("direct_js", "mean direct-effect JS"),) if signal == "js" else ()
+    for key, name in (*keys, ("direct_flip", "direct-effect flip share")):
         values = evidence.get(key)
-        if (signal == "js" or key == "direct_flip") and values is not None and any(v is not None for v in values):
+        if values is not None and any(v is not None for v in values):
             return _curve(values, n), name
     return _curve(((stages.payload.get("curves") or {}).get("js_prev") or {}).get("median"), n), "median adjacent JS"
 

@@ -378,8 +378,15 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     }
 
 
-def _close(x: int | None, y: int | None) -> bool:
-    return x is None and y is None or x is not None and y is not None and abs(x - y) <= 1
+def within_tolerance(x: int | None, y: int | None, tolerance: int = 1) -> bool:
+    """Two boundaries agree: both absent, or both present and within ``tolerance`` layers."""
+    return x is None and y is None or x is not None and y is not None and abs(x - y) <= tolerance
+
+
+def mutation_agrees(first: int | None, layers: Sequence[int], tolerance: int = 1) -> bool:
+    """A first mutation layer (None: no mutation) matches behavioural mutation ``layers``: within ``tolerance`` of one
+    of them, or absent where there are none (the verdict's rule, docs/stages.md)."""
+    return first is None if not layers else any(within_tolerance(first, m, tolerance) for m in layers)
 
 
 def resample_boundaries(payload: dict[str, Any], rules: BoundaryRules | None = None, resamples: int = 200,
@@ -422,9 +429,8 @@ def resample_boundaries(payload: dict[str, Any], rules: BoundaryRules | None = N
         b = boundaries(curves(rows), rules)
         critical[str(b["critical_layer"]).lower()] += 1
         mutation[str(b["mutation_layer"]).lower()] += 1
-        same_c += _close(b["critical_layer"], point["critical_layer"])
-        first, layers = b["mutation_layer"], point["mutation_layers"]
-        same_m += first is None if not layers else any(_close(first, m) for m in layers)
+        same_c += within_tolerance(b["critical_layer"], point["critical_layer"])
+        same_m += mutation_agrees(b["mutation_layer"], point["mutation_layers"])
     return {"resamples": resamples, "seed": seed, "critical": dict(critical.most_common()),
             "mutation": dict(mutation.most_common()), "critical_reproduced": same_c / resamples,
             "mutation_reproduced": same_m / resamples}

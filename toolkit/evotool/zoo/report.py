@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from evotool.errors import EvotoolError
 from evotool.io import read_json
-from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour
+from evotool.stages.behaviour import BEHAVIOUR_FILE, mutation_agrees, read_behaviour, within_tolerance
 from evotool.stages.file import StageFile
 from evotool.zoo.config import SPLITS, ZooMember
 
@@ -34,16 +34,13 @@ def verdict(boundaries: dict, a: StageFile, b: StageFile | None, tolerance: int 
     the behaviour shows none; stabilization of >= 2 layers wherever >= 2 layers are removable; sets A and B within
     ``tolerance`` of each other on both boundaries. None where the behaviour gives no answer."""
     crit, muts = boundaries["critical_layer"], boundaries["mutation_layers"]
-
-    def close(x: int | None, y: int | None) -> bool:
-        return x is None and y is None or x is not None and y is not None and abs(x - y) <= tolerance
-
     stab = a.stages["stabilization"]
     return {
-        "critical": None if crit is None else close(a.critical_layer, crit),
-        "mutation": None if crit is None else (a.mutation is None if not muts else any(close(a.mutation, m) for m in muts)),
+        "critical": None if crit is None else within_tolerance(a.critical_layer, crit, tolerance),
+        "mutation": None if crit is None else mutation_agrees(a.mutation, muts, tolerance),
         "stabilization": (stab is not None and stab[1] - stab[0] + 1 >= 2) if boundaries.get("removable_at_least_2") else None,
-        "a/b": None if b is None else close(a.critical_layer, b.critical_layer) and close(a.mutation, b.mutation),
+        "a/b": None if b is None else within_tolerance(a.critical_layer, b.critical_layer, tolerance)
+        and within_tolerance(a.mutation, b.mutation, tolerance),
     }
 
 
