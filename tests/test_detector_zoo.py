@@ -12,8 +12,9 @@ import pytest
 from conftest import run_cli, stage_file
 from evotool.analysis.store import RunStore
 from evotool.stages import StageConfig, StageFile, detect_stages
-from evotool.zoo.curves import flips_after_js_drop
+from evotool.zoo.curves import flips_after_js_drop, token_curves
 from evotool.zoo.report import verdict
+from evotool.zoo.tune import detect_curves
 from tiny_zoo import train_tiny_member
 
 ZOO_CURVES = Path(__file__).parent / "data" / "zoo"
@@ -113,6 +114,12 @@ def test_analysis_of_a_quickly_trained_member(family: str, layers: int, tmp_path
     assert lo <= stages.critical_layer <= hi <= layers
     assert set(stages.flags) <= {"no_stable_stage", "short_stable_stage", "wide_interval", "uncertain_mutation"}
     assert f"critical layer {stages.critical_layer}" in out
+    # `evotool zoo tune` re-runs the detector on the run's saved curves: the defaults give what analyze stored
+    again = detect_curves(token_curves(run), StageConfig())
+    assert (again.critical_layer, again.mutation_layers, again.flags) == (stages.critical_layer, stages.mutation_layers,
+                                                                         stages.flags)
+    assert again.interval["critical"] == stages.payload["interval"]["critical"]  # same bootstrap, same samples
+    assert {k: v and list(v) for k, v in stages.stages.items()} == again.stages
 
 
 def test_direct_effect_js_finds_a_mid_stack_mutation_the_flip_share_misses() -> None:

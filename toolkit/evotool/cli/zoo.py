@@ -58,3 +58,33 @@ def status(
         rewritten = refresh_truth(list(members), out)
         typer.echo(f"refreshed boundaries of {len(rewritten)} member(s): {', '.join(rewritten) or '-'}", err=True)
     typer.echo(zoo_table(members, out))
+
+
+@app.command("tune")
+def tune(
+    grid: Annotated[list[str], typer.Option(help="Stage option and the values to try, name=v1,v2,... (repeatable; "
+                                                 "every combination is tried), e.g. object_share=0.8,0.9.")],
+    out: Annotated[Path, option(C, "out")] = C.out,
+    configs: Annotated[Optional[Path], option(C, "configs")] = None,
+    choose_on: Annotated[str, typer.Option(help="Comma-separated splits the choice may read; the others are "
+                                                "reported as held out.")] = "tune",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the sweep (every point's counts and "
+                                                                     "misses) to this JSON file.")] = None,
+) -> None:
+    """Sweep detector thresholds over the built members' saved analyses: choose on some splits, report the rest."""
+    from evotool.errors import InputError
+    from evotool.io import write_json
+    from evotool.zoo.config import load_members
+    from evotool.zoo.tune import SCHEMA_VERSION, SweepSpec, load_runs, parse_grid, sweep, sweep_table
+
+    if not out.is_dir():
+        raise InputError(f"--out {out}: no zoo there (not a folder); build one with `evotool zoo build --out {out}`")
+    spec = SweepSpec(parse_grid(grid), [s.strip() for s in choose_on.split(",") if s.strip()])
+    runs, skipped = load_runs(load_members(configs), out)
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} member(s) without both analyses and a ground truth: {', '.join(skipped)}",
+                   err=True)
+    payload = sweep(runs, spec)
+    if json_out:
+        write_json(json_out, payload, SCHEMA_VERSION)
+    typer.echo(sweep_table(payload))

@@ -173,6 +173,11 @@ class StageResult:
     per_token_critical: list[int | None]
     per_token_mutation: list[int | None]
 
+    @property
+    def mutation(self) -> int | None:
+        """The first mutation layer, or None when there is no mutation stage."""
+        return min(self.mutation_layers) if self.mutation_layers else None
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["per_token_critical"], out["per_token_mutation"]

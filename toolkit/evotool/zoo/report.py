@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from evotool.errors import EvotoolError
 from evotool.io import read_json
@@ -28,7 +28,18 @@ CHECKS = ("critical", "mutation", "stabilization", "a/b")
 FIRM = 0.8  # a behavioural boundary reproduced by at least this share of caption resamples is called firm
 
 
-def verdict(boundaries: dict, a: StageFile, b: StageFile | None, tolerance: int = 1) -> dict[str, bool | None]:
+class Detected(Protocol):
+    """What :func:`verdict` reads of a detector output (:class:`StageFile` or
+    :class:`~evotool.stages.detect.StageResult`)."""
+
+    critical_layer: int | None
+    stages: dict[str, list[int] | None]
+
+    @property
+    def mutation(self) -> int | None: ...
+
+
+def verdict(boundaries: dict, a: Detected, b: Detected | None, tolerance: int = 1) -> dict[str, bool | None]:
     """The detector (set A, and set B for agreement) against the behavioural ``boundaries`` (issue targets):
     critical within ``tolerance``; first mutation within ``tolerance`` of a behavioural mutation layer, or none where
     the behaviour shows none; stabilization of >= 2 layers wherever >= 2 layers are removable; sets A and B within
