@@ -92,6 +92,10 @@ SPLITS = {
     "l6-gemma-w64": "holdout7", "l8-llama-w128": "holdout7", "l10-qwen2-w128": "holdout7",
     "l12-gemma-w96-long": "holdout7", "l14-qwen2-w96-prior": "holdout7", "l16-llama-w64-short": "holdout7",
     "l18-qwen2-w64": "holdout7", "l22-gemma-w64": "holdout7",
+    # holdout8: written after the sixth session's threshold sweeps (detector v5 unchanged), committed before training
+    "l6-qwen2-w128": "holdout8", "l8-gemma-w128": "holdout8", "l10-llama-w128-prior": "holdout8",
+    "l12-qwen2-w128-long": "holdout8", "l14-gemma-w96": "holdout8", "l16-qwen2-w64-long": "holdout8",
+    "l20-gemma-w64": "holdout8", "l24-qwen2-w64-short": "holdout8",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -212,7 +216,7 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7"):  # new seeds, not re-runs of members seen before them
+    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
