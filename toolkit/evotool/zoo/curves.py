@@ -66,8 +66,7 @@ def flips_after_js_drop(curves: dict[str, np.ndarray], fraction: float = 0.1, un
 def export_curves(run_dir: Path, out: Path, member: str, max_tokens: int = 300) -> Path:
     """Write the run's compact curves to ``out`` (.npz, with a ``meta`` JSON string); returns ``out``."""
     curves = token_curves(run_dir, max_tokens)
-    stages = StageFile.read(run_dir)
-    meta = {"member": member, "num_layers": stages.num_layers, "run": str(run_dir), "tokens": len(curves["token_id"]),
+    meta = {"member": member, "num_layers": curves["p_token"].shape[1] - 1, "run": str(run_dir), "tokens": len(curves["token_id"]),
             "flips_after_js_drop": flips_after_js_drop(curves)}
     behaviour = Path(run_dir).parent / "behaviour.json"
     if behaviour.is_file():
