@@ -125,9 +125,12 @@ def test_one_panel_per_run_on_normalised_depth(runs: list[Path]) -> None:
         detected = [(stages["critical_layer"] / n, "-")] + [(m / n, "-") for m in stages["mutation_layers"]]
         behavioural = [(5 / 8, "--"), (7 / 8, "--")] if run.label == "deep" else []
         assert verticals == sorted(detected + behavioural)
-        second = fig.axes[len(panels) + panels.index(ax)].lines[0].get_ydata()
+        second = fig.axes[len(panels) + panels.index(ax)].lines[0]
         expected = stages["evidence"]["direct_flip"] if run.label == "deep" else stages["curves"]["js_prev"]["median"]
-        np.testing.assert_allclose(second, [np.nan if v is None else v for v in expected])
+        np.testing.assert_allclose(second.get_ydata(), [np.nan if v is None else v for v in expected])
+        assert second.get_linestyle() == ("-" if run.label == "deep" else ":")  # dotted only for the adjacent-JS fallback
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "right axis: median adjacent JS (dotted) / direct-effect flip share" in labels  # in the panels' order
 
 
 def test_second_curve_is_what_the_mutation_rule_read(tmp_path: Path) -> None:

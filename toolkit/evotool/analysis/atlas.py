@@ -7,8 +7,8 @@
   detector's verdict against them (:func:`evotool.zoo.report.verdict`). When ``atlas.md`` already exists and holds
   the :data:`BEGIN` / :data:`END` markers, only the text between them is replaced (notes around the table stay);
 * ``atlas.png``: one small panel per run, x = layer / L so that depths compare: the median emitted-token probability
-  and the direct-effect flip share per layer (adjacent-layer JS for runs without direct effect), the detected
-  boundaries as solid lines and the behavioural ones dashed;
+  and the curve the run's mutation rule read (:func:`second_curve`; dotted: the adjacent-layer JS of runs without
+  direct effect), the detected boundaries as solid lines and the behavioural ones dashed;
 * ``atlas.html``: the interactive report of every run (:mod:`evotool.analysis.html`), with the behavioural boundaries.
 
 Behavioural ground truth of a run, first match wins: a ``--behaviour`` file with the run's model fingerprint, the
@@ -170,11 +170,15 @@ def second_curve(stages: StageFile) -> tuple[np.ndarray, str]:
         values = evidence.get(key)
         if values is not None and any(v is not None for v in values):
             return _curve(values, n), name
-    return _curve(((stages.payload.get("curves") or {}).get("js_prev") or {}).get("median"), n), "median adjacent JS"
+    return _curve(((stages.payload.get("curves") or {}).get("js_prev") or {}).get("median"), n), ADJACENT
 
 
-def _panel(ax: plt.Axes, run: AtlasRun) -> None:
-    """Draw one run: its curves against layer / L, the stabilization band and the boundary lines."""
+ADJACENT = "median adjacent JS"  # second_curve's fallback, drawn dotted
+
+
+def _panel(ax: plt.Axes, run: AtlasRun) -> str:
+    """Draw one run: its curves against layer / L, the stabilization band and the boundary lines; returns the name
+    of the second curve drawn."""
     s = run.stages
     n = s.num_layers
     x = np.arange(n + 1) / n
@@ -188,7 +192,7 @@ def _panel(ax: plt.Axes, run: AtlasRun) -> None:
     ax.set_xlim(-0.03, 1.03)
     second, name = second_curve(s)
     twin = ax.twinx()
-    twin.plot(x, second, color="tab:orange", lw=1, ls="-" if name.startswith("direct") else ":")
+    twin.plot(x, second, color="tab:orange", lw=1, ls=":" if name == ADJACENT else "-")
     top = np.nanmax(second) if np.isfinite(second).any() else 0.0
     twin.set_ylim(0, max(top * 1.1, 1e-3))
     twin.tick_params(labelsize=6, colors="tab:orange")
@@ -202,6 +206,7 @@ def _panel(ax: plt.Axes, run: AtlasRun) -> None:
     flags = f"\n{', '.join(s.flags)}" if s.flags else ""
     ax.set_title(f"{run.label} (L={n}){flags}", fontsize=7)
     ax.tick_params(labelsize=6)
+    return name
 
 
 def figure(runs: Sequence[AtlasRun], columns: int = 6) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -215,11 +220,11 @@ def figure(runs: Sequence[AtlasRun], columns: int = 6) -> tuple[plt.Figure, list
     panels = list(grid.ravel()[: len(runs)])
     for ax in grid.ravel()[len(runs):]:
         fig.delaxes(ax)
-    for ax, run in zip(panels, runs):
-        _panel(ax, run)
+    drawn = dict.fromkeys(_panel(ax, run) for ax, run in zip(panels, runs))  # second curves, in order of first use
     legend = [Line2D([], [], ls="none", label="x: layer / L"),
               Line2D([], [], color="black", label="median p(emitted token)"),
-              Line2D([], [], color="tab:orange", label="direct-effect flip share (right axis; dotted: adjacent JS)"),
+              Line2D([], [], color="tab:orange", label="right axis: " + " / ".join(
+                  f"{name} (dotted)" if name == ADJACENT else name for name in drawn)),
               Line2D([], [], color=CRITICAL_COLOUR, label="critical layer"),
               Line2D([], [], color=MUTATION_COLOUR, label="mutation layer"),
               Line2D([], [], color="grey", ls="--", label="behavioural boundary (dashed)")]
