@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from evotool.config import from_dict, to_dict
 from evotool.errors import ConfigError, InputError
@@ -45,7 +46,7 @@ def load_runs(members: Mapping[str, ZooMember], out: Path) -> tuple[list[TuneRun
     """The members of ``members`` built under ``out`` with both analyses and a behavioural ground truth, and the
     names of those skipped (not built, or without a behavioural critical layer to score against)."""
     runs, skipped = [], []
-    for name, member in members.items():
+    for name, member in tqdm(members.items(), desc="loading analyses", unit="member", leave=False):
         folder = out / name
         dirs = [folder / f"analysis_{tag}" for tag in TAGS]
         if not (folder / BEHAVIOUR_FILE).is_file() or not all((d / "stages.json").is_file() for d in dirs):
@@ -133,7 +134,7 @@ def sweep(runs: Sequence[TuneRun], spec: SweepSpec) -> dict[str, Any]:
                          "to choose on (build them with `evotool zoo build`)")
     splits = [s for s in SPLITS if any(r.split == s for r in runs)]
     points = []
-    for cfg in spec.points:
+    for cfg in tqdm(spec.points, desc="grid", unit="point", leave=False):
         checks = score(runs, cfg)
         points.append({"values": {k: getattr(cfg, k) for k in spec.grid},
                        "choose_on": _counts(checks, chosen_names), "held_out": _counts(checks, held_names),
