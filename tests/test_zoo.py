@@ -96,6 +96,10 @@ SPLITS = {
     "l6-qwen2-w128": "holdout8", "l8-gemma-w128": "holdout8", "l10-llama-w128-prior": "holdout8",
     "l12-qwen2-w128-long": "holdout8", "l14-gemma-w96": "holdout8", "l16-qwen2-w64-long": "holdout8",
     "l20-gemma-w64": "holdout8", "l24-qwen2-w64-short": "holdout8",
+    # holdout9: written after holdout8 and the 144-caption truth study were read (detector v5 unchanged)
+    "l6-llama-w96": "holdout9", "l8-qwen2-w128": "holdout9", "l10-gemma-w128": "holdout9",
+    "l12-llama-w96-long": "holdout9", "l14-qwen2-w128": "holdout9", "l16-gemma-w96-short": "holdout9",
+    "l18-llama-w96": "holdout9", "l20-qwen2-w96-prior": "holdout9",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -216,7 +220,7 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8"):  # new seeds, not re-runs of members seen before them
+    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
