@@ -44,7 +44,8 @@ class TuneRun:
 
 def load_runs(members: Mapping[str, ZooMember], out: Path) -> tuple[list[TuneRun], list[str]]:
     """The members of ``members`` built under ``out`` with both analyses and a behavioural ground truth, and the
-    names of those skipped (not built, or without a behavioural critical layer to score against)."""
+    names of those skipped (an analysis or ``behaviour.json`` missing). A member whose behaviour shows no critical
+    layer stays in: the verdict scores only its stabilization and set agreement."""
     runs, skipped = [], []
     for name, member in tqdm(members.items(), desc="loading analyses", unit="member", leave=False):
         folder = out / name
