@@ -100,6 +100,10 @@ SPLITS = {
     "l6-llama-w96": "holdout9", "l8-qwen2-w128": "holdout9", "l10-gemma-w128": "holdout9",
     "l12-llama-w96-long": "holdout9", "l14-qwen2-w128": "holdout9", "l16-gemma-w96-short": "holdout9",
     "l18-llama-w96": "holdout9", "l20-qwen2-w96-prior": "holdout9",
+    # holdout10: written after holdout9 was read, the ground truth measured on 144 captions (detector v5 unchanged)
+    "l6-gemma-w128": "holdout10", "l8-llama-w64-prior": "holdout10", "l10-qwen2-w96-long": "holdout10",
+    "l12-gemma-w128": "holdout10", "l14-llama-w128-short": "holdout10", "l16-llama-w128": "holdout10",
+    "l18-qwen2-w96": "holdout10", "l22-qwen2-w64": "holdout10",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -220,7 +224,7 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9"):  # new seeds, not re-runs of members seen before them
+    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9", "holdout10"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
@@ -622,6 +626,7 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     payload.update(rules=to_dict(old_rules), boundaries=boundaries(payload, old_rules))
     assert payload["boundaries"]["mutation_layers"] == [4, 5, 6]
     payload["resampled"] = {"critical_reproduced": 0.5, "mutation_reproduced": 0.95}  # a loose critical layer
+    payload["settings"] = {"behaviour": BehaviourConfig().measurement(), "world": {}}  # measured as `zoo build` would
     save_behaviour(root / "behaviour.json", payload)
     write_stages(root / "analysis_a" / "stages.json", stage_file(6, 1, [4]).payload)
     table = zoo_table(members, tmp_path)
@@ -631,9 +636,14 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
-    assert "0.50 / 0.95" in row
-    assert ("Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0. Misses "
-            "where the behaviour itself is loose (reproduced by < 80% of caption resamples): critical 1, mutation 0.") in table
+    assert "0.50 / 0.95" in row and "†" not in table
+    assert ("Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0. Ground "
+            "truth measured on 144 captions. Misses where the behaviour itself is loose (reproduced by < 80% of caption "
+            "resamples): critical 1, mutation 0.") in table
+    # the truth counts as measured otherwise once the current settings ask for other captions (zoo status --set ...)
+    table = zoo_table(members, tmp_path, BehaviourConfig(captions=48))
+    assert "| 3*† |" in table and "measured on 144 captions" in table and "† ground truth measured under other " \
+        "settings than the current ones (48 captions, 24 POPE questions, ...); `evotool zoo build --steps truth`" in table
     # splits in the order they were made, not by depth; one score line per split present, none for absent ones
     assert table.splitlines()[3].startswith("| later | holdout2 |") and "on the holdout members" not in table
     assert "Detector vs behaviour on the holdout2 members: critical 0/0, mutation 0/0, stabilization 0/0, a/b 0/0.\n" in table
@@ -647,6 +657,9 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert stored["schema_version"] == "1.2" and stored["boundaries"]["mutation_layers"] == [5] and "stale" not in stored
     assert stored["resampled"] is None  # re-derived with the boundaries: this file holds no generations to resample
     assert refresh_truth(["m"], tmp_path) == [] and not read_behaviour(root / "behaviour.json")["stale"]
+    code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
+                           "--set", "behaviour.captions=48")
+    assert code == 0 and "| 3† |" in out and "(48 captions," in out
     # a behaviour file without curves: '-' in the table, one error line from --refresh
     write_json(root / "behaviour.json", {"boundaries": {}}, schema="1.1")
     assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11:14] == ["-", "-", "-"]

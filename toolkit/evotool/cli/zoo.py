@@ -40,24 +40,29 @@ def build(
 
 @app.command("status")
 def status(
-    out: Annotated[Path, option(C, "out")] = C.out,
+    out: Annotated[Optional[Path], option(C, "out")] = None,
     configs: Annotated[Optional[Path], option(C, "configs")] = None,
     refresh: Annotated[bool, typer.Option(help="Rewrite behaviour.json files whose stored boundaries are stale "
                                                "(re-derived from their curves under the current rules).")] = False,
+    config: ConfigFile = None,
+    set_: SetPairs = None,
 ) -> None:
-    """Print the member table: config, held-out metrics, behavioural boundaries (current rules), detector output."""
+    """Print the member table: config, held-out metrics, behavioural boundaries (current rules), detector output.
+    ``--config`` / ``--set``: the build's settings (a truth measured otherwise is marked)."""
+    from evotool.config import load_config
     from evotool.errors import InputError
     from evotool.zoo.build import refresh_truth
     from evotool.zoo.config import load_members
     from evotool.zoo.report import zoo_table
 
-    if not out.is_dir():
-        raise InputError(f"--out {out}: no zoo there (not a folder); build one with `evotool zoo build --out {out}`")
-    members = load_members(configs)
+    cfg = load_config(C, config, overrides({"out": out, "configs": configs}, set_))
+    if not cfg.out.is_dir():
+        raise InputError(f"--out {cfg.out}: no zoo there (not a folder); build one with `evotool zoo build --out {cfg.out}`")
+    members = load_members(cfg.configs)
     if refresh:
-        rewritten = refresh_truth(list(members), out)
+        rewritten = refresh_truth(list(members), cfg.out, cfg.behaviour.rules)
         typer.echo(f"refreshed boundaries of {len(rewritten)} member(s): {', '.join(rewritten) or '-'}", err=True)
-    typer.echo(zoo_table(members, out))
+    typer.echo(zoo_table(members, cfg.out, cfg.behaviour))
 
 
 @app.command("tune")

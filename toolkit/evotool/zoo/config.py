@@ -18,7 +18,8 @@ from evotool.world.config import TrainConfig
 
 STEPS = ("train", "manifests", "analyze", "truth")
 HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change what is learned
-Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9"]
+Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9",
+               "holdout10"]
 SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
@@ -28,7 +29,7 @@ class ZooMember(TrainConfig):
 
     split: Split = field(kw_only=True, metadata={
         "help": "tune: detector defaults may be chosen on it; holdout: only reported on; holdout2 / holdout3 / "
-                "holdout4 / holdout5 / holdout6 / holdout7 / holdout8 / holdout9: written after detector v2 / v3 / v4 (twice) / v5 (four times) was frozen, only reported on (fixed once, "
+                "holdout4 / holdout5 / holdout6 / holdout7 / holdout8 / holdout9 / holdout10: written after detector v2 / v3 / v4 (twice) / v5 (five times) was frozen, only reported on (fixed once, "
                 "never changed)"})
     description: str = field(default="", kw_only=True, metadata={"help": "one line: what this member varies"})
     pretrained: str | None = field(default=None, kw_only=True, metadata={
@@ -90,7 +91,8 @@ class BoundaryRules:
 class BehaviourConfig:
     """What the ground truth is measured on, and the rules that read boundaries from it."""
 
-    captions: int = field(default=48, metadata={"help": "held-out captions (first half in distribution, rest prior-breaking)"})
+    captions: int = field(default=144, metadata={"help": "held-out captions (first half in distribution, rest "
+                                                         "prior-breaking; 144 since holdout10, 48 before)"})
     pope: int = field(default=24, metadata={"help": "POPE questions (half pope_random, half pope_adversarial, prior-breaking)"})
     max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens per caption"})
     oracle_fraction: float = field(default=0.25, metadata={"help": "oracle removal for k = 1..ceil(L * fraction)"})

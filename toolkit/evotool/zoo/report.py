@@ -3,7 +3,8 @@
 Read from a built zoo folder (``OUT/<member>/model/metrics.json``, ``behaviour.json``,
 ``analysis_{a,b}/stages.json``); a missing or unreadable piece shows as ``-``. The behavioural boundaries are
 re-derived from the stored curves under the current rules (:func:`evotool.stages.behaviour.read_behaviour`),
-so a refined rule shows without measuring again; a member whose stored boundaries were stale is marked ``*``.
+so a refined rule shows without measuring again; a member whose stored boundaries were stale is marked ``*``, one
+whose curves were measured under other settings than the current ones (e.g. fewer captions) ``†``.
 Detector output is only reported here, never used to choose anything.
 """
 
@@ -17,7 +18,7 @@ from evotool.errors import EvotoolError
 from evotool.io import read_json
 from evotool.stages.behaviour import BEHAVIOUR_FILE, mutation_agrees, read_behaviour, within_tolerance
 from evotool.stages.file import StageFile
-from evotool.zoo.config import SPLITS, ZooMember
+from evotool.zoo.config import SPLITS, BehaviourConfig, ZooMember
 
 T = TypeVar("T")
 
@@ -66,10 +67,10 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]:
-    """One table row (column -> text) for a member."""
+def member_row(name: str, member: ZooMember, member_dir: Path, current: BehaviourConfig) -> dict[str, str]:
+    """One table row (column -> text) for a member; ``current``: the measurement settings the truth should have."""
     metrics = _read(member_dir / "model" / "metrics.json", read_json)
-    behaviour = _read(member_dir / BEHAVIOUR_FILE, read_behaviour)
+    behaviour = _read(member_dir / BEHAVIOUR_FILE, lambda path: read_behaviour(path, current.rules))
     family = member.model.family + (" (tied)" if member.model.tie_embeddings else "")
     row = {"member": name, "split": member.split, "family": family, "L": str(member.model.layers),
            "width": str(member.model.width), "steps": str(member.steps()[1])}
@@ -86,7 +87,10 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
         removable = b["removable"]
         sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
         critical = "none" if b["critical_layer"] is None else str(b["critical_layer"])
-        row.update({"beh. critical": critical + ("*" if behaviour["stale"] else ""),
+        measured = behaviour.get("settings", {}).get("behaviour", {})
+        other = "" if measured == current.measurement() else "†"
+        row.update({"beh. critical": critical + ("*" if behaviour["stale"] else "") + other,
+                    "_captions": str(measured.get("captions", "?")),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
         resampled = behaviour.get("resampled")
@@ -111,24 +115,31 @@ def member_row(name: str, member: ZooMember, member_dir: Path) -> dict[str, str]
     return {c: row.get(c, "-") for c in COLUMNS} | {k: v for k, v in row.items() if k.startswith("_")}
 
 
-def zoo_table(members: dict[str, ZooMember], out: Path) -> str:
+def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig | None = None) -> str:
     """The Markdown table of ``members`` built under ``out`` (split by split in :data:`SPLITS` order, then depth),
-    followed by the detector-vs-behaviour scores of each split present."""
+    followed by the detector-vs-behaviour scores of each split present; ``current``: the truth's measurement settings
+    (default: :class:`BehaviourConfig`'s), members measured otherwise are marked."""
+    current = current or BehaviourConfig()
     order = sorted(members, key=lambda n: (SPLITS.index(members[n].split), members[n].model.layers, n))
-    rows = [member_row(n, members[n], out / n) for n in order]
+    rows = [member_row(n, members[n], out / n, current) for n in order]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
     for split in dict.fromkeys(r["split"] for r in rows):
         part = [r for r in rows if r["split"] == split]
         scores = [f"{k} {sum(r.get(f'_{k}') is True for r in part)}/{sum(r.get(f'_{k}') is not None for r in part)}"
                   for k in CHECKS]
-        lines += ["", f"Detector vs behaviour on the {split} members: " + ", ".join(scores) + "."]
+        captions = sorted({r["_captions"] for r in part if "_captions" in r}, key=lambda c: (len(c), c))
+        lines += ["", f"Detector vs behaviour on the {split} members: " + ", ".join(scores) + "."
+                  + (f" Ground truth measured on {' / '.join(captions)} captions." if captions else "")]
         loose = [f"{k} {sum(r.get(f'_{k}') is False and r.get(f'_firm_{k}') is False for r in part)}"
                  for k in ("critical", "mutation")]
         if any(f"_firm_{k}" in r for r in part for k in ("critical", "mutation")):
             lines[-1] += (f" Misses where the behaviour itself is loose (reproduced by < {FIRM:.0%} of caption "
                           "resamples): " + ", ".join(loose) + ".")
-    if any(r["beh. critical"].endswith("*") for r in rows):
+    if any("†" in r["beh. critical"] for r in rows):
+        lines += ["", f"† ground truth measured under other settings than the current ones ({current.captions} captions, "
+                  f"{current.pope} POPE questions, ...); `evotool zoo build --steps truth` measures it again."]
+    if any("*" in r["beh. critical"] for r in rows):
         lines += ["", "\\* boundaries re-derived from the stored curves under the current rules (the stored ones are "
                   "stale; `evotool zoo status --refresh` rewrites them)."]
     return "\n".join(lines)
