@@ -70,6 +70,8 @@ def test_sweep_chooses_on_its_splits_and_reports_the_others() -> None:
     assert score(runs, StageConfig(depth_share=0.8))["h2"]["critical"] is True
     with pytest.raises(ConfigError, match="--choose-on tunes"):
         SweepSpec({"depth_share": [0.8]}, ["tunes"])
+    with pytest.raises(ConfigError, match="--choose-on names no split"):
+        SweepSpec({"depth_share": [0.8]}, [])
     with pytest.raises(InputError, match="nothing to choose on"):
         sweep(runs, SweepSpec({"depth_share": [0.8]}, ["holdout7"]))
 

@@ -116,7 +116,9 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.choose_on if s not in SPLITS]
-        if unknown or not self.choose_on:
+        if not self.choose_on:
+            raise ConfigError(f"--choose-on names no split (splits: {', '.join(SPLITS)})")
+        if unknown:
             raise ConfigError(f"--choose-on {','.join(unknown)}: not a zoo split (splits: {', '.join(SPLITS)})")
         self.points = grid_points(self.grid, self.base)
 
