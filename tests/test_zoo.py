@@ -319,6 +319,16 @@ def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatc
     stamp = (member / "model" / "model.safetensors").stat().st_mtime_ns
     assert CliRunner().invoke(app, args).exit_code == 0
     assert (member / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # cached, not retrained
+    manifest = member / "val" / "manifest.jsonl"
+    written = manifest.stat().st_mtime_ns
+    assert CliRunner().invoke(app, args).exit_code == 0 and manifest.stat().st_mtime_ns == written  # same settings: kept
+    assert CliRunner().invoke(app, [*args[:-6], "--set", "manifest.captions=3", *args[-4:]]).exit_code == 0
+    assert len(manifest.read_text().splitlines()) == 2 * 3 + 2 * 3 * 1  # other settings: written again
+    (member / "samples_a" / "zoo_manifest.json").unlink()  # settings not recorded (a zoo built before the stamp)
+    samples = member / "samples_a" / "manifest.jsonl"
+    before = samples.read_text()
+    assert CliRunner().invoke(app, [*args[:-6], "--set", "manifest.captions=3", *args[-4:]]).exit_code == 0
+    assert samples.read_text() == before and (member / "samples_a" / "zoo_manifest.json").is_file()  # rewritten alike
     assert "zoo build" in (out / "build.log").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs), "--members", "nope")
     assert code == 2 and "unknown zoo member 'nope'" in err

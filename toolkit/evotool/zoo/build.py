@@ -9,7 +9,8 @@ the shipped model, ``pretrained``). ``build_zoo`` runs, per member and into ``OU
   machines); skipped when ``model/zoo.json`` holds the member's current config hash;
 * ``manifests``: ``val/`` and ``test/`` (``manifest.jsonl`` + images: captions in distribution and
   prior-breaking, POPE questions of the three kinds in both groups; validation and test world seeds)
-  and ``samples_a/`` / ``samples_b/`` (the two disjoint caption sets of the analyses);
+  and ``samples_a/`` / ``samples_b/`` (the two disjoint caption sets of the analyses); each folder's
+  ``zoo_manifest.json`` records the settings it was written with, and a folder whose settings changed is written again;
 * ``analyze``: ``analysis_a/`` and ``analysis_b/`` (``evotool analyze`` on the two sample sets);
 * ``truth``: ``behaviour.json`` (:mod:`evotool.stages.behaviour`, from the model's outputs only).
 
@@ -20,6 +21,7 @@ With ``jobs > 1`` members run in that many worker processes (longest first), eac
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from evotool.zoo.config import STEPS, BoundaryRules, ManifestConfig, ZooConfig, 
 
 ZOO_FILE = "zoo.json"  # inside the checkpoint folder: member, split, config hash
 ZOO_SCHEMA = "1.0"
+MANIFEST_FILE = "zoo_manifest.json"  # beside each manifest: the settings it was written with
 
 
 def checkpoint_current(member: ZooMember, model_dir: Path) -> bool:
@@ -81,7 +84,8 @@ def _pretrained_path(name: str) -> Path:
 
 
 def write_manifests(member: ZooMember, member_dir: Path, cfg: ManifestConfig) -> None:
-    """``val/``, ``test/`` (captions + POPE, both groups) and ``samples_a/`` / ``samples_b/`` (captions only)."""
+    """``val/``, ``test/`` (captions + POPE, both groups) and ``samples_a/`` / ``samples_b/`` (captions only); each
+    is written again when its settings (:data:`MANIFEST_FILE`) differ from the current ones or are not recorded."""
     half = cfg.analysis_samples // 2
     sets = {
         "val": (cfg.val_seed, cfg.captions, cfg.captions, cfg.pope),
@@ -90,10 +94,15 @@ def write_manifests(member: ZooMember, member_dir: Path, cfg: ManifestConfig) ->
         "samples_b": (cfg.analysis_seeds[1], cfg.analysis_samples - half, half, 0),
     }
     for sub, (seed, in_dist, breaking, pope) in sets.items():
-        if not (member_dir / sub / "manifest.jsonl").is_file():
-            world = dataclasses.replace(member.world, seed=seed)
-            with atomic_dir(member_dir / sub) as tmp:
-                write_manifest(world_records(world, in_dist, breaking, pope), tmp, world)
+        world = dataclasses.replace(member.world, seed=seed)
+        settings = json.dumps({"world": dataclasses.asdict(world), "in_distribution": in_dist,
+                               "prior_breaking": breaking, "pope": pope}, sort_keys=True)
+        stamp = member_dir / sub / MANIFEST_FILE
+        if (member_dir / sub / "manifest.jsonl").is_file() and stamp.is_file() and stamp.read_text() == settings:
+            continue
+        with atomic_dir(member_dir / sub) as tmp:
+            write_manifest(world_records(world, in_dist, breaking, pope), tmp, world)
+            (tmp / MANIFEST_FILE).write_text(settings)
 
 
 def world_records(world: WorldConfig, in_distribution: int, prior_breaking: int, pope: int) -> list[dict]:
