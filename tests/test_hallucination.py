@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import re
+
 import numpy as np
+import pytest
+from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
 
 from evotool.analysis.hallucination import (commit_steps, divergence_summary, ending_token_ids, find_divergence,
-                                            hallucination_link, token_word)
+                                            hallucination_link, object_mask, object_words, token_word)
 from evotool.trace import METRICS, SampleTrace
 
 STAGES = {"rapid_evolution": [0, 2], "stabilization": [3, 5], "mutation": [6, 8]}
@@ -108,3 +112,29 @@ def test_analysis_of_the_shipped_model_reports_divergence_points(tmp_path: Path)
                 assert words[point["step"]] in {",", "and", "with", "."}
     assert "Divergence points" in (out / "report.md").read_text()
     assert divergence_chart(div, stages["num_layers"], tmp_path / "divergence.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("kind", [ByteLevelBPETokenizer, SentencePieceBPETokenizer])
+def test_object_words_span_pieces_plurals_and_phrases_as_the_tokenizers_offsets_say(kind: type) -> None:
+    """Real subword tokenizers (byte-level BPE with ``Ġ``, SentencePiece-style with ``▁``) trained so that the object
+    names split into pieces; the reference is the tokenizer's own character offsets of each regex match in the text."""
+    corpus = ["a red square and a blue cross, the quick brown fox jumps over the lazy dog"] * 20
+    tokenizer = kind()
+    tokenizer.train_from_iterator(corpus, vocab_size=120, min_frequency=1, show_progress=False)
+    text = "a red triangle, two circles and a traffic light. the triangles near a circle, a lighthouse"
+    enc = tokenizer.encode(text)
+    vocab = {"triangle", "circle", "traffic light", "light"}
+    matches = list(re.finditer(r"\b(triangle|circle|traffic light|light)(s|es)?\b", text))
+    expected = [(next(i for i, (a, b) in enumerate(enc.offsets) if a <= m.start() < b), m.group(1)) for m in matches]
+    assert len(expected) == 5 and sum(t.startswith(("Ġ", "▁")) for t in enc.tokens) > 5  # a marked tokenizer
+    assert len(enc.tokens) > len(text.split()) + 3  # object names really are split into pieces
+    assert object_words(enc.tokens, vocab) == expected  # "lighthouse" is not "light"; "traffic light" is one mention
+    mask = object_mask([{"tokens": enc.tokens}, {"tokens": ["a", "circle", "."]}], vocab)
+    assert mask.tolist() == [i in dict(expected) for i in range(len(enc.tokens))] + [False, True, False]
+
+
+def test_object_words_of_a_word_level_tokenizer_are_its_tokens() -> None:
+    tokens = ["a", "red", "circle", ",", "two", "squares", "."]  # the world tokenizer: no space markers
+    assert object_words(tokens, {"circle", "square"}) == [(2, "circle"), (5, "square")]
+    assert object_words(tokens, {"red circle"}) == [(1, "red circle")]
+    assert object_words(["▁a", "▁circle", "</s>"], {"circle"}) == [(1, "circle")]  # a special token ends a word

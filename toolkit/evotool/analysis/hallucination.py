@@ -1,7 +1,8 @@
 """Where hallucinations are decided: the object-token view and the divergence point.
 
-*Object tokens* are generated tokens whose word is a ground-truth object name somewhere in the run; one is
-*hallucinated* when its sample's ground truth lacks it. :func:`hallucination_link` reports, for hallucinated
+*Object tokens* are the first tokens of generated words (or runs of up to three words, plurals included) that name
+a ground-truth object somewhere in the run (:func:`object_words`); one is *hallucinated* when its sample's ground
+truth lacks that object. :func:`hallucination_link` reports, for hallucinated
 against grounded object tokens, the stage in which each was decided and how often the stable stage's top-1
 was overturned.
 
@@ -35,11 +36,13 @@ from evotool.trace import SampleTrace
 ENDING_WORDS = frozenset({".", "!", "?"})
 SEPARATOR_WORDS = frozenset({",", ";", ":", ".", "and", "with", "or", "plus", "also"})
 POINT_KINDS = ("separator", "phrase_start", "object")
+WORD_MARKERS = ("Ġ", "▁", " ")  # a token starting with one of these starts a word
+MAX_OBJECT_WORDS = 3  # longest object name matched, in words
 
 
 def token_word(token: str) -> str:
     """A token string as a plain lower-case word (BPE / SentencePiece space markers dropped)."""
-    return token.replace("Ġ", "").replace("▁", "").strip().lower()
+    return token.replace("Ġ", "").replace("▁", "").replace("Ċ", "").strip().lower()
 
 
 def stage_of(layer: int, stages: dict[str, list[int] | None]) -> str | None:
@@ -61,19 +64,75 @@ def object_vocabulary(records: Sequence[dict[str, Any]], words: Sequence[str] | 
     return {w.lower() for w in words} if words else {o.lower() for r in records for o in (r.get("objects") or [])}
 
 
+def words_of(tokens: Sequence[str]) -> list[tuple[int, str]]:
+    """The words of a token sequence as (step of the word's first token, :func:`token_word` of its pieces joined).
+
+    With space markers (byte-level BPE ``Ġ``, SentencePiece ``▁``) a piece without one continues the word before it
+    unless either is punctuation or a special token (``<unk>``, ``</s>``); without any marker (word-level tokenizers) every token is a word. Tokens without
+    a word (a bare marker) belong to none.
+    """
+    marked = any(t.startswith(WORD_MARKERS) for t in tokens)
+    words: list[tuple[int, str]] = []
+    joinable = False  # whether an unmarked piece would continue the last word
+    for step, token in enumerate(tokens):
+        word = token_word(token)
+        if not word:  # a bare space marker: the next piece starts a word
+            joinable = False
+            continue
+        punctuation = not any(ch.isalnum() for ch in word) or word[0] + word[-1] == "<>"  # or a special token
+        if marked and joinable and not punctuation and not token.startswith(WORD_MARKERS):
+            words[-1] = (words[-1][0], words[-1][1] + word)
+        else:
+            words.append((step, word))
+        joinable = not punctuation
+    return words
+
+
+def _vocab_entry(phrase: str, vocab: set[str]) -> str | None:
+    """The ``vocab`` entry ``phrase`` names, itself or as a plural (``+s`` / ``+es``); None if none."""
+    for suffix in ("", "s", "es"):
+        stem = phrase[: len(phrase) - len(suffix)]
+        if phrase.endswith(suffix) and stem in vocab:
+            return stem
+    return None
+
+
+def object_words(tokens: Sequence[str], vocab: set[str]) -> list[tuple[int, str]]:
+    """(step of its first token, the ``vocab`` entry) of every object mention in ``tokens``: a word or a run of up
+    to :data:`MAX_OBJECT_WORDS` words (``traffic light``) naming an entry, longest match first."""
+    words = words_of(tokens)
+    found: list[tuple[int, str]] = []
+    i = 0
+    while i < len(words):
+        for n in range(min(MAX_OBJECT_WORDS, len(words) - i), 0, -1):
+            entry = _vocab_entry(" ".join(w for _, w in words[i : i + n]), vocab)
+            if entry is not None:
+                found.append((words[i][0], entry))
+                i += n
+                break
+        else:
+            i += 1
+    return found
+
+
 def object_mask(records: Sequence[dict[str, Any]], vocab: set[str]) -> np.ndarray:
-    """[N] over every generated token of the records, in order: True where the token's word is in ``vocab``."""
-    return np.array([token_word(token) in vocab for record in records for token in record["tokens"]], dtype=bool)
+    """[N] over every generated token of the records, in order: True at the first token of each object mention
+    (:func:`object_words`; the token that decides the object, pieces after it follow from it)."""
+    masks = []
+    for record in records:
+        mask = np.zeros(len(record["tokens"]), dtype=bool)
+        mask[[step for step, _ in object_words(record["tokens"], vocab)]] = True
+        masks.append(mask)
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
 def object_tokens(record: dict[str, Any], vocab: set[str]) -> list[tuple[int, bool]]:
-    """(step, hallucinated) of each generated token whose word is in ``vocab``: hallucinated when the record's
-    own ground truth lacks it. Empty when the record has no ground truth."""
+    """(step, hallucinated) of each object mention's first token (:func:`object_words`): hallucinated when the
+    record's own ground truth lacks the object. Empty when the record has no ground truth."""
     if record.get("objects") is None:
         return []
     truth = {o.lower() for o in record["objects"]}
-    words = (token_word(token) for token in record["tokens"])
-    return [(step, word not in truth) for step, word in enumerate(words) if word in vocab]
+    return [(step, entry not in truth) for step, entry in object_words(record["tokens"], vocab)]
 
 
 def hallucination_link(records: Sequence[dict[str, Any]], traces: Sequence[SampleTrace],
@@ -146,8 +205,9 @@ def find_divergence(records: Sequence[dict[str, Any]], traces: Sequence[SampleTr
             continue
         words = [token_word(t) for t in record["tokens"]]
         depth = decision_depth(trace.layers["top1"], trace.token_ids)
+        named = dict(object_words(record["tokens"], vocab))  # step -> the object it names
         for step in (step for step, hallucinated in object_tokens(record, vocab) if hallucinated):
-            word = words[step]
+            word = named[step]
             for kind, s in commit_steps(words, step).items():
                 emitted = int(trace.token_ids[s])
                 top1 = int(trace.layers["top1"][s, stable[1]]) if stable else None
