@@ -68,8 +68,8 @@ def words_of(tokens: Sequence[str]) -> list[tuple[int, str]]:
     """The words of a token sequence as (step of the word's first token, :func:`token_word` of its pieces joined).
 
     With space markers (byte-level BPE ``Ġ``, SentencePiece ``▁``) a piece without one continues the word before it
-    unless either is punctuation or a special token (``<unk>``, ``</s>``); without any marker (word-level tokenizers) every token is a word. Tokens without
-    a word (a bare marker) belong to none.
+    unless either is punctuation or a special token (``<unk>``, ``</s>``); without any marker (word-level
+    tokenizers) every token is a word. Tokens without a word (a bare marker) belong to none.
     """
     marked = any(t.startswith(WORD_MARKERS) for t in tokens)
     words: list[tuple[int, str]] = []
