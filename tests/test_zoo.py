@@ -104,6 +104,10 @@ SPLITS = {
     "l6-gemma-w128": "holdout10", "l8-llama-w64-prior": "holdout10", "l10-qwen2-w96-long": "holdout10",
     "l12-gemma-w128": "holdout10", "l14-llama-w128-short": "holdout10", "l16-llama-w128": "holdout10",
     "l18-qwen2-w96": "holdout10", "l22-qwen2-w64": "holdout10",
+    # holdout11: written after holdout10 was read (detector v5 unchanged)
+    "l6-qwen2-w64-long": "holdout11", "l8-gemma-w96-long": "holdout11", "l10-llama-w96-prior": "holdout11",
+    "l12-qwen2-w96-short": "holdout11", "l14-gemma-w128": "holdout11", "l16-qwen2-w128-short": "holdout11",
+    "l18-gemma-w96": "holdout11", "l20-llama-w96": "holdout11",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -224,7 +228,8 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
-    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9", "holdout10"):  # new seeds, not re-runs of members seen before them
+    for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9", "holdout10",
+                  "holdout11"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
