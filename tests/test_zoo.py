@@ -108,6 +108,10 @@ SPLITS = {
     "l6-qwen2-w64-long": "holdout11", "l8-gemma-w96-long": "holdout11", "l10-llama-w96-prior": "holdout11",
     "l12-qwen2-w96-short": "holdout11", "l14-gemma-w128": "holdout11", "l16-qwen2-w128-short": "holdout11",
     "l18-gemma-w96": "holdout11", "l20-llama-w96": "holdout11",
+    # holdout12: written after holdout11 was read (detector v5 unchanged)
+    "l6-llama-w128-long": "holdout12", "l8-qwen2-w96-short": "holdout12", "l10-gemma-w96": "holdout12",
+    "l12-llama-w128": "holdout12", "l14-qwen2-w96-long": "holdout12", "l16-gemma-w128": "holdout12",
+    "l18-llama-w128": "holdout12", "l20-gemma-w96-prior": "holdout12",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
@@ -229,7 +233,7 @@ def test_every_zoo_config_loads_with_its_fixed_split():
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
     for later in ("holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9", "holdout10",
-                  "holdout11"):  # new seeds, not re-runs of members seen before them
+                  "holdout11", "holdout12"):  # new seeds, not re-runs of members seen before them
         earlier = [m for m in members.values() if ZOO_SPLITS.index(m.split) < ZOO_SPLITS.index(later)]
         for m in (m for m in members.values() if m.split == later):
             assert m.seed not in {e.seed for e in earlier} and m.world.seed not in {e.world.seed for e in earlier}
