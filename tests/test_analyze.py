@@ -20,7 +20,7 @@ from conftest import kill_9_at, tiny_config
 from evotool.stages import StageFile
 from evotool.cli import main
 from tiny_checkpoints import save_tiny, write_images
-from wandb_log import read_records
+from wandb_log import read_finished_records
 
 MAX_NEW = "4"
 
@@ -154,7 +154,7 @@ def test_bad_lens(llava: Path, tmp_path: Path, monkeypatch, capsys) -> None:
 
 def wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
     """(history rows, summary) from an offline run's ``run-*.wandb`` file."""
-    records = read_records(run_dir)
+    records = read_finished_records(run_dir)
     key = lambda item: item.key or "/".join(item.nested_key)
     history = [{key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
     summary = {key(i): json.loads(i.value_json) for r in records if r.HasField("summary") for i in r.summary.update}

@@ -21,13 +21,13 @@ from evotool.models.loading import fingerprint
 from evotool.prune.config import PruneConfig
 from evotool.prune.run import run_prune
 from evotool.stages import StageFile
-from wandb_log import read_records
+from wandb_log import read_finished_records
 
 
 def wandb_artifacts(out: Path) -> list:
     """The artifact records of the one offline W&B run under ``out/wandb``."""
     (run_dir,) = (out / "wandb").glob("offline-run-*")
-    return [r.artifact for r in read_records(run_dir) if r.WhichOneof("record_type") == "artifact"]
+    return [r.artifact for r in read_finished_records(run_dir) if r.WhichOneof("record_type") == "artifact"]
 
 
 def one(artifacts: list, kind: str, used: bool) -> Any:

@@ -7,6 +7,7 @@ The file is a 7-byte header (``:W&B`` + magic + version) followed by LevelDB-log
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -34,3 +35,15 @@ def read_records(run_dir: Path) -> list[pb.Record]:
             records.append(record)
             chunk = b""
     return records
+
+
+def read_finished_records(run_dir: Path, timeout: float = 60.0) -> list[pb.Record]:
+    """:func:`read_records` once the file holds the run's ``exit`` record: W&B's writer service may still be
+    flushing the file when ``run.finish()`` returns on a busy machine. AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_dir}: no exit record after {timeout:.0f} s"
+        time.sleep(0.5)
