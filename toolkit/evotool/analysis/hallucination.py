@@ -126,13 +126,13 @@ def object_mask(records: Sequence[dict[str, Any]], vocab: set[str]) -> np.ndarra
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
-def object_tokens(record: dict[str, Any], vocab: set[str]) -> list[tuple[int, bool]]:
-    """(step, hallucinated) of each object mention's first token (:func:`object_words`): hallucinated when the
-    record's own ground truth lacks the object. Empty when the record has no ground truth."""
+def object_tokens(record: dict[str, Any], vocab: set[str]) -> list[tuple[int, str, bool]]:
+    """(step, object, hallucinated) of each object mention's first token (:func:`object_words`): hallucinated when
+    the record's own ground truth lacks the object. Empty when the record has no ground truth."""
     if record.get("objects") is None:
         return []
     truth = {o.lower() for o in record["objects"]}
-    return [(step, entry not in truth) for step, entry in object_words(record["tokens"], vocab)]
+    return [(step, entry, entry not in truth) for step, entry in object_words(record["tokens"], vocab)]
 
 
 def hallucination_link(records: Sequence[dict[str, Any]], traces: Sequence[SampleTrace],
@@ -148,7 +148,7 @@ def hallucination_link(records: Sequence[dict[str, Any]], traces: Sequence[Sampl
         if record.get("objects") is None:
             continue
         depth = decision_depth(trace.layers["top1"], trace.token_ids)
-        for step, hallucinated in object_tokens(record, vocab):
+        for step, _, hallucinated in object_tokens(record, vocab):
             overturned = stable is not None and trace.layers["top1"][step, stable[1]] != trace.token_ids[step]
             groups["hallucinated" if hallucinated else "grounded"].append((int(depth[step]), bool(overturned)))
     out: dict[str, Any] = {}
@@ -205,9 +205,9 @@ def find_divergence(records: Sequence[dict[str, Any]], traces: Sequence[SampleTr
             continue
         words = [token_word(t) for t in record["tokens"]]
         depth = decision_depth(trace.layers["top1"], trace.token_ids)
-        named = dict(object_words(record["tokens"], vocab))  # step -> the object it names
-        for step in (step for step, hallucinated in object_tokens(record, vocab) if hallucinated):
-            word = named[step]
+        for step, word, hallucinated in object_tokens(record, vocab):
+            if not hallucinated:
+                continue
             for kind, s in commit_steps(words, step).items():
                 emitted = int(trace.token_ids[s])
                 top1 = int(trace.layers["top1"][s, stable[1]]) if stable else None

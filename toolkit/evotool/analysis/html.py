@@ -110,7 +110,7 @@ def sample_view(record: dict[str, Any], trace: SampleTrace, patches: PatchLens |
         "decision_depth": decision_depth(trace.layers["top1"][:n], trace.token_ids[:n]).tolist(),
         "topk_ids": trace.topk_ids[:n].tolist(),
         "topk_p": _sig(trace.topk_p[:n]),
-        "object_tokens": [[step, hallucinated] for step, hallucinated in object_tokens(record, objects)],
+        "object_tokens": [[step, hallucinated] for step, _, hallucinated in object_tokens(record, objects)],
         "divergence": divergence,
         "patch_lens": None if patches is None else {
             "grid": list(patches.grid), "spatial": patches.spatial, "note": patches.note,

@@ -57,7 +57,8 @@ def status(
 
     cfg = load_config(C, config, overrides({"out": out, "configs": configs}, set_))
     if not cfg.out.is_dir():
-        raise InputError(f"--out {cfg.out}: no zoo there (not a folder); build one with `evotool zoo build --out {cfg.out}`")
+        raise InputError(f"--out {cfg.out}: no zoo there (not a folder); build one with "
+                         f"`evotool zoo build --out {cfg.out}`")
     members = load_members(cfg.configs)
     if refresh:
         rewritten = refresh_truth(list(members), cfg.out, cfg.behaviour.rules)

@@ -1,8 +1,8 @@
 """The model zoo: small world VLMs that differ as real models do, trained with cached checkpoints.
 
 Each member is one YAML file in ``configs/zoo/`` (a :class:`~evotool.zoo.config.ZooMember`: a complete training config
-plus ``split`` (tune | holdout | holdout2 | holdout3 | holdout4 | holdout5 | holdout6 | holdout7 | holdout8 | holdout9 | holdout10 | holdout11 | holdout12, fixed before any detector output was seen on it), ``description`` and, for
-the shipped model, ``pretrained``). ``build_zoo`` runs, per member and into ``OUT/<member>/``:
+plus ``split`` (one of :data:`~evotool.zoo.config.SPLITS`, fixed before any detector output was seen on it),
+``description`` and, for the shipped model, ``pretrained``). ``build_zoo`` runs, per member and into ``OUT/<member>/``:
 
 * ``train``: ``model/`` (checkpoint, model card, ``metrics.json``, ``zoo.json`` with the config hash and the
   environment it was trained in, CPU included: training is bitwise reproducible on one kind of machine, not across

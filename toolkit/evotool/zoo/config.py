@@ -18,8 +18,8 @@ from evotool.world.config import TrainConfig
 
 STEPS = ("train", "manifests", "analyze", "truth")
 HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change what is learned
-Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8", "holdout9",
-               "holdout10", "holdout11", "holdout12"]
+Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8",
+                "holdout9", "holdout10", "holdout11", "holdout12"]
 SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
@@ -28,8 +28,8 @@ class ZooMember(TrainConfig):
     """One zoo member: a complete training config plus its place in the zoo."""
 
     split: Split = field(kw_only=True, metadata={
-        "help": "tune: detector defaults may be chosen on it; holdout: only reported on; holdout2 / holdout3 / "
-                "holdout4 / holdout5 / holdout6 / holdout7 / holdout8 / holdout9 / holdout10 / holdout11 / holdout12: written after detector v2 / v3 / v4 (twice) / v5 (seven times) was frozen, only reported on (fixed once, "
+        "help": "tune: detector defaults may be chosen on it; holdout: only reported on; holdoutN (N >= 2): written "
+                "after the detector of its time was frozen (docs/stages.md lists which), only reported on (fixed once, "
                 "never changed)"})
     description: str = field(default="", kw_only=True, metadata={"help": "one line: what this member varies"})
     pretrained: str | None = field(default=None, kw_only=True, metadata={
