@@ -112,6 +112,10 @@ SPLITS = {
     "l6-llama-w128-long": "holdout12", "l8-qwen2-w96-short": "holdout12", "l10-gemma-w96": "holdout12",
     "l12-llama-w128": "holdout12", "l14-qwen2-w96-long": "holdout12", "l16-gemma-w128": "holdout12",
     "l18-llama-w128": "holdout12", "l20-gemma-w96-prior": "holdout12",
+    # holdout13: written after holdout12 was built and before it was read
+    "l6-gemma-w96-short": "holdout13", "l8-llama-w128-prior": "holdout13", "l10-qwen2-w128-long": "holdout13",
+    "l12-gemma-w96-prior": "holdout13", "l14-llama-w96-long": "holdout13", "l16-qwen2-w96-prior": "holdout13",
+    "l18-gemma-w128-short": "holdout13", "l20-qwen2-w96": "holdout13",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
