@@ -16,8 +16,8 @@ see docs/stages.md):
 
 * **Critical layer** (``critical_rule``): ``depth`` (default) = the first layer by which ``depth_share`` of the
   tokens have reached their decision depth: where most emitted tokens are decided for good; v4 adds that, when the
-  run has at least ``min_object_tokens`` object-word tokens, ``object_share`` of *those* must be decided too (a
-  caption's frame words settle before its objects); ``probability`` (v2) =
+  run has at least ``min_object_tokens`` object-word tokens, ``object_share`` (0.8 in v4-v5, 0.9 since v6) of *those* must be
+  decided too (a caption's frame words settle before its objects); ``probability`` (v2) =
   the first layer at which the median over tokens of ``p_token`` reaches ``rise_fraction`` of its maximum over
   layers: where the emitted tokens' probability has stopped rising fast.
 * **Mutation layers** (``mutation_signal``): layers ``l >= critical + 2`` (so the tail of rapid evolution is never a
@@ -58,8 +58,8 @@ class StageConfig:
         "help": "critical layer rule: depth (share of tokens past their decision depth; v3) or probability (median emitted-token probability rise; v2)"})
     depth_share: float = field(default=0.8, metadata={
         "help": "critical_rule depth: first layer by which this share of tokens have reached their decision depth"})
-    object_share: float = field(default=0.8, metadata={
-        "help": "critical_rule depth (v4): this share of the object-word tokens must be decided by the critical layer too (0: all tokens only, v3)"})
+    object_share: float = field(default=0.9, metadata={
+        "help": "critical_rule depth (v4; 0.9 since v6): this share of the object-word tokens must be decided by the critical layer too (0: all tokens only, v3)"})
     min_object_tokens: int = field(default=20, metadata={
         "help": "object_share applies only to runs with at least this many object-word tokens"})
     rise_fraction: float = field(default=0.95, metadata={
