@@ -64,6 +64,12 @@ def test_sweep_chooses_on_its_splits_and_reports_the_others() -> None:
     table = sweep_table(payload)
     assert "| 0.8 | 2/2, 2/2, 2/2, 2/2 **chosen** | 1/2, 2/2, 2/2, 2/2 |" in table
     assert "depth_share=0.8; held-out misses: h1 (critical)." in table
+    by_split = sweep_table(payload, by_split=True).split("\n")
+    assert by_split[: len(table.split("\n"))] == table.split("\n")
+    assert "| split | depth_share=0.6 | depth_share=0.8 | depth_share=0.9 |" in by_split
+    # holdout: h1 (C 2) and h2 (C 5) against C 2 / 5 / 7: critical 1/2 each at 0.6 and 0.8, 0/2 at 0.9
+    assert "| holdout | 1/2, 2/2, 2/2, 2/2 | 1/2, 2/2, 2/2, 2/2 | 0/2, 2/2, 0/2, 2/2 |" in by_split
+    assert "| tune | 0/2, 2/2, 2/2, 2/2 | 2/2, 2/2, 2/2, 2/2 | 1/2, 2/2, 0/2, 2/2 |" in by_split
     # ties go to the earlier point in the order given; choosing on the holdout reads only it
     assert sweep(runs, SweepSpec({"depth_share": [0.9, 0.8]}, ["holdout"]))["chosen"] == 1  # 0.9: 0/2 + stab 0/2; 0.8: 1/2
     assert sweep([member("t", "tune", 5)], SweepSpec({"depth_share": [0.8, 0.85]}, ["tune"]))["chosen"] == 0  # both C 5

@@ -76,6 +76,7 @@ def tune(
                                                 "reported as held out.")] = "tune",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the sweep (every point's counts and "
                                                                      "misses) to this JSON file.")] = None,
+    by_split: Annotated[bool, typer.Option("--by-split", help="Also print every point's counts split by split.")] = False,
 ) -> None:
     """Sweep detector thresholds over the built members' saved analyses: choose on some splits, report the rest."""
     from evotool.errors import InputError
@@ -93,4 +94,4 @@ def tune(
     payload = sweep(runs, spec)
     if json_out:
         write_json(json_out, payload, SCHEMA_VERSION)
-    typer.echo(sweep_table(payload))
+    typer.echo(sweep_table(payload, by_split))

@@ -154,9 +154,10 @@ def _cell(counts: Mapping[str, Sequence[int]]) -> str:
     return ", ".join(f"{counts[k][0]}/{counts[k][1]}" for k in CHECKS)
 
 
-def sweep_table(payload: Mapping[str, Any]) -> str:
+def sweep_table(payload: Mapping[str, Any], by_split: bool = False) -> str:
     """Markdown: one row per grid point (counts per check, in :data:`CHECKS` order, on the chosen-on and held-out
-    members), the chosen point marked, then its held-out misses."""
+    members), the chosen point marked, then its held-out misses; ``by_split``: then one row per split, one column
+    per grid point."""
     keys = list(payload["grid"])
     lines = [f"| {' | '.join(keys)} | chosen on ({len(payload['members_chosen_on'])}): {' / '.join(CHECKS)} "
              f"| held out ({len(payload['members_held_out'])}) |", "|" + "---|" * (len(keys) + 2)]
@@ -169,4 +170,9 @@ def sweep_table(payload: Mapping[str, Any]) -> str:
     lines += ["", f"Chosen on {', '.join(payload['choose_on'])}: "
               + ", ".join(f"{k}={v}" for k, v in best["values"].items())
               + "; held-out misses: " + ("; ".join(held) or "none") + "."]
+    if by_split:
+        labels = [", ".join(f"{k}={p['values'][k]}" for k in keys) for p in payload["points"]]
+        lines += ["", f"| split | {' | '.join(labels)} |", "|" + "---|" * (len(labels) + 1)]
+        lines += [f"| {split} | {' | '.join(_cell(p['splits'][split]) for p in payload['points'])} |"
+                  for split in payload["points"][0]["splits"]]
     return "\n".join(lines)
