@@ -116,6 +116,10 @@ SPLITS = {
     "l6-gemma-w96-short": "holdout13", "l8-llama-w128-prior": "holdout13", "l10-qwen2-w128-long": "holdout13",
     "l12-gemma-w96-prior": "holdout13", "l14-llama-w96-long": "holdout13", "l16-qwen2-w96-prior": "holdout13",
     "l18-gemma-w128-short": "holdout13", "l20-qwen2-w96": "holdout13",
+    # holdout14: written while holdout13 was being built, before it was read (detector v6)
+    "l6-qwen2-w96-prior": "holdout14", "l8-gemma-w128-short": "holdout14", "l10-llama-w128-long": "holdout14",
+    "l12-qwen2-w128": "holdout14", "l14-gemma-w96-short": "holdout14", "l16-llama-w96-prior": "holdout14",
+    "l18-qwen2-w128": "holdout14", "l20-llama-w96-short": "holdout14",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
