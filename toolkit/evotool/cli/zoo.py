@@ -76,7 +76,8 @@ def tune(
                                                 "reported as held out.")] = "tune",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the sweep (every point's counts and "
                                                                      "misses) to this JSON file.")] = None,
-    by_split: Annotated[bool, typer.Option("--by-split", help="Also print every point's counts split by split.")] = False,
+    by_split: Annotated[bool, typer.Option("--by-split",
+                                           help="Also print every point's counts split by split.")] = False,
 ) -> None:
     """Sweep detector thresholds over the built members' saved analyses: choose on some splits, report the rest."""
     from evotool.errors import InputError

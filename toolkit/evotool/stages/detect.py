@@ -16,8 +16,8 @@ see docs/stages.md):
 
 * **Critical layer** (``critical_rule``): ``depth`` (default) = the first layer by which ``depth_share`` of the
   tokens have reached their decision depth: where most emitted tokens are decided for good; v4 adds that, when the
-  run has at least ``min_object_tokens`` object-word tokens, ``object_share`` (0.8 in v4-v5, 0.9 since v6) of *those* must be
-  decided too (a caption's frame words settle before its objects); ``probability`` (v2) =
+  run has at least ``min_object_tokens`` object-word tokens, ``object_share`` (0.8 in v4-v5, 0.9 since v6) of
+  *those* must be decided too (a caption's frame words settle before its objects); ``probability`` (v2) =
   the first layer at which the median over tokens of ``p_token`` reaches ``rise_fraction`` of its maximum over
   layers: where the emitted tokens' probability has stopped rising fast.
 * **Mutation layers** (``mutation_signal``): layers ``l >= critical + 2`` (so the tail of rapid evolution is never a
