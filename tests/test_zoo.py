@@ -120,6 +120,10 @@ SPLITS = {
     "l6-qwen2-w96-prior": "holdout14", "l8-gemma-w128-short": "holdout14", "l10-llama-w128-long": "holdout14",
     "l12-qwen2-w128": "holdout14", "l14-gemma-w96-short": "holdout14", "l16-llama-w96-prior": "holdout14",
     "l18-qwen2-w128": "holdout14", "l20-llama-w96-short": "holdout14",
+    # holdout15: written after holdout14 was read (detector v6)
+    "l6-gemma-w128-long": "holdout15", "l8-qwen2-w128-prior": "holdout15", "l10-llama-w96-short": "holdout15",
+    "l12-gemma-w128-prior": "holdout15", "l14-qwen2-w128-long": "holdout15", "l16-gemma-w96-long": "holdout15",
+    "l18-llama-w96-prior": "holdout15", "l22-llama-w96": "holdout15",
 }
 FAMILIES = ("llama", "qwen2", "gemma")
 
