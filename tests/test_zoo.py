@@ -64,67 +64,54 @@ from tiny_zoo import tiny_member_config, train_tiny_member
 
 # The tune / holdout split, fixed before any detector output was seen. Changing a member's split (or
 # dropping a member) must be a deliberate act: this test fails until this table is changed with it.
-SPLITS = {
-    "shipped": "tune", "l6-llama-w128": "tune", "l10-llama-tied": "tune", "l8-llama-long": "tune", "l12-llama-w64": "tune",
-    "l12-qwen2-prior": "tune", "l16-llama-w64": "tune", "l24-gemma-w64": "tune",
-    "l6-qwen2-w64": "holdout", "l8-qwen2-w96": "holdout", "l8-llama-short": "holdout", "l12-gemma-w96": "holdout",
-    "l12-llama-weak": "holdout", "l12-llama-w64-seed1": "holdout", "l16-qwen2-w64": "holdout",
-    "l24-llama-w64": "holdout",
+SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "tune": ("shipped", "l6-llama-w128", "l10-llama-tied", "l8-llama-long", "l12-llama-w64", "l12-qwen2-prior",
+        "l16-llama-w64", "l24-gemma-w64"),
+    "holdout": ("l6-qwen2-w64", "l8-qwen2-w96", "l8-llama-short", "l12-gemma-w96", "l12-llama-weak",
+        "l12-llama-w64-seed1", "l16-qwen2-w64", "l24-llama-w64"),
     # holdout2: written after detector v2 was frozen, committed before any analysis of them ran
-    "l6-llama-w96-prior": "holdout2", "l8-gemma-w64": "holdout2", "l10-qwen2-w96": "holdout2",
-    "l12-llama-w96-seed2": "holdout2", "l14-llama-w64": "holdout2",
+    "holdout2": ("l6-llama-w96-prior", "l8-gemma-w64", "l10-qwen2-w96", "l12-llama-w96-seed2", "l14-llama-w64"),
     # holdout3: written after detector v3 was frozen, committed before any of them was trained
-    "l6-gemma-w96": "holdout3", "l8-qwen2-w64-prior": "holdout3", "l10-llama-w96": "holdout3",
-    "l12-qwen2-w96": "holdout3", "l16-gemma-w64": "holdout3", "l20-llama-w64": "holdout3",
+    "holdout3": ("l6-gemma-w96", "l8-qwen2-w64-prior", "l10-llama-w96", "l12-qwen2-w96", "l16-gemma-w64",
+        "l20-llama-w64"),
     # holdout4: written after detector v4 was frozen (f88bd62), committed before any of them was trained
-    "l6-qwen2-w96": "holdout4", "l8-llama-w96-short": "holdout4", "l8-qwen2-w64": "holdout4",
-    "l10-gemma-w64": "holdout4", "l12-llama-w128-prior": "holdout4", "l14-qwen2-w64": "holdout4",
-    "l18-llama-w64": "holdout4", "l10-llama-w64-long": "holdout4",
+    "holdout4": ("l6-qwen2-w96", "l8-llama-w96-short", "l8-qwen2-w64", "l10-gemma-w64", "l12-llama-w128-prior",
+        "l14-qwen2-w64", "l18-llama-w64", "l10-llama-w64-long"),
     # holdout5: written after holdout4 was read (detector v4 unchanged), committed before any of them was trained
-    "l6-llama-w64": "holdout5", "l8-gemma-w96": "holdout5", "l10-qwen2-w64-prior": "holdout5",
-    "l12-qwen2-w64-short": "holdout5", "l12-gemma-w64": "holdout5", "l16-llama-w96": "holdout5",
-    "l22-llama-w64": "holdout5", "l14-gemma-w64-long": "holdout5",
+    "holdout5": ("l6-llama-w64", "l8-gemma-w96", "l10-qwen2-w64-prior", "l12-qwen2-w64-short", "l12-gemma-w64",
+        "l16-llama-w96", "l22-llama-w64", "l14-gemma-w64-long"),
     # holdout6: written after detector v5 was frozen, committed before any of them was trained
-    "l10-llama-w64": "holdout6", "l14-llama-w96": "holdout6", "l16-qwen2-w96": "holdout6", "l18-gemma-w64": "holdout6",
-    "l20-qwen2-w64": "holdout6", "l12-llama-w64-prior": "holdout6", "l8-qwen2-w96-long": "holdout6",
-    "l10-gemma-w96-short": "holdout6",
+    "holdout6": ("l10-llama-w64", "l14-llama-w96", "l16-qwen2-w96", "l18-gemma-w64", "l20-qwen2-w64",
+        "l12-llama-w64-prior", "l8-qwen2-w96-long", "l10-gemma-w96-short"),
     # holdout7: written after holdout6 was read (detector v5 unchanged), committed before any of them was trained
-    "l6-gemma-w64": "holdout7", "l8-llama-w128": "holdout7", "l10-qwen2-w128": "holdout7",
-    "l12-gemma-w96-long": "holdout7", "l14-qwen2-w96-prior": "holdout7", "l16-llama-w64-short": "holdout7",
-    "l18-qwen2-w64": "holdout7", "l22-gemma-w64": "holdout7",
+    "holdout7": ("l6-gemma-w64", "l8-llama-w128", "l10-qwen2-w128", "l12-gemma-w96-long", "l14-qwen2-w96-prior",
+        "l16-llama-w64-short", "l18-qwen2-w64", "l22-gemma-w64"),
     # holdout8: written after the sixth session's threshold sweeps (detector v5 unchanged), committed before training
-    "l6-qwen2-w128": "holdout8", "l8-gemma-w128": "holdout8", "l10-llama-w128-prior": "holdout8",
-    "l12-qwen2-w128-long": "holdout8", "l14-gemma-w96": "holdout8", "l16-qwen2-w64-long": "holdout8",
-    "l20-gemma-w64": "holdout8", "l24-qwen2-w64-short": "holdout8",
+    "holdout8": ("l6-qwen2-w128", "l8-gemma-w128", "l10-llama-w128-prior", "l12-qwen2-w128-long", "l14-gemma-w96",
+        "l16-qwen2-w64-long", "l20-gemma-w64", "l24-qwen2-w64-short"),
     # holdout9: written after holdout8 and the 144-caption truth study were read (detector v5 unchanged)
-    "l6-llama-w96": "holdout9", "l8-qwen2-w128": "holdout9", "l10-gemma-w128": "holdout9",
-    "l12-llama-w96-long": "holdout9", "l14-qwen2-w128": "holdout9", "l16-gemma-w96-short": "holdout9",
-    "l18-llama-w96": "holdout9", "l20-qwen2-w96-prior": "holdout9",
+    "holdout9": ("l6-llama-w96", "l8-qwen2-w128", "l10-gemma-w128", "l12-llama-w96-long", "l14-qwen2-w128",
+        "l16-gemma-w96-short", "l18-llama-w96", "l20-qwen2-w96-prior"),
     # holdout10: written after holdout9 was read, the ground truth measured on 144 captions (detector v5 unchanged)
-    "l6-gemma-w128": "holdout10", "l8-llama-w64-prior": "holdout10", "l10-qwen2-w96-long": "holdout10",
-    "l12-gemma-w128": "holdout10", "l14-llama-w128-short": "holdout10", "l16-llama-w128": "holdout10",
-    "l18-qwen2-w96": "holdout10", "l22-qwen2-w64": "holdout10",
+    "holdout10": ("l6-gemma-w128", "l8-llama-w64-prior", "l10-qwen2-w96-long", "l12-gemma-w128",
+        "l14-llama-w128-short", "l16-llama-w128", "l18-qwen2-w96", "l22-qwen2-w64"),
     # holdout11: written after holdout10 was read (detector v5 unchanged)
-    "l6-qwen2-w64-long": "holdout11", "l8-gemma-w96-long": "holdout11", "l10-llama-w96-prior": "holdout11",
-    "l12-qwen2-w96-short": "holdout11", "l14-gemma-w128": "holdout11", "l16-qwen2-w128-short": "holdout11",
-    "l18-gemma-w96": "holdout11", "l20-llama-w96": "holdout11",
+    "holdout11": ("l6-qwen2-w64-long", "l8-gemma-w96-long", "l10-llama-w96-prior", "l12-qwen2-w96-short",
+        "l14-gemma-w128", "l16-qwen2-w128-short", "l18-gemma-w96", "l20-llama-w96"),
     # holdout12: written after holdout11 was read (detector v5 unchanged)
-    "l6-llama-w128-long": "holdout12", "l8-qwen2-w96-short": "holdout12", "l10-gemma-w96": "holdout12",
-    "l12-llama-w128": "holdout12", "l14-qwen2-w96-long": "holdout12", "l16-gemma-w128": "holdout12",
-    "l18-llama-w128": "holdout12", "l20-gemma-w96-prior": "holdout12",
+    "holdout12": ("l6-llama-w128-long", "l8-qwen2-w96-short", "l10-gemma-w96", "l12-llama-w128",
+        "l14-qwen2-w96-long", "l16-gemma-w128", "l18-llama-w128", "l20-gemma-w96-prior"),
     # holdout13: written after holdout12 was built and before it was read
-    "l6-gemma-w96-short": "holdout13", "l8-llama-w128-prior": "holdout13", "l10-qwen2-w128-long": "holdout13",
-    "l12-gemma-w96-prior": "holdout13", "l14-llama-w96-long": "holdout13", "l16-qwen2-w96-prior": "holdout13",
-    "l18-gemma-w128-short": "holdout13", "l20-qwen2-w96": "holdout13",
+    "holdout13": ("l6-gemma-w96-short", "l8-llama-w128-prior", "l10-qwen2-w128-long", "l12-gemma-w96-prior",
+        "l14-llama-w96-long", "l16-qwen2-w96-prior", "l18-gemma-w128-short", "l20-qwen2-w96"),
     # holdout14: written while holdout13 was being built, before it was read (detector v6)
-    "l6-qwen2-w96-prior": "holdout14", "l8-gemma-w128-short": "holdout14", "l10-llama-w128-long": "holdout14",
-    "l12-qwen2-w128": "holdout14", "l14-gemma-w96-short": "holdout14", "l16-llama-w96-prior": "holdout14",
-    "l18-qwen2-w128": "holdout14", "l20-llama-w96-short": "holdout14",
+    "holdout14": ("l6-qwen2-w96-prior", "l8-gemma-w128-short", "l10-llama-w128-long", "l12-qwen2-w128",
+        "l14-gemma-w96-short", "l16-llama-w96-prior", "l18-qwen2-w128", "l20-llama-w96-short"),
     # holdout15: written after holdout14 was read (detector v6)
-    "l6-gemma-w128-long": "holdout15", "l8-qwen2-w128-prior": "holdout15", "l10-llama-w96-short": "holdout15",
-    "l12-gemma-w128-prior": "holdout15", "l14-qwen2-w128-long": "holdout15", "l16-gemma-w96-long": "holdout15",
-    "l18-llama-w96-prior": "holdout15", "l22-llama-w96": "holdout15",
+    "holdout15": ("l6-gemma-w128-long", "l8-qwen2-w128-prior", "l10-llama-w96-short", "l12-gemma-w128-prior",
+        "l14-qwen2-w128-long", "l16-gemma-w96-long", "l18-llama-w96-prior", "l22-llama-w96"),
 }
+SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
 
 
@@ -242,6 +229,7 @@ def test_gemma_scales_embeddings_and_uses_one_plus_w_norm():
 
 def test_every_zoo_config_loads_with_its_fixed_split():
     members = load_members()
+    assert len(SPLITS) == sum(map(len, SPLIT_MEMBERS.values()))  # no member listed twice
     assert {n: m.split for n, m in members.items()} == SPLITS
     assert set(SPLITS.values()) == set(ZOO_SPLITS)
     for later in ZOO_SPLITS[2:]:  # holdout2 on: new seeds, not re-runs of members seen before them
