@@ -110,6 +110,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout15: written after holdout14 was read (detector v6)
     "holdout15": ("l6-gemma-w128-long", "l8-qwen2-w128-prior", "l10-llama-w96-short", "l12-gemma-w128-prior",
         "l14-qwen2-w128-long", "l16-gemma-w96-long", "l18-llama-w96-prior", "l22-llama-w96"),
+    # holdout16: written while holdout15 was being built, before it was read (detector v6)
+    "holdout16": ("l6-llama-w128-prior", "l8-gemma-w96-prior", "l10-qwen2-w96-short", "l12-llama-w128-long",
+        "l14-gemma-w128-prior", "l16-llama-w128-short", "l18-qwen2-w96-prior", "l20-gemma-w96-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
