@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import run_cli
+from evotool.config import to_dict
 from evotool.errors import ConfigError, InputError
 from evotool.stages import StageConfig
+from evotool.zoo.config import load_members
 from evotool.zoo.tune import SweepSpec, TuneRun, grid_points, load_runs, parse_grid, score, sweep, sweep_table
 from tiny_zoo import tiny_member_config
 
@@ -97,3 +100,27 @@ def test_tune_command_errors_in_one_line(tmp_path: Path, monkeypatch, capsys) ->
     code, _, err = run_cli(monkeypatch, capsys, "zoo", "tune", "--out", str(tmp_path), "--grid", "depth_share=0.8",
                            "--json", str(tmp_path / "t.json"))
     assert code == 2 and "nothing to choose on" in err.splitlines()[-1] and not (tmp_path / "t.json").exists()
+
+
+def test_sealed_splits_are_neither_loaded_nor_shown(tmp_path: Path, monkeypatch, capsys) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, split in (("a", "tune"), ("b", "holdout15"), ("c", "holdout16")):
+        (configs / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config(split=split))))
+    assert list(load_members(configs, sealed=["holdout16"])) == ["a", "b"]
+    assert list(load_members(configs, names=["a", "c"], sealed=["holdout16", "holdout15"])) == ["a"]
+    with pytest.raises(ConfigError, match="--sealed holdout99: not a zoo split"):
+        load_members(configs, sealed=["holdout99"])
+    # status: the sealed member's row is absent; tune: it is not even looked for (no 'skipped' line names it)
+    code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
+                           "--sealed", "holdout16")
+    assert code == 0 and "| a |" in out and "| b |" in out and "| c |" not in out and "holdout16" not in out
+    code, _, err = run_cli(monkeypatch, capsys, "zoo", "tune", "--out", str(tmp_path), "--configs", str(configs),
+                           "--grid", "depth_share=0.8", "--sealed", "holdout16,holdout15")
+    assert code == 2 and "skipped 1 member(s) without both analyses and a ground truth: a\n" in err
+    code, _, err = run_cli(monkeypatch, capsys, "zoo", "tune", "--out", str(tmp_path), "--configs", str(configs),
+                           "--grid", "depth_share=0.8", "--choose-on", "tune,holdout16", "--sealed", "holdout16")
+    assert code == 2 and "--choose-on and --sealed both name holdout16" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
+                           "--sealed", "later")
+    assert code == 2 and "--sealed later: not a zoo split" in err

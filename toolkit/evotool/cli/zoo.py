@@ -10,6 +10,14 @@ import typer
 from evotool.cli.options import ConfigFile, SetPairs, option, overrides
 from evotool.zoo.config import ZooConfig as C
 
+SEALED_HELP = ("Comma-separated splits to leave unread (a holdout being built or not yet due to be read): their members "
+               "are neither loaded nor shown.")
+
+
+def _splits(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 app = typer.Typer(help="The model zoo: many small world VLMs with behavioural ground truth.", no_args_is_help=True)
 
 
@@ -44,6 +52,7 @@ def status(
     configs: Annotated[Optional[Path], option(C, "configs")] = None,
     refresh: Annotated[bool, typer.Option(help="Rewrite behaviour.json files whose stored boundaries are stale "
                                                "(re-derived from their curves under the current rules).")] = False,
+    sealed: Annotated[str, typer.Option(help=SEALED_HELP)] = "",
     config: ConfigFile = None,
     set_: SetPairs = None,
 ) -> None:
@@ -59,7 +68,7 @@ def status(
     if not cfg.out.is_dir():
         raise InputError(f"--out {cfg.out}: no zoo there (not a folder); build one with "
                          f"`evotool zoo build --out {cfg.out}`")
-    members = load_members(cfg.configs)
+    members = load_members(cfg.configs, sealed=_splits(sealed))
     if refresh:
         rewritten = refresh_truth(list(members), cfg.out, cfg.behaviour.rules)
         typer.echo(f"refreshed boundaries of {len(rewritten)} member(s): {', '.join(rewritten) or '-'}", err=True)
@@ -74,21 +83,25 @@ def tune(
     configs: Annotated[Optional[Path], option(C, "configs")] = None,
     choose_on: Annotated[str, typer.Option(help="Comma-separated splits the choice may read; the others are "
                                                 "reported as held out.")] = "tune",
+    sealed: Annotated[str, typer.Option(help=SEALED_HELP)] = "",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the sweep (every point's counts and "
                                                                      "misses) to this JSON file.")] = None,
     by_split: Annotated[bool, typer.Option("--by-split",
                                            help="Also print every point's counts split by split.")] = False,
 ) -> None:
     """Sweep detector thresholds over the built members' saved analyses: choose on some splits, report the rest."""
-    from evotool.errors import InputError
+    from evotool.errors import ConfigError, InputError
     from evotool.io import write_json
     from evotool.zoo.config import load_members
     from evotool.zoo.tune import SCHEMA_VERSION, SweepSpec, load_runs, parse_grid, sweep, sweep_table
 
     if not out.is_dir():
         raise InputError(f"--out {out}: no zoo there (not a folder); build one with `evotool zoo build --out {out}`")
-    spec = SweepSpec(parse_grid(grid), [s.strip() for s in choose_on.split(",") if s.strip()])
-    runs, skipped = load_runs(load_members(configs), out)
+    spec, shut = SweepSpec(parse_grid(grid), _splits(choose_on)), _splits(sealed)
+    both = [s for s in spec.choose_on if s in shut]
+    if both:
+        raise ConfigError(f"--choose-on and --sealed both name {both[0]}")
+    runs, skipped = load_runs(load_members(configs, sealed=shut), out)
     if skipped:
         typer.echo(f"skipped {len(skipped)} member(s) without both analyses and a ground truth: {', '.join(skipped)}",
                    err=True)

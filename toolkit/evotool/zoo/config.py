@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 from evotool.config import load_config, to_dict
@@ -141,8 +142,13 @@ def configs_dir(path: Path | None = None) -> Path:
     return Path(path) if path is not None else Path(str(resources.files("evotool.configs").joinpath("zoo")))
 
 
-def load_members(path: Path | None = None, names: list[str] | None = None) -> dict[str, ZooMember]:
-    """Every member config of the zoo (name = file stem), or only ``names`` (unknown names are an error)."""
+def load_members(path: Path | None = None, names: list[str] | None = None,
+                 sealed: Sequence[str] = ()) -> dict[str, ZooMember]:
+    """Every member config of the zoo (name = file stem), or only ``names`` (unknown names are an error), without the
+    members of the ``sealed`` splits (a holdout not yet due to be read; unknown split names are an error)."""
+    unknown = [s for s in sealed if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"--sealed {unknown[0]}: not a zoo split (splits: {', '.join(SPLITS)})")
     folder = configs_dir(path)
     files = sorted(folder.glob("*.yaml"))
     if not files:
@@ -153,4 +159,4 @@ def load_members(path: Path | None = None, names: list[str] | None = None) -> di
         if missing:
             raise ConfigError(f"unknown zoo member {missing[0]!r} (members: {', '.join(members)})")
         members = {n: members[n] for n in names}
-    return members
+    return {n: m for n, m in members.items() if m.split not in sealed}
