@@ -113,6 +113,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout16: written while holdout15 was being built, before it was read (detector v6)
     "holdout16": ("l6-llama-w128-prior", "l8-gemma-w96-prior", "l10-qwen2-w96-short", "l12-llama-w128-long",
         "l14-gemma-w128-prior", "l16-llama-w128-short", "l18-qwen2-w96-prior", "l20-gemma-w96-short"),
+    # holdout17: written after holdout16 was read (detector v6)
+    "holdout17": ("l6-qwen2-w128-short", "l8-llama-w96-long", "l10-gemma-w128-long", "l12-qwen2-w96-prior",
+        "l14-llama-w128-prior", "l16-qwen2-w128", "l18-gemma-w96-long", "l20-llama-w128-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
