@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 from evotool.config import load_config, to_dict
