@@ -142,13 +142,18 @@ def configs_dir(path: Path | None = None) -> Path:
     return Path(path) if path is not None else Path(str(resources.files("evotool.configs").joinpath("zoo")))
 
 
+def check_splits(option: str, names: Sequence[str]) -> None:
+    """Raise one :class:`ConfigError` naming ``option``'s values that are not zoo splits."""
+    unknown = [s for s in names if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"{option} {','.join(unknown)}: not a zoo split (splits: {', '.join(SPLITS)})")
+
+
 def load_members(path: Path | None = None, names: list[str] | None = None,
                  sealed: Sequence[str] = ()) -> dict[str, ZooMember]:
     """Every member config of the zoo (name = file stem), or only ``names`` (unknown names are an error), without the
     members of the ``sealed`` splits (a holdout not yet due to be read; unknown split names are an error)."""
-    unknown = [s for s in sealed if s not in SPLITS]
-    if unknown:
-        raise ConfigError(f"--sealed {unknown[0]}: not a zoo split (splits: {', '.join(SPLITS)})")
+    check_splits("--sealed", sealed)
     folder = configs_dir(path)
     files = sorted(folder.glob("*.yaml"))
     if not files:

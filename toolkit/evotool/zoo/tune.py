@@ -24,7 +24,7 @@ from evotool.config import from_dict, to_dict
 from evotool.errors import ConfigError, InputError
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour
 from evotool.stages.detect import StageConfig, StageResult, detect_stages
-from evotool.zoo.config import SPLITS, ZooMember
+from evotool.zoo.config import SPLITS, ZooMember, check_splits
 from evotool.zoo.curves import token_curves
 from evotool.zoo.report import CHECKS, verdict
 
@@ -115,11 +115,9 @@ class SweepSpec:
     points: list[StageConfig] = field(init=False)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.choose_on if s not in SPLITS]
         if not self.choose_on:
             raise ConfigError(f"--choose-on names no split (splits: {', '.join(SPLITS)})")
-        if unknown:
-            raise ConfigError(f"--choose-on {','.join(unknown)}: not a zoo split (splits: {', '.join(SPLITS)})")
+        check_splits("--choose-on", self.choose_on)
         self.points = grid_points(self.grid, self.base)
 
 
