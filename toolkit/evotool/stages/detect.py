@@ -25,7 +25,9 @@ see docs/stages.md):
   direct-effect JS over tokens is at least ``mutation_ratio`` (8) times its median over those layers and at least
   ``mutation_min_js``; ``flip`` (v2-v4) = the share of tokens whose top-1 the layer's update decides is at least
   ``mutation_ratio`` (3) times its median, ``mutation_min_flip`` and ``mutation_min_tokens`` tokens. The first of
-  them starts the mutation stage.
+  them starts the mutation stage. ``mutation_last_excess`` > 0 (v7 candidate, report-only until a holdout is read)
+  judges the last layer on the mean of ``max(direct_js - mutation_last_excess, 0)`` instead (same ratio, floor
+  ``mutation_last_min``): a final layer that only sharpens confidence moves a little mass on every token.
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
@@ -70,6 +72,12 @@ class StageConfig:
         "help": "mutation: the signal / its median over the layers after the critical one (default 8 for js, 3 for flip)"})
     mutation_min_js: float = field(default=0.001, metadata={
         "help": "mutation_signal js: minimum mean direct-effect JS of a mutation layer"})
+    mutation_last_excess: float = field(default=0.0, metadata={
+        "help": "mutation_signal js (v7 candidate, 0.03; 0: off, v6): the last layer is judged on the mean over tokens of "
+                "max(direct JS - this, 0) instead of the mean direct JS (same ratio, floor mutation_last_min): a final "
+                "layer that only sharpens confidence moves a little mass on every token and is not a mutation"})
+    mutation_last_min: float = field(default=0.0025, metadata={
+        "help": "mutation_last_excess > 0: minimum excess signal of a last-layer mutation"})
     mutation_min_flip: float = field(default=0.015, metadata={
         "help": "mutation_signal flip: minimum share of tokens whose top-1 the layer's own update decides"})
     mutation_min_tokens: int = field(default=5, metadata={
@@ -95,8 +103,11 @@ class StageConfig:
             raise ConfigError(f"stage option object_share={self.object_share} must lie in [0, 1] (0: off)")
         if self.mutation_ratio < 1.0:
             raise ConfigError(f"stage option mutation_ratio={self.mutation_ratio} must be >= 1")
-        if not 0.0 <= self.mutation_min_js <= 1.0:
-            raise ConfigError(f"stage option mutation_min_js={self.mutation_min_js} must lie in [0, 1]")
+        for name in ("mutation_min_js", "mutation_last_excess", "mutation_last_min"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
+        if self.mutation_last_excess > 0 and self.mutation_signal != "js":
+            raise ConfigError("stage option mutation_last_excess needs mutation_signal=js (it re-reads the direct JS)")
         for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
@@ -136,15 +147,27 @@ def decided_share(depth: np.ndarray, n_layers: int) -> np.ndarray:
     return (depth[:, None] <= np.arange(n_layers)[None, :]).mean(axis=0)
 
 
-def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: StageConfig) -> list[int]:
-    """Mutation layers after ``critical`` from the mutation signal per layer [L+1] (NaN at 0; :func:`signal_curve`)
-    of ``tokens`` tokens."""
+def standing_out(signal: np.ndarray, critical: int, ratio: float, minimum: float) -> list[int]:
+    """Layers ``l >= critical + 2`` whose ``signal`` [L+1] is at least ``minimum`` and ``ratio`` times its median over
+    the layers after ``critical`` (NaN read as 0)."""
     after = np.nan_to_num(signal[critical + 1 :], nan=0.0)
     if len(after) < 2:
         return []
-    minimum = (cfg.mutation_min_js,) if cfg.mutation_signal == "js" else (cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens)
-    floor = max(*minimum, cfg.mutation_ratio * float(np.median(after)))  # type: ignore[operator]
+    floor = max(minimum, ratio * float(np.median(after)))
     return [critical + 1 + i for i, value in enumerate(after) if i >= 1 and value >= floor]
+
+
+def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: StageConfig,
+                         last_signal: np.ndarray | None = None) -> list[int]:
+    """Mutation layers after ``critical`` from the mutation signal per layer [L+1] (NaN at 0; :func:`signal_curve`)
+    of ``tokens`` tokens; ``last_signal`` [L+1] (:func:`excess_curve`), when given, judges the last layer instead."""
+    minimum = cfg.mutation_min_js if cfg.mutation_signal == "js" else max(cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens)
+    layers = standing_out(signal, critical, cfg.mutation_ratio, minimum)  # type: ignore[arg-type]
+    if last_signal is None:
+        return layers
+    last = len(signal) - 1
+    judged = standing_out(last_signal, critical, cfg.mutation_ratio, cfg.mutation_last_min)  # type: ignore[arg-type]
+    return [layer for layer in layers if layer < last] + [layer for layer in judged if layer == last]
 
 
 def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[int]) -> dict[str, list[int] | None]:
@@ -190,6 +213,12 @@ def signal_curve(direct: np.ndarray) -> np.ndarray:
     return np.r_[np.nan, direct[:, 1:].mean(axis=0)]
 
 
+def excess_curve(direct_js: np.ndarray, excess: float) -> np.ndarray:
+    """[N, L+1] -> [L+1]: the mean over tokens of ``max(direct_js - excess, 0)`` (NaN at layer 0): the direct effect
+    without the small change a layer makes on every token (a final layer that sharpens confidence)."""
+    return signal_curve(np.maximum(direct_js - excess, 0.0))
+
+
 def _curve_list(curve: np.ndarray | None, length: int) -> list[float | None]:
     return [None] * length if curve is None else [float(x) if np.isfinite(x) else None for x in curve]
 
@@ -212,16 +241,19 @@ class _Tokens:
         """[N, L+1]: the per-token direct effect the mutation rule reads (None: not traced)."""
         return self.direct_js if cfg.mutation_signal == "js" else self.direct_flip
 
-    def curves(self, cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None]:
-        """The dataset curves the rules read: the critical rule's curve and the mutation signal, [L+1] each."""
+    def curves(self, cfg: StageConfig) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The dataset curves the rules read, [L+1] each: the critical rule's curve, the mutation signal and the last
+        layer's signal (None: the mutation signal judges it too)."""
         signal = self.signal(cfg)
-        return critical_curve(self.p_token, self.depth, cfg, self.objects), None if signal is None else signal_curve(signal)
+        last = excess_curve(signal, cfg.mutation_last_excess) if signal is not None and cfg.mutation_last_excess > 0 else None
+        return (critical_curve(self.p_token, self.depth, cfg, self.objects), None if signal is None else signal_curve(signal),
+                last)
 
 
-def _boundaries(crit_curve: np.ndarray, signal: np.ndarray | None, tokens: int,
+def _boundaries(crit_curve: np.ndarray, signal: np.ndarray | None, last_signal: np.ndarray | None, tokens: int,
                 cfg: StageConfig) -> tuple[int, list[int]]:
     critical = critical_from_curve(crit_curve, cfg)
-    return critical, [] if signal is None else mutations_from_curve(signal, critical, tokens, cfg)
+    return critical, [] if signal is None else mutations_from_curve(signal, critical, tokens, cfg, last_signal)
 
 
 def _bootstrap(tokens: _Tokens, groups: np.ndarray, cfg: StageConfig) -> dict[str, Any]:
@@ -272,7 +304,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     groups = np.arange(n_tok) if groups is None else np.asarray(groups)
     tokens = _Tokens(p_token, direct_flip, direct_js, decision_depth, None if objects is None else objects.astype(bool))
     flags = [] if tokens.signal(cfg) is not None else ["no_direct_effect"]
-    crit_curve, signal = tokens.curves(cfg)
+    crit_curve, signal, last_signal = tokens.curves(cfg)
     if cfg.critical_rule == "depth":
         per_c: list[int | None] = [int(d) for d in decision_depth]  # type: ignore[union-attr]
     else:
@@ -283,7 +315,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     if n_tok < cfg.min_tokens:
         flags.append("too_few_tokens")
     else:
-        critical, mutations = _boundaries(crit_curve, signal, n_tok, cfg)
+        critical, mutations = _boundaries(crit_curve, signal, last_signal, n_tok, cfg)
         interval = _bootstrap(tokens, groups, cfg)
         if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
             flags.append("wide_interval")
@@ -322,7 +354,8 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
                   "object_decided_share": [float(x) for x in decided_share(decision_depth[tokens.objects], n_layers)]
                   if uses_objects(tokens.objects, cfg) else None,
                   "direct_flip": _curve_list(None if direct_flip is None else signal_curve(direct_flip), n_layers),
-                  "direct_js": _curve_list(None if direct_js is None else signal_curve(direct_js), n_layers)},
+                  "direct_js": _curve_list(None if direct_js is None else signal_curve(direct_js), n_layers),
+                  "last_layer_excess": None if last_signal is None else _curve_list(last_signal, n_layers)},
         critical_spread=spread,
         mutation_stats={"share_mutated": len(mutated) / n_tok, "histogram": histogram},
         per_token_critical=per_c,
