@@ -116,6 +116,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout17: written after holdout16 was read (detector v6)
     "holdout17": ("l6-qwen2-w128-short", "l8-llama-w96-long", "l10-gemma-w128-long", "l12-qwen2-w96-prior",
         "l14-llama-w128-prior", "l16-qwen2-w128", "l18-gemma-w96-long", "l20-llama-w128-short"),
+    # holdout18: written after holdout17 was read, to test the v7 candidate beside v6
+    "holdout18": ("l6-gemma-w96-prior", "l8-qwen2-w128-long", "l10-llama-w128-short", "l10-gemma-w96-prior",
+        "l12-qwen2-w128-short", "l12-gemma-w128-long", "l14-llama-w96-prior", "l16-gemma-w128-prior",
+        "l18-qwen2-w128-long", "l20-qwen2-w128-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
