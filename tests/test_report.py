@@ -140,6 +140,16 @@ def test_report_limits_bound_the_page(demo_run: Path, tmp_path: Path) -> None:
     assert small.stat().st_size < (demo_run / "report.html").stat().st_size / 2
 
 
+def test_markdown_report_names_the_mutation_rule_the_run_used(demo_run: Path, tmp_path: Path) -> None:
+    from evotool.analysis.report import write_report
+
+    payload = json.loads((demo_run / "stages.json").read_text())
+    for excess, needle in ((0.0, "post-critical median;"), (0.03, "(the last layer: its mean JS excess over 0.03")):
+        payload["config"]["stages"]["mutation_last_excess"] = excess
+        write_report(tmp_path / "report.md", payload, {}, [])
+        assert needle in (tmp_path / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def constructed_run(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """A copy of the demo run where sample 0 names a shape its ground truth lacks, with divergence points
