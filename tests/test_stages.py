@@ -154,23 +154,25 @@ def test_weak_late_change_is_not_a_mutation() -> None:
 
 def test_last_layer_excess_tells_sharpening_from_mutation() -> None:
     """A last layer that moves a little mass on every token (JS 0.02 each: confidence only) stands out by its mean
-    direct JS, so v6 calls it a mutation; the excess signal (mutation_last_excess 0.03) does not. A last layer that
-    rewrites 5% of the tokens (JS 0.3) is a mutation under both; layers before the last are judged as in v6."""
+    direct JS, so v6 (mutation_last_excess 0) calls it a mutation; v7's excess signal (0.03, the default) does not.
+    A last layer that rewrites 5% of the tokens (JS 0.3) is a mutation under both; layers before the last are judged
+    as in v6."""
     c = planted(12, 4, None, 400, np.random.default_rng(11))
     c.js[:, 12] = 0.02  # sharpening: 100x the post-critical median of ~1e-4
-    v7 = StageConfig(bootstrap=0, mutation_last_excess=0.03)
-    assert detect(c, cfg=StageConfig(bootstrap=0)).mutation_layers == [12]
-    res = detect(c, np.arange(400) % 40, StageConfig(bootstrap=20, mutation_last_excess=0.03))
+    v6, v7 = StageConfig(bootstrap=0, mutation_last_excess=0), StageConfig(bootstrap=0)
+    assert detect(c, cfg=v6).mutation_layers == [12]
+    assert detect(c, cfg=v6).evidence["last_layer_excess"] is None
+    res = detect(c, np.arange(400) % 40, StageConfig(bootstrap=20))
     assert res.mutation_layers == [] and res.interval["mutation"] is None and res.interval["mutation_share"] == 0
     excess = np.maximum(c.js[:, 1:] - 0.03, 0).sum(axis=0) / len(c.js)  # reference: a plain loop-free mean
     assert res.evidence["last_layer_excess"][1:] == pytest.approx(excess.tolist())
-    assert detect(c, cfg=StageConfig(bootstrap=0)).evidence["last_layer_excess"] is None
     c.js[::20, 12] = 0.3  # 20 of 400 tokens rewritten: mean excess 0.0135 >= mutation_last_min
-    assert detect(c, cfg=v7).mutation_layers == [12]
+    assert detect(c, cfg=v7).mutation_layers == detect(c, cfg=v6).mutation_layers == [12]
     c.js[:, 9] = 0.02  # a mid-stack layer is still read by its mean direct JS
     assert detect(c, cfg=v7).mutation_layers == [9, 12]
     c.js[::20, 12] = 0.035  # a 0.005 excess on 5% of the tokens: below mutation_last_min
     assert detect(c, cfg=v7).mutation_layers == [9]
+    assert (StageConfig().mutation_last_excess, StageConfig(mutation_signal="flip").mutation_last_excess) == (0.03, 0.0)
     with pytest.raises(ConfigError, match="mutation_last_excess"):
         StageConfig(mutation_last_excess=0.03, mutation_signal="flip")
     with pytest.raises(ConfigError, match="mutation_last_min"):

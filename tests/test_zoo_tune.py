@@ -42,7 +42,8 @@ def test_grid_is_parsed_validated_and_expanded() -> None:
     assert grid == {"depth_share": [0.6, 0.8], "mutation_signal": ["flip"]}
     points = grid_points(grid, StageConfig(object_share=0.5))
     assert [(p.depth_share, p.mutation_signal, p.object_share) for p in points] == [(0.6, "flip", 0.5), (0.8, "flip", 0.5)]
-    assert points[0].mutation_ratio == 3.0  # the flip signal's own default, not js' 8 carried over from the base
+    # the flip signal's own defaults, not js' ratio 8 and last-layer excess 0.03 carried over from the base
+    assert (points[0].mutation_ratio, points[0].mutation_last_excess) == (3.0, 0.0)
     with pytest.raises(ConfigError, match="not a stage option"):
         grid_points({"depth_shar": [0.8]}, StageConfig())
     with pytest.raises(ConfigError, match="object_share=1.5"):

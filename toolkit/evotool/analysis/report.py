@@ -63,7 +63,7 @@ def _mutation_rule(cfg: dict) -> str:
     """The mutation rule of a run's stage options, in words (runs before v5 read the flip share)."""
     if cfg.get("mutation_signal", "flip") == "js":
         rule = f"layers whose mean direct-effect JS is >= {cfg['mutation_ratio']:g}x its post-critical median"
-        if cfg.get("mutation_last_excess", 0) > 0:  # v7 candidate
+        if cfg.get("mutation_last_excess", 0) > 0:  # v7; runs before it have no such key (v6)
             rule += f" (the last layer: its mean JS excess over {cfg['mutation_last_excess']:g}, the same ratio)"
         return rule
     return f"layers whose direct-effect flip share is >= {cfg['mutation_ratio']:g}x its post-critical median"

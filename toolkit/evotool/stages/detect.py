@@ -25,9 +25,9 @@ see docs/stages.md):
   direct-effect JS over tokens is at least ``mutation_ratio`` (8) times its median over those layers and at least
   ``mutation_min_js``; ``flip`` (v2-v4) = the share of tokens whose top-1 the layer's update decides is at least
   ``mutation_ratio`` (3) times its median, ``mutation_min_flip`` and ``mutation_min_tokens`` tokens. The first of
-  them starts the mutation stage. ``mutation_last_excess`` > 0 (v7 candidate, report-only until a holdout is read)
-  judges the last layer on the mean of ``max(direct_js - mutation_last_excess, 0)`` instead (same ratio, floor
-  ``mutation_last_min``): a final layer that only sharpens confidence moves a little mass on every token.
+  them starts the mutation stage. v7 (``mutation_last_excess`` 0.03; 0 gives v6) judges the last layer on the mean
+  of ``max(direct_js - mutation_last_excess, 0)`` instead (same ratio, floor ``mutation_last_min``): a final layer
+  that only sharpens confidence moves a little mass on every token.
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
@@ -49,7 +49,10 @@ from evotool.errors import ConfigError
 
 CRITICAL_RULES = ("depth", "probability")
 MUTATION_SIGNALS = ("js", "flip")
-MUTATION_RATIO = {"js": 8.0, "flip": 3.0}  # chosen per signal on zoo members (docs/stages.md)
+# Options whose default depends on mutation_signal (None = that default): chosen per signal on zoo members
+# (docs/stages.md); the flip signal (v2-v4) has no last-layer rule.
+SIGNAL_DEFAULTS: dict[str, dict[str, float]] = {"mutation_ratio": {"js": 8.0, "flip": 3.0},
+                                                "mutation_last_excess": {"js": 0.03, "flip": 0.0}}
 
 
 @dataclass
@@ -72,8 +75,8 @@ class StageConfig:
         "help": "mutation: the signal / its median over the layers after the critical one (default 8 for js, 3 for flip)"})
     mutation_min_js: float = field(default=0.001, metadata={
         "help": "mutation_signal js: minimum mean direct-effect JS of a mutation layer"})
-    mutation_last_excess: float = field(default=0.0, metadata={
-        "help": "mutation_signal js (v7 candidate, 0.03; 0: off, v6): the last layer is judged on the mean over tokens of "
+    mutation_last_excess: float | None = field(default=None, metadata={
+        "help": "mutation_signal js (v7: 0.03, the default; 0: off, v6; flip: none): the last layer is judged on the mean over tokens of "
                 "max(direct JS - this, 0) instead of the mean direct JS (same ratio, floor mutation_last_min): a final "
                 "layer that only sharpens confidence moves a little mass on every token and is not a mutation"})
     mutation_last_min: float = field(default=0.0025, metadata={
@@ -93,8 +96,9 @@ class StageConfig:
             raise ConfigError(f"stage option critical_rule={self.critical_rule!r}: choose one of {', '.join(CRITICAL_RULES)}")
         if self.mutation_signal not in MUTATION_SIGNALS:
             raise ConfigError(f"stage option mutation_signal={self.mutation_signal!r}: choose one of {', '.join(MUTATION_SIGNALS)}")
-        if self.mutation_ratio is None:
-            self.mutation_ratio = MUTATION_RATIO[self.mutation_signal]
+        for name, default in SIGNAL_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default[self.mutation_signal])
         for name in ("depth_share", "rise_fraction", "mutation_min_flip", "interval"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:

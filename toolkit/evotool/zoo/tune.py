@@ -23,7 +23,7 @@ from tqdm import tqdm
 from evotool.config import from_dict, to_dict
 from evotool.errors import ConfigError, InputError
 from evotool.stages.behaviour import BEHAVIOUR_FILE, read_behaviour
-from evotool.stages.detect import StageConfig, StageResult, detect_stages
+from evotool.stages.detect import SIGNAL_DEFAULTS, StageConfig, StageResult, detect_stages
 from evotool.zoo.config import SPLITS, ZooMember, check_splits
 from evotool.zoo.curves import token_curves
 from evotool.zoo.report import CHECKS, verdict
@@ -93,8 +93,8 @@ def grid_points(grid: Mapping[str, Sequence[Any]], base: StageConfig) -> list[St
         if not values:
             raise ConfigError(f"--grid {key}: no values")
     base_values = to_dict(base)
-    if "mutation_signal" in grid:  # the ratio's default depends on the signal
-        base_values["mutation_ratio"] = None
+    if "mutation_signal" in grid:  # these defaults depend on the signal
+        base_values |= dict.fromkeys(SIGNAL_DEFAULTS)
     keys = list(grid)
     return [from_dict(StageConfig, base_values | dict(zip(keys, combo)), "--grid")
             for combo in itertools.product(*(grid[k] for k in keys))]
