@@ -120,6 +120,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout18": ("l6-gemma-w96-prior", "l8-qwen2-w128-long", "l10-llama-w128-short", "l10-gemma-w96-prior",
         "l12-qwen2-w128-short", "l12-gemma-w128-long", "l14-llama-w96-prior", "l16-gemma-w128-prior",
         "l18-qwen2-w128-long", "l20-qwen2-w128-short"),
+    # holdout19: written after holdout18 was read and detector v7 adopted
+    "holdout19": ("l6-qwen2-w128-prior", "l6-llama-w96-long", "l8-gemma-w128-long", "l8-llama-w128-short",
+        "l10-qwen2-w128-prior", "l10-llama-w96-long", "l12-llama-w96-prior", "l12-gemma-w96-short",
+        "l14-qwen2-w128-prior", "l16-llama-w96-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
