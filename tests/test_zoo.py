@@ -128,6 +128,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout20": ("l6-gemma-w128-prior", "l6-qwen2-w96-long", "l8-llama-w96-prior", "l8-qwen2-w128-short",
         "l10-gemma-w96-long", "l10-llama-w128", "l12-qwen2-w128-prior", "l12-llama-w128-short",
         "l14-gemma-w96-prior", "l16-qwen2-w96-long"),
+    # holdout21: written after holdout20 was read (detector v7; a candidate flag rule registered beside it)
+    "holdout21": ("l6-llama-w128-short", "l6-gemma-w96-long", "l8-gemma-w128-prior", "l8-llama-w128-long",
+        "l10-qwen2-w96-prior", "l10-gemma-w128-short", "l12-llama-w96-short", "l12-gemma-w128-short",
+        "l14-qwen2-w96-short", "l16-llama-w128-prior"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
