@@ -44,7 +44,8 @@ def test_shipped_model_boundaries(shipped) -> None:
     assert stages.boundaries() == SHIPPED
     lo, hi = stages.payload["interval"]["critical"]  # 8 samples: the bootstrap interval is honest about it
     assert lo <= 10 <= hi
-    assert stages.flags == (["wide_interval"] if hi - lo > 2 else [])  # no short_stable_stage any more
+    wide = lo < stages.critical - 1 or hi > stages.critical + 1  # beyond the one-layer flag tolerance
+    assert stages.flags == (["wide_interval"] if wide else [])  # no short_stable_stage any more
     assert (stages.payload["samples"], stages.num_layers) == (8, 12)
 
 

@@ -66,7 +66,8 @@ def test_planted_boundaries_recovered_exactly(num_layers: int, critical: int, mu
     }
     assert res.interval["critical"] == [critical, critical]
     assert res.interval["mutation"][0] <= mutation == res.interval["mutation"][1]
-    assert res.flags == []
+    # the flip signal's background flips move the first mutation in some resamples (v2-v4's noise): flagged then
+    assert res.flags == ([] if signal == "js" or res.interval["mutation"][0] >= mutation - 1 else ["uncertain_mutation"])
     assert res.mutation_stats["histogram"][mutation] >= 400 // 3
 
 
@@ -244,3 +245,24 @@ def test_bad_config_and_shapes_rejected() -> None:
         detect_stages(np.zeros((60, 5)), np.zeros((60, 4)))
     with pytest.raises(ConfigError, match="direct_js"):
         detect_stages(np.zeros((60, 5)), direct_js=np.zeros((60, 4)))
+
+
+def test_uncertainty_flags_warn_where_resamples_leave_the_tolerance() -> None:
+    """A mutation carried by a third of the samples is found in some resamples and not in others: flagged; a planted
+    boundary every sample shares stays unflagged. The flags agree with a loop-free reading of the bootstrap values."""
+    rng = np.random.default_rng(11)
+    clean = planted(16, 5, 12, 60, rng)
+    res = detect(clean)
+    assert res.critical_layer == 5 and res.mutation_layers == [12]
+    assert not {"wide_interval", "uncertain_mutation"} & set(res.flags)
+    mutated, plain = planted(16, 5, 12, 20, rng), planted(16, 5, None, 40, rng)
+    groups = np.repeat(np.arange(12), 5)  # 4 samples carry the mutation, 8 do not
+    both = detect_stages(np.concatenate([mutated.p, plain.p]), np.concatenate([mutated.flip, plain.flip]), groups,
+                         StageConfig(mutation_signal="flip"), np.concatenate([mutated.depth, plain.depth]))
+    share = both.interval["mutation_share"]
+    assert 0.1 < share < 0.9
+    assert "uncertain_mutation" in both.flags
+    lo, hi = both.interval["critical"]
+    assert ("wide_interval" in both.flags) == (lo < both.critical_layer - 1 or hi > both.critical_layer + 1)
+    with pytest.raises(ConfigError, match="flag_tolerance"):
+        StageConfig(flag_tolerance=-1)

@@ -707,6 +707,21 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert code == 2 and err.startswith("error: ") and "without 'num_layers'" in err
 
 
+def test_zoo_table_counts_uncertainty_flags_by_set_agreement(tmp_path: Path):
+    """The status summary says how often the uncertainty flags warned where the second sample set did disagree."""
+    members = {"m": tiny_member_config(), "n": tiny_member_config(seed=1)}
+    runs = {"m": (stage_file(6, 3, [], flags=["wide_interval"]), stage_file(6, 1, [])),  # 3 vs 1: the sets disagree
+            "n": (stage_file(6, 3, [5]), stage_file(6, 3, [5], flags=["uncertain_mutation", "short_stable_stage"]))}
+    for name, (a, b) in runs.items():
+        save_behaviour(tmp_path / name / "behaviour.json", _curves_payload() | {"boundaries": boundaries(_curves_payload())})
+        write_stages(tmp_path / name / "analysis_a" / "stages.json", a.payload)
+        write_stages(tmp_path / name / "analysis_b" / "stages.json", b.payload)
+    table = zoo_table(members, tmp_path)
+    assert "a/b 1/2." in table
+    assert ("Uncertainty flags (wide_interval / uncertain_mutation) on 1 of 2 analysis runs whose member's two sample "
+            "sets disagree (a/b), on 1 of 2 whose sets agree.") in table
+
+
 def test_saved_zoo_curves_are_small_consistent_and_hold_the_early_flip_pattern():
     folder = Path(__file__).parent / "data" / "zoo"
     files = sorted(folder.glob("*.npz"))

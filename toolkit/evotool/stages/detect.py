@@ -33,9 +33,10 @@ see docs/stages.md):
   together); the ``interval`` central share of the resampled values.
 * **Flags**: ``too_few_tokens`` (fewer than ``min_tokens``: no boundaries at all, never made-up ones),
   ``no_direct_effect`` (no direct-effect curves for the mutation signal: mutation undecided), ``no_stable_stage`` / ``short_stable_stage``
-  (stabilization empty / shorter than 2 layers), ``wide_interval`` (critical interval wider than
-  ``max_interval`` layers), ``uncertain_mutation`` (most bootstrap resamples disagree with the point estimate on
-  whether a mutation stage exists).
+  (stabilization empty / shorter than 2 layers), ``wide_interval`` (the critical interval reaches more than
+  ``flag_tolerance`` layers either side of the critical layer), ``uncertain_mutation`` (the share of resamples with a
+  mutation lies strictly between ``1 - interval`` and ``interval``, or the first mutation's interval reaches more than
+  ``flag_tolerance`` layers either side of it). Both warn where a second sample set may place the boundary elsewhere.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class StageConfig:
     min_tokens: int = field(default=50, metadata={"help": "fewer generated tokens than this: no boundaries (flag too_few_tokens)"})
     bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the samples for the intervals (0: none)"})
     interval: float = field(default=0.9, metadata={"help": "central share of the bootstrap values reported as the interval"})
-    max_interval: int = field(default=2, metadata={"help": "a critical interval wider than this many layers is flagged"})
+    flag_tolerance: int = field(default=1, metadata={
+        "help": "a boundary whose bootstrap interval reaches more than this many layers either side of it is flagged "
+                "(wide_interval, uncertain_mutation; earlier releases flagged a critical interval wider than 2 layers and a "
+                "mutation whose presence most resamples disagree on)"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
     def __post_init__(self) -> None:
@@ -112,7 +116,7 @@ class StageConfig:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
         if self.mutation_last_excess > 0 and self.mutation_signal != "js":
             raise ConfigError("stage option mutation_last_excess needs mutation_signal=js (it re-reads the direct JS)")
-        for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "max_interval", "seed"):
+        for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "flag_tolerance", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
 
@@ -172,6 +176,24 @@ def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: St
     last = len(signal) - 1
     judged = standing_out(last_signal, critical, cfg.mutation_ratio, cfg.mutation_last_min)  # type: ignore[arg-type]
     return [layer for layer in layers if layer < last] + [layer for layer in judged if layer == last]
+
+
+UNCERTAINTY_FLAGS = ("wide_interval", "uncertain_mutation")  # set by :func:`uncertainty_flags`
+
+
+def uncertainty_flags(critical: int, mutations: list[int], interval: dict[str, Any], cfg: StageConfig) -> list[str]:
+    """``wide_interval`` / ``uncertain_mutation`` from the bootstrap ``interval`` (:func:`_bootstrap`) around the point
+    boundaries: a boundary is uncertain when its interval reaches beyond ``flag_tolerance`` layers of it, a mutation's
+    presence when the share of resamples finding one is not within ``1 - interval`` of 0 or 1."""
+
+    def beyond(point: int | None, rng: list[int] | None) -> bool:
+        return point is not None and rng is not None and (rng[0] < point - cfg.flag_tolerance or rng[1] > point + cfg.flag_tolerance)
+
+    flags = ["wide_interval"] if beyond(critical, interval["critical"]) else []
+    share = interval.get("mutation_share")
+    if (share is not None and 1.0 - cfg.interval < share < cfg.interval) or beyond(min(mutations, default=None), interval["mutation"]):
+        flags.append("uncertain_mutation")
+    return flags
 
 
 def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[int]) -> dict[str, list[int] | None]:
@@ -321,10 +343,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
     else:
         critical, mutations = _boundaries(crit_curve, signal, last_signal, n_tok, cfg)
         interval = _bootstrap(tokens, groups, cfg)
-        if interval["critical"] is not None and interval["critical"][1] - interval["critical"][0] > cfg.max_interval:
-            flags.append("wide_interval")
-        if "mutation_share" in interval and (interval["mutation_share"] >= 0.5) != bool(mutations):
-            flags.append("uncertain_mutation")
+        flags += uncertainty_flags(critical, mutations, interval, cfg)
     stages = stage_ranges(num_layers, critical, mutations)
     if critical is not None:
         stab = stages["stabilization"]

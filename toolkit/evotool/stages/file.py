@@ -30,9 +30,10 @@ FLAGS = {
                         "mutation layers were not searched (re-run the analysis into a new directory)",
     "no_stable_stage": "no stabilization stage: the emitted tokens settle only at the output",
     "short_stable_stage": "the stabilization stage is a single layer; stable-stage pruning and readouts have little room",
-    "wide_interval": "the critical layer's bootstrap interval is wide: the samples disagree (see stages.json 'interval')",
-    "uncertain_mutation": "most bootstrap resamples disagree with the reported mutation stage (its presence is uncertain; "
-                          "analyse more samples before acting on it)",
+    "wide_interval": "the critical layer's bootstrap interval reaches beyond the flag tolerance (one layer) around it: another "
+                     "sample set may place it elsewhere (see stages.json 'interval'; analyse more samples)",
+    "uncertain_mutation": "the mutation stage is uncertain: its presence or its first layer changes across bootstrap resamples "
+                          "(see stages.json 'interval'; analyse more samples before acting on it)",
 }
 STAGES_FILE = "stages.json"
 STAGE_NAMES = ("rapid_evolution", "stabilization", "mutation")

@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 from evotool.errors import EvotoolError
 from evotool.io import read_json
 from evotool.stages.behaviour import BEHAVIOUR_FILE, mutation_agrees, read_behaviour, within_tolerance
+from evotool.stages.detect import UNCERTAINTY_FLAGS
 from evotool.stages.file import StageFile
 from evotool.zoo.config import SPLITS, BehaviourConfig, ZooMember
 
@@ -102,6 +103,7 @@ def member_row(name: str, member: ZooMember, member_dir: Path, current: Behaviou
     for tag, stages in runs.items():
         if stages:
             row[f"detector {tag} (C / M)"] = f"{stages.critical_layer} / {stages.mutation_layers or '-'}"
+    row["_uncertain"] = [bool(set(UNCERTAINTY_FLAGS) & set(s.flags)) for s in runs.values() if s]
     a = runs["a"]
     if a:
         interval = a.payload.get("interval", {})
@@ -136,6 +138,11 @@ def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig
         if any(f"_firm_{k}" in r for r in part for k in ("critical", "mutation")):
             lines[-1] += (f" Misses where the behaviour itself is loose (reproduced by < {FIRM:.0%} of caption "
                           "resamples): " + ", ".join(loose) + ".")
+    flagged = {agree: [u for r in rows if r.get("_a/b") is agree for u in r["_uncertain"]] for agree in (False, True)}
+    if any(flagged.values()):
+        lines += ["", f"Uncertainty flags ({' / '.join(UNCERTAINTY_FLAGS)}) on {sum(flagged[False])} of {len(flagged[False])} "
+                  f"analysis runs whose member's two sample sets disagree (a/b), on {sum(flagged[True])} of "
+                  f"{len(flagged[True])} whose sets agree."]
     if any("†" in r["beh. critical"] for r in rows):
         lines += ["", f"† ground truth measured under other settings than the current ones ({current.captions} captions, "
                   f"{current.pope} POPE questions, ...); `evotool zoo build --steps truth` measures it again."]
