@@ -132,6 +132,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout21": ("l6-llama-w128-short", "l6-gemma-w96-long", "l8-gemma-w128-prior", "l8-llama-w128-long",
         "l10-qwen2-w96-prior", "l10-gemma-w128-short", "l12-llama-w96-short", "l12-gemma-w128-short",
         "l14-qwen2-w96-short", "l16-llama-w128-prior"),
+    # holdout22: written after holdout21 was read and the flags' rule adopted (detector v7; a flag check registered)
+    "holdout22": ("l6-qwen2-w128-long", "l8-qwen2-w96-prior", "l8-gemma-w96-short", "l10-llama-w64-prior",
+        "l10-qwen2-w128-short", "l14-llama-w96-short", "l14-gemma-w128-short", "l14-llama-w128-long",
+        "l16-gemma-w96-prior", "l18-qwen2-w96-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
