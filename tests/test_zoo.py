@@ -712,18 +712,26 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
 
 
 def test_zoo_table_counts_uncertainty_flags_by_set_agreement(tmp_path: Path):
-    """The status summary says how often the uncertainty flags warned where the second sample set did disagree."""
-    members = {"m": tiny_member_config(), "n": tiny_member_config(seed=1)}
+    """Each split's summary, and one line over all splits, say how often the uncertainty flags warned where the
+    second sample set did disagree."""
+    members = {"m": tiny_member_config(), "n": tiny_member_config(seed=1), "o": tiny_member_config(seed=2, split="holdout")}
     runs = {"m": (stage_file(6, 3, [], flags=["wide_interval"]), stage_file(6, 1, [])),  # 3 vs 1: the sets disagree
-            "n": (stage_file(6, 3, [5]), stage_file(6, 3, [5], flags=["uncertain_mutation", "short_stable_stage"]))}
+            "n": (stage_file(6, 3, [5]), stage_file(6, 3, [5], flags=["uncertain_mutation", "short_stable_stage"])),
+            "o": (stage_file(6, 3, [5], flags=["wide_interval"]), stage_file(6, 3, [5]))}
     for name, (a, b) in runs.items():
         save_behaviour(tmp_path / name / "behaviour.json", _curves_payload() | {"boundaries": boundaries(_curves_payload())})
         write_stages(tmp_path / name / "analysis_a" / "stages.json", a.payload)
         write_stages(tmp_path / name / "analysis_b" / "stages.json", b.payload)
     table = zoo_table(members, tmp_path)
-    assert "a/b 1/2." in table
-    assert ("Uncertainty flags (wide_interval / uncertain_mutation) on 1 of 2 analysis runs whose member's two sample "
-            "sets disagree (a/b), on 1 of 2 whose sets agree.") in table
+    summary = {line.split(" members:")[0]: line for line in table.splitlines() if line.startswith("Detector vs")}
+    assert "a/b 1/2." in summary["Detector vs behaviour on the tune"]
+    assert summary["Detector vs behaviour on the tune"].endswith(
+        " Uncertainty flags (wide_interval / uncertain_mutation) on 1 of 2 analysis runs whose member's two sample "
+        "sets disagree (a/b), on 1 of 2 whose sets agree.")
+    assert summary["Detector vs behaviour on the holdout"].endswith("on 0 of 0 analysis runs whose member's two sample "
+                                                                   "sets disagree (a/b), on 1 of 2 whose sets agree.")
+    assert "\nAll splits: Uncertainty flags (wide_interval / uncertain_mutation) on 1 of 2 analysis runs whose member's " \
+           "two sample sets disagree (a/b), on 2 of 4 whose sets agree." in table
 
 
 def test_saved_zoo_curves_are_small_consistent_and_hold_the_early_flip_pattern():

@@ -117,6 +117,17 @@ def member_row(name: str, member: ZooMember, member_dir: Path, current: Behaviou
     return {c: row.get(c, "-") for c in COLUMNS} | {k: v for k, v in row.items() if k.startswith("_")}
 
 
+def _flag_counts(rows: list[dict]) -> str:
+    """' Uncertainty flags ... on X of Y runs whose sets disagree, on K of J whose sets agree.' ('' when none is
+    flagged): how often the flags warned where a second sample set did move a boundary."""
+    flagged = {agree: [u for r in rows if r.get("_a/b") is agree for u in r["_uncertain"]] for agree in (False, True)}
+    if not any(flagged.values()):
+        return ""
+    return (f" Uncertainty flags ({' / '.join(UNCERTAINTY_FLAGS)}) on {sum(flagged[False])} of {len(flagged[False])} "
+            f"analysis runs whose member's two sample sets disagree (a/b), on {sum(flagged[True])} of "
+            f"{len(flagged[True])} whose sets agree.")
+
+
 def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig | None = None) -> str:
     """The Markdown table of ``members`` built under ``out`` (split by split in :data:`SPLITS` order, then depth),
     followed by the detector-vs-behaviour scores of each split present; ``current``: the truth's measurement settings
@@ -138,11 +149,9 @@ def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig
         if any(f"_firm_{k}" in r for r in part for k in ("critical", "mutation")):
             lines[-1] += (f" Misses where the behaviour itself is loose (reproduced by < {FIRM:.0%} of caption "
                           "resamples): " + ", ".join(loose) + ".")
-    flagged = {agree: [u for r in rows if r.get("_a/b") is agree for u in r["_uncertain"]] for agree in (False, True)}
-    if any(flagged.values()):
-        lines += ["", f"Uncertainty flags ({' / '.join(UNCERTAINTY_FLAGS)}) on {sum(flagged[False])} of {len(flagged[False])} "
-                  f"analysis runs whose member's two sample sets disagree (a/b), on {sum(flagged[True])} of "
-                  f"{len(flagged[True])} whose sets agree."]
+        lines[-1] += _flag_counts(part)
+    if len({r["split"] for r in rows}) > 1 and _flag_counts(rows):
+        lines += ["", "All splits:" + _flag_counts(rows)]
     if any("†" in r["beh. critical"] for r in rows):
         lines += ["", f"† ground truth measured under other settings than the current ones ({current.captions} captions, "
                   f"{current.pope} POPE questions, ...); `evotool zoo build --steps truth` measures it again."]
