@@ -150,8 +150,9 @@ def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig
             lines[-1] += (f" Misses where the behaviour itself is loose (reproduced by < {FIRM:.0%} of caption "
                           "resamples): " + ", ".join(loose) + ".")
         lines[-1] += _flag_counts(part)
-    if len({r["split"] for r in rows}) > 1 and _flag_counts(rows):
-        lines += ["", "All splits:" + _flag_counts(rows)]
+    overall = _flag_counts(rows)
+    if len({r["split"] for r in rows}) > 1 and overall:
+        lines += ["", "All splits:" + overall]
     if any("†" in r["beh. critical"] for r in rows):
         lines += ["", f"† ground truth measured under other settings than the current ones ({current.captions} captions, "
                   f"{current.pope} POPE questions, ...); `evotool zoo build --steps truth` measures it again."]
