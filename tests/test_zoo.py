@@ -136,6 +136,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout22": ("l6-qwen2-w128-long", "l8-qwen2-w96-prior", "l8-gemma-w96-short", "l10-llama-w64-prior",
         "l10-qwen2-w128-short", "l14-llama-w96-short", "l14-gemma-w128-short", "l14-llama-w128-long",
         "l16-gemma-w96-prior", "l18-qwen2-w96-short"),
+    # holdout23: written after holdout22 was read (detector v7 with the adopted flags, report-only)
+    "holdout23": ("l6-llama-w96-short", "l6-qwen2-w96-short", "l8-llama-w64-long", "l8-gemma-w64-prior",
+        "l10-gemma-w64-prior", "l12-qwen2-w64-long", "l14-qwen2-w128-short", "l14-gemma-w64-prior",
+        "l16-qwen2-w128-long", "l18-llama-w128-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
