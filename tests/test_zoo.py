@@ -28,6 +28,7 @@ from evotool.stages import write_stages
 from evotool.stages.behaviour import (
     Forced,
     Probe,
+    apply_rules,
     boundaries,
     caption_metrics,
     forced_agreement,
@@ -559,6 +560,34 @@ def test_boundaries_follow_the_documented_definitions():
     assert not boundaries(payload)["removable_at_least_2"]  # recall loss 0.03 > 0.02
 
 
+def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
+    payload = _curves_payload()  # critical 3; post-critical changes 0.02, 0.4, 0.03: layer 5 by the rewrite share
+    payload["full"].update(chair_i=0.12)
+    for entry, (chair, recall) in zip(payload["bypass_curve"], [(0.2, 0.5), (0.2, 0.9), (0.2, 0.9), (0.08, 1.0),
+                                                                  (0.05, 1.0), (0.085, 0.97)]):
+        entry.update(chair_i=chair, recall=recall)
+    assert boundaries(payload)["mutation_layers"] == [5] and "bypass_chair_cut_after_critical" not in boundaries(payload)
+    # layer 4 cuts CHAIR_i by 0.04 >= max(0.03, 0.25 x 0.12) at full recall; layer 6 by 0.035 but loses 0.03 recall
+    on = boundaries(payload, BoundaryRules(mutation_chair_cut=0.03))
+    assert on["mutation_layers"] == [4, 5] and on["mutation_layer"] == 4
+    assert on["bypass_chair_cut_after_critical"] == pytest.approx({"4": 0.04, "5": 0.07, "6": 0.035})
+    assert boundaries(payload, BoundaryRules(mutation_chair_cut=0.03, mutation_chair_share=0.5))["mutation_layers"] == [5]
+    assert boundaries(payload, BoundaryRules(mutation_chair_cut=0.03, removable_recall=0.05))["mutation_layers"] == [4, 5, 6]
+    for bad in ({"mutation_chair_cut": 0.0}, {"mutation_chair_cut": 1.5}, {"mutation_chair_share": 1.0}):
+        with pytest.raises(ConfigError, match="mutation_chair"):
+            BoundaryRules(**bad)
+
+
+def test_stored_rules_missing_a_later_field_are_not_stale_and_other_rules_drop_the_resamples():
+    payload = _resample_payload([0, 2])
+    apply_rules(payload, resample=True)
+    resampled = payload["resampled"]
+    del payload["rules"]["mutation_chair_cut"]  # a file written before the field existed: read at its default
+    assert not apply_rules(payload) and payload["resampled"] == resampled
+    # rules that read the curves differently: the stored resamples no longer describe them
+    assert apply_rules(payload, BoundaryRules(recall_tolerance=1.0)) and "resampled" not in payload
+
+
 def test_caption_metrics_split_the_groups_like_caption_scores():
     world = WorldConfig(seed=4)
     captions = records_to_samples(caption_records(world, 6))
@@ -684,10 +713,15 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
-    assert "0.50 / 0.95" in row and "†" not in table
+    # the stored resamples were drawn under the earlier rule: not shown beside boundaries re-derived under another
+    assert "0.50 / 0.95" not in row and "†" not in table and "itself is loose" not in table
+    save_behaviour(root / "behaviour.json", {**payload, "rules": to_dict(BoundaryRules()), "boundaries": boundaries(payload)})
+    current = zoo_table(members, tmp_path)
+    assert "0.50 / 0.95" in current.splitlines()[2].split(" | ") and "*" not in current
     assert ("Detector vs behaviour on the tune members: critical 0/1, mutation 1/1, stabilization 1/1, a/b 0/0. Ground "
             "truth measured on 144 captions. Misses where the behaviour itself is loose (reproduced by < 80% of caption "
-            "resamples): critical 1, mutation 0.") in table
+            "resamples): critical 1, mutation 0.") in current
+    save_behaviour(root / "behaviour.json", payload)
     # the truth counts as measured otherwise once the current settings ask for other captions (zoo status --set ...)
     table = zoo_table(members, tmp_path, BehaviourConfig(captions=48))
     assert "| 3*† |" in table and "measured on 144 captions" in table and "† ground truth measured under other " \

@@ -42,7 +42,7 @@ from torch import nn
 
 from evotool.analysis.aggregate import decision_depth
 from evotool.data.inputs import Sample
-from evotool.errors import InputError
+from evotool.errors import ConfigError, InputError
 from evotool.evals.pope import pope_metrics
 from evotool.evals.world import caption_mentions, caption_scores
 from evotool.generation import Generations, build_inputs, generate_samples, load_images
@@ -351,12 +351,16 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     critical = next((e["layer"] for e in exits if e["recall"] >= best_recall - cfg.recall_tolerance
                      and e["chair_i_in"] <= full["chair_i_in"] + cfg.chair_tolerance), None)
 
-    change: dict[int, float] = {}
-    if critical is not None:
-        change = {b["layer"]: 1.0 - b["agreement"] for b in payload["bypass_curve"] if b["layer"] > critical}
+    after = [b for b in payload["bypass_curve"] if critical is not None and b["layer"] > critical]
+    change = {b["layer"]: 1.0 - b["agreement"] for b in after}
     typical = float(np.median(list(change.values()))) if change else 0.0
-    mutations = sorted(layer for layer, c in change.items()
-                       if c >= cfg.mutation_min_change and c >= cfg.mutation_ratio * typical)
+    mutations = {layer for layer, c in change.items() if c >= cfg.mutation_min_change and c >= cfg.mutation_ratio * typical}
+    cut: dict[int, float] = {}
+    if cfg.mutation_chair_cut is not None:
+        cut = {b["layer"]: full["chair_i"] - b["chair_i"] for b in after}
+        least = max(cfg.mutation_chair_cut, cfg.mutation_chair_share * full["chair_i"])
+        mutations |= {b["layer"] for b in after
+                      if cut[b["layer"]] >= least and b["recall"] >= full["recall"] - cfg.removable_recall}
 
     removable = {}
     for entry in payload["oracle"]:
@@ -369,9 +373,10 @@ def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dic
     two = removable.get("2")
     return {
         "critical_layer": critical,
-        "mutation_layer": mutations[0] if mutations else None,
-        "mutation_layers": mutations,
+        "mutation_layer": min(mutations, default=None),
+        "mutation_layers": sorted(mutations),
         "bypass_change_after_critical": {str(k): v for k, v in change.items()},
+        **({"bypass_chair_cut_after_critical": {str(k): v for k, v in cut.items()}} if cut else {}),
         "removable": removable,
         "removable_at_least_2": bool(two and two["keeps_task"]),
         "num_layers": n,
@@ -438,15 +443,27 @@ def resample_boundaries(payload: dict[str, Any], rules: BoundaryRules | None = N
 
 def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None, resample: bool = False) -> bool:
     """Set ``payload["rules"]`` and re-derive ``payload["boundaries"]`` from its curves (cheap; with ``resample``,
-    also ``payload["resampled"]``, :func:`resample_boundaries`: seconds); True when the rules or boundaries changed
-    (the stored boundaries were stale, e.g. written under an earlier rule)."""
+    also ``payload["resampled"]``, :func:`resample_boundaries`: seconds); True when the rules (the stored ones with
+    fields added since at their defaults) or the boundaries changed: the stored boundaries were stale, e.g. written
+    under an earlier rule, and stored caption resamples are then dropped unless ``resample`` recomputes them."""
     rules = rules or BoundaryRules()
-    old = (payload.get("rules"), payload.get("boundaries"))
+    old = (_stored_rules(payload.get("rules")), payload.get("boundaries"))
     payload["rules"] = asdict(rules)
     payload["boundaries"] = boundaries(payload, rules)
+    stale = old != (rules, payload["boundaries"])
     if resample:
         payload["resampled"] = resample_boundaries(payload, rules)
-    return old != (payload["rules"], payload["boundaries"])
+    elif stale:
+        payload.pop("resampled", None)
+    return stale
+
+
+def _stored_rules(stored: dict[str, Any] | None) -> BoundaryRules | None:
+    """The rules a behaviour file was written under (None where unreadable: a field since removed, or none stored)."""
+    try:
+        return BoundaryRules(**stored) if stored else None
+    except (TypeError, ConfigError):
+        return None
 
 
 def read_behaviour(path: Path, rules: BoundaryRules | None = None) -> dict[str, Any]:

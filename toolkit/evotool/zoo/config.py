@@ -86,8 +86,19 @@ class BoundaryRules:
                                                                         "share of tokens"})
     mutation_ratio: float = field(default=3.0, metadata={"help": "mutation: its change must be this many times the "
                                                                    "median post-critical change"})
+    mutation_chair_cut: float | None = field(default=None, metadata={
+        "help": "mutation, hallucination reading (off: None): a post-critical layer also counts when bypassing it lowers "
+                "CHAIR_i by at least this (absolute) at a recall loss of at most removable_recall"})
+    mutation_chair_share: float = field(default=0.25, metadata={
+        "help": "mutation, hallucination reading: and by at least this share of the full model's CHAIR_i"})
     removable_recall: float = field(default=0.02, metadata={"help": "removable: recall loss at most this"})
     removable_agreement: float = field(default=0.9, metadata={"help": "removable: free-running agreement at least this"})
+
+    def __post_init__(self) -> None:
+        if self.mutation_chair_cut is not None and not 0 < self.mutation_chair_cut < 1:
+            raise ConfigError(f"behaviour.rules.mutation_chair_cut={self.mutation_chair_cut} must be in (0, 1) or null")
+        if not 0 <= self.mutation_chair_share < 1:
+            raise ConfigError(f"behaviour.rules.mutation_chair_share={self.mutation_chair_share} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
