@@ -538,8 +538,9 @@ def _curves_payload() -> dict:
              enumerate(zip([0.1, 0.5, 0.97, 1.0, 1.0, 1.0], [0.9, 0.4, 0.02, 0.0, 0.0, 0.0]))]
     oracle = [{"k": 1, "best": {"layers": [4], "agreement": 0.98, "recall": 1.0}},
               {"k": 2, "best": {"layers": [3, 4], "agreement": 0.92, "recall": 0.99}}]
-    return {"num_layers": 6, "full": {"recall": 1.0, "chair_i_in": 0.0}, "exit_curve": exits,
-            "bypass_curve": _curve([0.5, 0.9, 0.95, 0.98, 0.6, 0.97], "agreement"), "oracle": oracle}
+    bypass = [{**entry, "recall": 1.0, "chair_i": 0.1} for entry in _curve([0.5, 0.9, 0.95, 0.98, 0.6, 0.97], "agreement")]
+    return {"num_layers": 6, "full": {"recall": 1.0, "chair_i": 0.1, "chair_i_in": 0.0}, "exit_curve": exits,
+            "bypass_curve": bypass, "oracle": oracle}
 
 
 def test_boundaries_follow_the_documented_definitions():
@@ -741,7 +742,11 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert refresh_truth(["m"], tmp_path) == [] and not read_behaviour(root / "behaviour.json")["stale"]
     code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
                            "--set", "behaviour.captions=48")
-    assert code == 0 and "| 3† |" in out and "(48 captions," in out
+    assert code == 0 and "| 3† |" in out and "(48 captions," in out and "hallucination reading" not in out
+    code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
+                           "--set", "behaviour.rules.mutation_chair_cut=0.05")
+    assert code == 0 and "read with the hallucination reading: also post-critical layers whose bypass cuts CHAIR_i " \
+        "by >= 0.05 and >= 25% of the full model's at a recall loss <= 0.02" in out
     # a behaviour file without curves: '-' in the table, one error line from --refresh
     write_json(root / "behaviour.json", {"boundaries": {}}, schema="1.1")
     assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11:14] == ["-", "-", "-"]
