@@ -38,9 +38,9 @@ def write_truth(path: Path, fingerprint: str) -> Path:
     chair = [0.9, 0.8, 0.5, 0.2, 0.01, 0.0, 0.0, 0.0]
     agreement = [0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 0.7, 0.98]
     save_behaviour(path, {
-        "fingerprint": fingerprint, "num_layers": 8, "full": {"recall": 1.0, "chair_i_in": 0.0},
+        "fingerprint": fingerprint, "num_layers": 8, "full": {"recall": 1.0, "chair_i": 0.1, "chair_i_in": 0.0},
         "exit_curve": [{"layer": i + 1, "recall": r, "chair_i_in": c} for i, (r, c) in enumerate(zip(recall, chair))],
-        "bypass_curve": [{"layer": i + 1, "agreement": a} for i, a in enumerate(agreement)],
+        "bypass_curve": [{"layer": i + 1, "agreement": a, "recall": 1.0, "chair_i": 0.1} for i, a in enumerate(agreement)],
         "oracle": [{"k": 1, "best": {"layers": [6], "agreement": 0.99, "recall": 1.0}},
                    {"k": 2, "best": {"layers": [6, 8], "agreement": 0.95, "recall": 0.99}}],
     })

@@ -141,6 +141,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout23": ("l6-llama-w96-short", "l6-qwen2-w96-short", "l8-llama-w64-long", "l8-gemma-w64-prior",
         "l10-gemma-w64-prior", "l12-qwen2-w64-long", "l14-qwen2-w128-short", "l14-gemma-w64-prior",
         "l16-qwen2-w128-long", "l18-llama-w128-short"),
+    # holdout24: written after holdout23 was read and the hallucination reading of the mutation adopted (v7 report-only)
+    "holdout24": ("l6-gemma-w64-prior", "l6-qwen2-w64-short", "l8-qwen2-w64-long", "l10-qwen2-w64-short",
+        "l12-gemma-w64-short", "l12-llama-w64-long", "l14-llama-w64-short", "l16-gemma-w64-prior",
+        "l18-qwen2-w128-short", "l20-llama-w96-prior"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
@@ -551,14 +555,15 @@ def test_boundaries_follow_the_documented_definitions():
     # post-critical changes 0.02, 0.4, 0.03: median 0.03, only layer 5 is >= 0.1 and >= 3x the median
     assert b["mutation_layers"] == [5] and b["mutation_layer"] == 5
     assert b["removable_at_least_2"]
+    rewrite = BoundaryRules(mutation_chair_cut=None)  # the rewrite rule alone (these curves hold no CHAIR_i)
     payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.7, 0.99, 0.75, 0.99, 0.98], "agreement")
     payload["num_layers"] = 8
     # changes after layer 3: 0.3, 0.01, 0.25, 0.01, 0.02 (median 0.02): two mutation layers, 4 first
-    assert boundaries(payload)["mutation_layers"] == [4, 6]
+    assert boundaries(payload, rewrite)["mutation_layers"] == [4, 6]
     payload["bypass_curve"] = curve([0.5, 0.9, 0.95, 0.85, 0.88, 0.86], "agreement")
-    assert boundaries(payload)["mutation_layer"] is None  # 0.15, 0.12, 0.14: nothing stands out
+    assert boundaries(payload, rewrite)["mutation_layer"] is None  # 0.15, 0.12, 0.14: nothing stands out
     payload["oracle"][1]["best"]["recall"] = 0.97
-    assert not boundaries(payload)["removable_at_least_2"]  # recall loss 0.03 > 0.02
+    assert not boundaries(payload, rewrite)["removable_at_least_2"]  # recall loss 0.03 > 0.02
 
 
 def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
@@ -567,9 +572,11 @@ def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
     for entry, (chair, recall) in zip(payload["bypass_curve"], [(0.2, 0.5), (0.2, 0.9), (0.2, 0.9), (0.08, 1.0),
                                                                   (0.05, 1.0), (0.085, 0.97)]):
         entry.update(chair_i=chair, recall=recall)
-    assert boundaries(payload)["mutation_layers"] == [5] and "bypass_chair_cut_after_critical" not in boundaries(payload)
+    off = boundaries(payload, BoundaryRules(mutation_chair_cut=None))
+    assert off["mutation_layers"] == [5] and "bypass_chair_cut_after_critical" not in off
     # layer 4 cuts CHAIR_i by 0.04 >= max(0.03, 0.25 x 0.12) at full recall; layer 6 by 0.035 but loses 0.03 recall
-    on = boundaries(payload, BoundaryRules(mutation_chair_cut=0.03))
+    on = boundaries(payload)
+    assert BoundaryRules().mutation_chair_cut == 0.03  # the default since holdout23 (docs/stages.md)
     assert on["mutation_layers"] == [4, 5] and on["mutation_layer"] == 4
     assert on["bypass_chair_cut_after_critical"] == pytest.approx({"4": 0.04, "5": 0.07, "6": 0.035})
     assert boundaries(payload, BoundaryRules(mutation_chair_cut=0.03, mutation_chair_share=0.5))["mutation_layers"] == [5]
@@ -579,14 +586,27 @@ def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
             BoundaryRules(**bad)
 
 
+def test_a_truth_without_chair_i_is_one_clear_error_under_the_hallucination_reading(tmp_path: Path):
+    payload = _curves_payload()
+    del payload["bypass_curve"][4]["chair_i"]
+    path = save_behaviour(tmp_path / "behaviour.json", payload)
+    with pytest.raises(InputError, match="without CHAIR_i / recall in its bypass curve.*mutation_chair_cut=null"):
+        read_behaviour(path)
+    assert read_behaviour(path, BoundaryRules(mutation_chair_cut=None))["boundaries"]["mutation_layers"] == [5]
+
+
 def test_stored_rules_missing_a_later_field_are_not_stale_and_other_rules_drop_the_resamples():
     payload = _resample_payload([0, 2])
-    apply_rules(payload, resample=True)
+    rewrite = BoundaryRules(mutation_chair_cut=None)
+    apply_rules(payload, rewrite, resample=True)
     resampled = payload["resampled"]
-    del payload["rules"]["mutation_chair_cut"]  # a file written before the field existed: read at its default
-    assert not apply_rules(payload) and payload["resampled"] == resampled
-    # rules that read the curves differently: the stored resamples no longer describe them
-    assert apply_rules(payload, BoundaryRules(recall_tolerance=1.0)) and "resampled" not in payload
+    del payload["rules"]["mutation_chair_cut"]  # a file written before the field existed: under the rewrite rule alone
+    assert not apply_rules(payload, rewrite) and payload["resampled"] == resampled
+    # rules that read the curves differently (the default reading, then another tolerance): the stored resamples no
+    # longer describe them
+    assert apply_rules(payload) and "resampled" not in payload
+    apply_rules(payload, resample=True)
+    assert payload["resampled"] and apply_rules(payload, BoundaryRules(recall_tolerance=1.0)) and "resampled" not in payload
 
 
 def test_caption_metrics_split_the_groups_like_caption_scores():
@@ -742,11 +762,12 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert refresh_truth(["m"], tmp_path) == [] and not read_behaviour(root / "behaviour.json")["stale"]
     code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
                            "--set", "behaviour.captions=48")
-    assert code == 0 and "| 3† |" in out and "(48 captions," in out and "hallucination reading" not in out
+    assert code == 0 and "| 3† |" in out and "(48 captions," in out
+    assert "read with the hallucination reading: also post-critical layers whose bypass cuts CHAIR_i by >= 0.03 and " \
+        ">= 25% of the full model's at a recall loss <= 0.02" in out
     code, out, _ = run_cli(monkeypatch, capsys, "zoo", "status", "--out", str(tmp_path), "--configs", str(configs),
-                           "--set", "behaviour.rules.mutation_chair_cut=0.05")
-    assert code == 0 and "read with the hallucination reading: also post-critical layers whose bypass cuts CHAIR_i " \
-        "by >= 0.05 and >= 25% of the full model's at a recall loss <= 0.02" in out
+                           "--set", "behaviour.rules.mutation_chair_cut=null")
+    assert code == 0 and "hallucination reading" not in out and "| 3* |" in out  # stored under the default reading
     # a behaviour file without curves: '-' in the table, one error line from --refresh
     write_json(root / "behaviour.json", {"boundaries": {}}, schema="1.1")
     assert zoo_table(members, tmp_path).splitlines()[2].split(" | ")[11:14] == ["-", "-", "-"]

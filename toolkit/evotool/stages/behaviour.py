@@ -56,7 +56,7 @@ from evotool.prune.runtime import cache_reference_layers, exit_after, skip_layer
 from evotool.prune.static import remove_layers
 from evotool.world import caption_records, records_to_samples
 from evotool.world.generator import WorldConfig, make_records
-from evotool.zoo.config import BehaviourConfig, BoundaryRules
+from evotool.zoo.config import RULES_BEFORE_FIELD, BehaviourConfig, BoundaryRules
 
 SCHEMA_VERSION = "1.2"  # 1.1: string version; 1.2: + generations, resampled (curves as in 1: stored ones are reused)
 KIND = "evotool.behaviour"
@@ -444,7 +444,7 @@ def resample_boundaries(payload: dict[str, Any], rules: BoundaryRules | None = N
 def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None, resample: bool = False) -> bool:
     """Set ``payload["rules"]`` and re-derive ``payload["boundaries"]`` from its curves (cheap; with ``resample``,
     also ``payload["resampled"]``, :func:`resample_boundaries`: seconds); True when the rules (the stored ones with
-    fields added since at their defaults) or the boundaries changed: the stored boundaries were stale, e.g. written
+    fields added since at :data:`RULES_BEFORE_FIELD`) or the boundaries changed: the stored boundaries were stale, e.g. written
     under an earlier rule, and stored caption resamples are then dropped unless ``resample`` recomputes them."""
     rules = rules or BoundaryRules()
     old = (_stored_rules(payload.get("rules")), payload.get("boundaries"))
@@ -461,7 +461,7 @@ def apply_rules(payload: dict[str, Any], rules: BoundaryRules | None = None, res
 def _stored_rules(stored: dict[str, Any] | None) -> BoundaryRules | None:
     """The rules a behaviour file was written under (None where unreadable: a field since removed, or none stored)."""
     try:
-        return BoundaryRules(**stored) if stored else None
+        return BoundaryRules(**{**RULES_BEFORE_FIELD, **stored}) if stored else None
     except (TypeError, ConfigError):
         return None
 
@@ -474,6 +474,10 @@ def read_behaviour(path: Path, rules: BoundaryRules | None = None) -> dict[str, 
     missing = [k for k in ("num_layers", "full", "exit_curve", "bypass_curve", "oracle") if k not in payload]
     if missing:
         raise InputError(f"{path}: behaviour file without {missing[0]!r} (measure it with `evotool zoo build --steps truth`)")
+    if (rules or BoundaryRules()).mutation_chair_cut is not None and any(
+            k not in e for e in [payload["full"], *payload["bypass_curve"]] for k in ("recall", "chair_i")):
+        raise InputError(f"{path}: behaviour file without CHAIR_i / recall in its bypass curve, which the hallucination "
+                         "reading needs (measure it again, or read it with behaviour.rules.mutation_chair_cut=null)")
     payload["stale"] = apply_rules(payload, rules)
     return payload
 

@@ -22,7 +22,7 @@ HASH_EXCLUDED = ("threads", "card_notes")  # TrainConfig keys that do not change
 Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7", "holdout8",
                 "holdout9", "holdout10", "holdout11", "holdout12", "holdout13", "holdout14", "holdout15",
                 "holdout16", "holdout17", "holdout18", "holdout19", "holdout20", "holdout21",
-                "holdout22", "holdout23"]
+                "holdout22", "holdout23", "holdout24"]
 SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
@@ -75,6 +75,10 @@ class ManifestConfig:
             raise ConfigError("manifest.captions and manifest.pope must be >= 1, analysis_samples >= 2")
 
 
+# BoundaryRules fields added since files were first written, at the value those files were derived under
+RULES_BEFORE_FIELD: dict[str, Any] = {"mutation_chair_cut": None}
+
+
 @dataclass(frozen=True)
 class BoundaryRules:
     """How the behavioural boundaries are read from the curves (definitions and reasons in docs/stages.md)."""
@@ -86,9 +90,10 @@ class BoundaryRules:
                                                                         "share of tokens"})
     mutation_ratio: float = field(default=3.0, metadata={"help": "mutation: its change must be this many times the "
                                                                    "median post-critical change"})
-    mutation_chair_cut: float | None = field(default=None, metadata={
-        "help": "mutation, hallucination reading (off: None): a post-critical layer also counts when bypassing it lowers "
-                "CHAIR_i by at least this (absolute) at a recall loss of at most removable_recall"})
+    mutation_chair_cut: float | None = field(default=0.03, metadata={
+        "help": "mutation, hallucination reading: a post-critical layer also counts when bypassing it lowers CHAIR_i by "
+                "at least this (absolute) at a recall loss of at most removable_recall (adopted on holdout23; null: the "
+                "rewrite rule alone, the truth holdout1-23 were read against)"})
     mutation_chair_share: float = field(default=0.25, metadata={
         "help": "mutation, hallucination reading: and by at least this share of the full model's CHAIR_i"})
     removable_recall: float = field(default=0.02, metadata={"help": "removable: recall loss at most this"})

@@ -160,7 +160,8 @@ def zoo_table(members: dict[str, ZooMember], out: Path, current: BehaviourConfig
     if rules.mutation_chair_cut is not None:
         lines += ["", f"Behavioural mutation layers read with the hallucination reading: also post-critical layers whose "
                   f"bypass cuts CHAIR_i by >= {rules.mutation_chair_cut:g} and >= {rules.mutation_chair_share:.0%} of "
-                  f"the full model's at a recall loss <= {rules.removable_recall:g} (docs/stages.md)."]
+                  f"the full model's at a recall loss <= {rules.removable_recall:g} (docs/stages.md; "
+                  f"`--set behaviour.rules.mutation_chair_cut=null`: the rewrite rule alone, as holdout1-23 were read)."]
     if any("*" in r["beh. critical"] for r in rows):
         lines += ["", "\\* boundaries re-derived from the stored curves under the current rules (the stored ones are "
                   "stale; `evotool zoo status --refresh` rewrites them)."]
