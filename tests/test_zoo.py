@@ -586,6 +586,22 @@ def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
             BoundaryRules(**bad)
 
 
+def test_hallucination_reading_on_measured_truth_curves():
+    """Curves measured on two zoo members (tests/data/zoo/truth_curves.json, 144 captions): a layer whose bypass cuts
+    CHAIR_i at kept recall while rewriting under 10% (holdout22), and a last layer the 3x-median rule cannot call a
+    mutation with three post-critical layers (holdout23)."""
+    curves = json.loads((Path(__file__).parent / "data" / "zoo" / "truth_curves.json").read_text())
+    rewrite = BoundaryRules(mutation_chair_cut=None)
+    for member, layer, critical in (("l14-llama-w96-short", 13, 5), ("l6-qwen2-w96-short", 6, 3)):
+        payload = curves[member]
+        full = payload["full"]
+        bypass = payload["bypass_curve"][layer - 1]
+        assert boundaries(payload, rewrite)["mutation_layers"] == [] and boundaries(payload)["critical_layer"] == critical
+        assert full["chair_i"] - bypass["chair_i"] >= max(0.03, full["chair_i"] / 4)
+        assert bypass["recall"] >= full["recall"] - 0.02
+        assert boundaries(payload)["mutation_layers"] == [layer]
+
+
 def test_a_truth_without_chair_i_is_one_clear_error_under_the_hallucination_reading(tmp_path: Path):
     payload = _curves_payload()
     del payload["bypass_curve"][4]["chair_i"]
