@@ -145,6 +145,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout24": ("l6-gemma-w64-prior", "l6-qwen2-w64-short", "l8-qwen2-w64-long", "l10-qwen2-w64-short",
         "l12-gemma-w64-short", "l12-llama-w64-long", "l14-llama-w64-short", "l16-gemma-w64-prior",
         "l18-qwen2-w128-short", "l20-llama-w96-prior"),
+    # holdout25: written after holdout24 was read (v7 report-only, against the adopted truth)
+    "holdout25": ("l6-qwen2-w64-prior", "l6-llama-w64-long", "l8-qwen2-w64-short", "l10-qwen2-w64-long",
+        "l12-llama-w64-short", "l14-gemma-w64-short", "l14-llama-w64-prior", "l16-llama-w128-long",
+        "l18-gemma-w64-short", "l22-gemma-w64-prior"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
