@@ -600,10 +600,11 @@ def test_hallucination_reading_on_measured_truth_curves():
         payload = curves[member]
         full = payload["full"]
         bypass = payload["bypass_curve"][layer - 1]
-        assert boundaries(payload, rewrite)["mutation_layers"] == [] and boundaries(payload)["critical_layer"] == critical
+        read = boundaries(payload)
+        assert boundaries(payload, rewrite)["mutation_layers"] == [] and read["critical_layer"] == critical
         assert full["chair_i"] - bypass["chair_i"] >= max(0.03, full["chair_i"] / 4)
         assert bypass["recall"] >= full["recall"] - 0.02
-        assert boundaries(payload)["mutation_layers"] == [layer]
+        assert read["mutation_layers"] == [layer]
 
 
 def test_a_truth_without_chair_i_is_one_clear_error_under_the_hallucination_reading(tmp_path: Path):
