@@ -149,6 +149,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout25": ("l6-qwen2-w64-prior", "l6-llama-w64-long", "l8-qwen2-w64-short", "l10-qwen2-w64-long",
         "l12-llama-w64-short", "l14-gemma-w64-short", "l14-llama-w64-prior", "l16-llama-w128-long",
         "l18-gemma-w64-short", "l22-gemma-w64-prior"),
+    # holdout26: written after holdout25 was read (v7 report-only, against the adopted truth)
+    "holdout26": ("l6-gemma-w64-short", "l6-llama-w64-short", "l8-gemma-w64-long", "l10-gemma-w128-prior",
+        "l12-gemma-w64-prior", "l14-qwen2-w64-prior", "l14-llama-w64-long", "l16-gemma-w64-short",
+        "l18-gemma-w96-prior", "l22-llama-w96-long"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
