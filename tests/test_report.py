@@ -148,6 +148,10 @@ def test_markdown_report_names_the_mutation_rule_the_run_used(demo_run: Path, tm
         payload["config"]["stages"]["mutation_last_excess"] = excess
         write_report(tmp_path / "report.md", payload, {}, [])
         assert needle in (tmp_path / "report.md").read_text()
+    payload["config"]["stages"] |= {"mutation_reference": "others", "mutation_quiet_ratio": 20.0, "mutation_quiet_min_js": 0.0002}
+    write_report(tmp_path / "report.md", payload, {}, [])
+    assert ("8x the median of the other post-critical layers and >= 0.001, or >= 20x and >= 0.0002 (the last layer"
+            in (tmp_path / "report.md").read_text())
 
 
 @pytest.fixture(scope="module")

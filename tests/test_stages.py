@@ -180,6 +180,41 @@ def test_last_layer_excess_tells_sharpening_from_mutation() -> None:
         StageConfig(mutation_last_min=2.0)
 
 
+V8 = StageConfig(bootstrap=0, mutation_reference="others", mutation_quiet_ratio=20)
+
+
+def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts() -> None:
+    """Few post-critical layers with two large ones (a 6-layer stack, critical 2, direct JS 1e-4, 1.5e-4, 0.005,
+    0.0035 at layers 3-6, as in zoo member l6-qwen2-w64-prior): their median over all four (0.0018) hides layer 5
+    (2.7x); v8 divides by the median of the other three (1.5e-4: 33x) and finds it. The last layer is judged on its
+    excess over JS 0.03 (none here) either way. The quiet tier: 3.9e-4 at 30x a 1.3e-5 median is under
+    mutation_min_js (0.001), found at quiet ratio 20 and floor 2e-4, not at 40x or under a floor of 5e-4."""
+    c = planted(6, 2, None, 300, np.random.default_rng(12))
+    c.js[:, 1:] = 1e-4
+    c.js[:, 4:] = 1.5e-4, 0.005, 0.0035
+    assert detect(c, cfg=StageConfig(bootstrap=0)).critical_layer == 2
+    assert detect(c, cfg=StageConfig(bootstrap=0)).mutation_layers == []
+    assert detect(c, cfg=V8).mutation_layers == [5]
+    others = np.median(np.delete(c.js[0, 3:], 2))  # reference: layer 5 left out of layers 3-6
+    assert c.js[0, 5] >= 8 * others and c.js[0, 5] < 8 * np.median(c.js[0, 3:])
+    q = planted(20, 5, None, 300, np.random.default_rng(13))
+    q.js[:, 1:] = 1.3e-5
+    q.js[:, 16] = 30 * 1.3e-5  # 3.9e-4: 30x the median, under mutation_min_js
+    assert detect(q, cfg=StageConfig(bootstrap=0)).mutation_layers == []
+    assert detect(q, cfg=V8).mutation_layers == [16]
+    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_reference="others", mutation_quiet_ratio=40)).mutation_layers == []
+    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_ratio=20, mutation_quiet_min_js=5e-4)).mutation_layers == []
+    assert (StageConfig().mutation_reference, StageConfig().mutation_quiet_ratio) == ("all", 0.0)  # v7 until adopted
+    with pytest.raises(ConfigError, match="mutation_reference"):
+        StageConfig(mutation_reference="mean")
+    with pytest.raises(ConfigError, match="mutation_quiet_ratio"):
+        StageConfig(mutation_quiet_ratio=4)  # under mutation_ratio 8
+    with pytest.raises(ConfigError, match="mutation_quiet_ratio"):
+        StageConfig(mutation_signal="flip", mutation_quiet_ratio=20)
+    with pytest.raises(ConfigError, match="mutation_quiet_min_js"):
+        StageConfig(mutation_quiet_ratio=20, mutation_quiet_min_js=0.002)
+
+
 def test_critical_at_the_output_has_no_stable_stage() -> None:
     p = np.tile(np.r_[np.zeros(11), 1.0], (60, 1))  # the emitted token only appears at the last layer
     res = detect_stages(p, np.zeros_like(p), decision_depth=np.full(60, 11))

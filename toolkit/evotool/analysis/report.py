@@ -62,7 +62,11 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
 def _mutation_rule(cfg: dict) -> str:
     """The mutation rule of a run's stage options, in words (runs before v5 read the flip share)."""
     if cfg.get("mutation_signal", "flip") == "js":
-        rule = f"layers whose mean direct-effect JS is >= {cfg['mutation_ratio']:g}x its post-critical median"
+        median = "the median of the other post-critical layers" if cfg.get("mutation_reference") == "others" else "its post-critical median"
+        rule = f"layers whose mean direct-effect JS is >= {cfg['mutation_ratio']:g}x {median}"
+        if cfg.get("mutation_quiet_ratio", 0) > 0:  # v8; runs before it have no such key
+            rule += (f" and >= {cfg['mutation_min_js']:g}, or >= {cfg['mutation_quiet_ratio']:g}x and >= "
+                     f"{cfg['mutation_quiet_min_js']:g}")
         if cfg.get("mutation_last_excess", 0) > 0:  # v7; runs before it have no such key (v6)
             rule += f" (the last layer: its mean JS excess over {cfg['mutation_last_excess']:g}, the same ratio)"
         return rule

@@ -27,7 +27,11 @@ see docs/stages.md):
   ``mutation_ratio`` (3) times its median, ``mutation_min_flip`` and ``mutation_min_tokens`` tokens. The first of
   them starts the mutation stage. v7 (``mutation_last_excess`` 0.03; 0 gives v6) judges the last layer on the mean
   of ``max(direct_js - mutation_last_excess, 0)`` instead (same ratio, floor ``mutation_last_min``): a final layer
-  that only sharpens confidence moves a little mass on every token.
+  that only sharpens confidence moves a little mass on every token. v8 (registered with holdout26, report-only until
+  its adoption rule is read; docs/stages.md) divides by the median over the *other* post-critical layers
+  (``mutation_reference`` others: a second large layer among few no longer hides the first) and lets a layer under
+  ``mutation_min_js`` count when it stands ``mutation_quiet_ratio`` (20) times that median above
+  ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
@@ -51,9 +55,12 @@ from evotool.errors import ConfigError
 CRITICAL_RULES = ("depth", "probability")
 MUTATION_SIGNALS = ("js", "flip")
 # Options whose default depends on mutation_signal (None = that default): chosen per signal on zoo members
-# (docs/stages.md); the flip signal (v2-v4) has no last-layer rule.
-SIGNAL_DEFAULTS: dict[str, dict[str, float]] = {"mutation_ratio": {"js": 8.0, "flip": 3.0},
-                                                "mutation_last_excess": {"js": 0.03, "flip": 0.0}}
+# (docs/stages.md); the flip signal (v2-v4) has no last-layer rule and no quiet tier.
+SIGNAL_DEFAULTS: dict[str, dict[str, float | str]] = {"mutation_ratio": {"js": 8.0, "flip": 3.0},
+                                                      "mutation_last_excess": {"js": 0.03, "flip": 0.0},
+                                                      "mutation_reference": {"js": "all", "flip": "all"},
+                                                      "mutation_quiet_ratio": {"js": 0.0, "flip": 0.0}}
+MUTATION_REFERENCES = ("all", "others")
 
 
 @dataclass
@@ -82,6 +89,14 @@ class StageConfig:
                 "layer that only sharpens confidence moves a little mass on every token and is not a mutation"})
     mutation_last_min: float = field(default=0.0025, metadata={
         "help": "mutation_last_excess > 0: minimum excess signal of a last-layer mutation"})
+    mutation_reference: str | None = field(default=None, metadata={
+        "help": "what the mutation ratio divides by: all (v2-v7, the default) = the signal's median over the layers after "
+                "the critical one; others (v8) = its median over those other than the layer judged"})
+    mutation_quiet_ratio: float | None = field(default=None, metadata={
+        "help": "mutation_signal js (v8: 20; 0: off, the default): a layer under mutation_min_js still counts when its signal is "
+                "at least this many times the reference and at least mutation_quiet_min_js"})
+    mutation_quiet_min_js: float = field(default=0.0002, metadata={
+        "help": "mutation_quiet_ratio > 0: minimum mean direct-effect JS of such a quiet mutation layer"})
     mutation_min_flip: float = field(default=0.015, metadata={
         "help": "mutation_signal flip: minimum share of tokens whose top-1 the layer's own update decides"})
     mutation_min_tokens: int = field(default=5, metadata={
@@ -109,9 +124,19 @@ class StageConfig:
                 raise ConfigError(f"stage option {name}={value} must lie in (0, 1]")
         if not 0.0 <= self.object_share <= 1.0:
             raise ConfigError(f"stage option object_share={self.object_share} must lie in [0, 1] (0: off)")
+        if self.mutation_reference not in MUTATION_REFERENCES:
+            raise ConfigError(f"stage option mutation_reference={self.mutation_reference!r}: choose one of {', '.join(MUTATION_REFERENCES)}")
         if self.mutation_ratio < 1.0:
             raise ConfigError(f"stage option mutation_ratio={self.mutation_ratio} must be >= 1")
-        for name in ("mutation_min_js", "mutation_last_excess", "mutation_last_min"):
+        if self.mutation_quiet_ratio != 0 and self.mutation_quiet_ratio < self.mutation_ratio:
+            raise ConfigError(f"stage option mutation_quiet_ratio={self.mutation_quiet_ratio} must be 0 (off) or >= "
+                              f"mutation_ratio ({self.mutation_ratio})")
+        if self.mutation_quiet_ratio > 0 and self.mutation_signal != "js":
+            raise ConfigError("stage option mutation_quiet_ratio needs mutation_signal=js (its floor is a JS)")
+        if self.mutation_quiet_min_js > self.mutation_min_js:
+            raise ConfigError(f"stage option mutation_quiet_min_js={self.mutation_quiet_min_js} must be <= mutation_min_js "
+                              f"({self.mutation_min_js})")
+        for name in ("mutation_min_js", "mutation_last_excess", "mutation_last_min", "mutation_quiet_min_js"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
         if self.mutation_last_excess > 0 and self.mutation_signal != "js":
@@ -155,14 +180,21 @@ def decided_share(depth: np.ndarray, n_layers: int) -> np.ndarray:
     return (depth[:, None] <= np.arange(n_layers)[None, :]).mean(axis=0)
 
 
-def standing_out(signal: np.ndarray, critical: int, ratio: float, minimum: float) -> list[int]:
-    """Layers ``l >= critical + 2`` whose ``signal`` [L+1] is at least ``minimum`` and ``ratio`` times its median over
-    the layers after ``critical`` (NaN read as 0)."""
+def standing_out(signal: np.ndarray, critical: int, ratio: float, minimum: float, others: bool = False,
+                 quiet: tuple[float, float] = (0.0, 0.0)) -> list[int]:
+    """Layers ``l >= critical + 2`` whose ``signal`` [L+1] is at least ``minimum`` and ``ratio`` times the reference:
+    its median over the layers after ``critical`` (NaN read as 0) or, with ``others``, over those other than ``l``
+    (where at least two remain); ``quiet`` = (ratio, minimum) with a ratio > 0: a layer that misses that also counts
+    when it reaches the quiet minimum and the quiet ratio times the reference."""
     after = np.nan_to_num(signal[critical + 1 :], nan=0.0)
     if len(after) < 2:
         return []
-    floor = max(minimum, ratio * float(np.median(after)))
-    return [critical + 1 + i for i, value in enumerate(after) if i >= 1 and value >= floor]
+    found = []
+    for i in range(1, len(after)):
+        reference = float(np.median(np.delete(after, i) if others and len(after) > 2 else after))
+        if after[i] >= max(minimum, ratio * reference) or (quiet[0] > 0 and after[i] >= max(quiet[1], quiet[0] * reference)):
+            found.append(critical + 1 + i)
+    return found
 
 
 def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: StageConfig,
@@ -170,11 +202,13 @@ def mutations_from_curve(signal: np.ndarray, critical: int, tokens: int, cfg: St
     """Mutation layers after ``critical`` from the mutation signal per layer [L+1] (NaN at 0; :func:`signal_curve`)
     of ``tokens`` tokens; ``last_signal`` [L+1] (:func:`excess_curve`), when given, judges the last layer instead."""
     minimum = cfg.mutation_min_js if cfg.mutation_signal == "js" else max(cfg.mutation_min_flip, cfg.mutation_min_tokens / tokens)
-    layers = standing_out(signal, critical, cfg.mutation_ratio, minimum)  # type: ignore[arg-type]
+    others = cfg.mutation_reference == "others"
+    layers = standing_out(signal, critical, cfg.mutation_ratio, minimum, others,  # type: ignore[arg-type]
+                          (cfg.mutation_quiet_ratio, cfg.mutation_quiet_min_js))  # type: ignore[arg-type]
     if last_signal is None:
         return layers
     last = len(signal) - 1
-    judged = standing_out(last_signal, critical, cfg.mutation_ratio, cfg.mutation_last_min)  # type: ignore[arg-type]
+    judged = standing_out(last_signal, critical, cfg.mutation_ratio, cfg.mutation_last_min, others)  # type: ignore[arg-type]
     return [layer for layer in layers if layer < last] + [layer for layer in judged if layer == last]
 
 
