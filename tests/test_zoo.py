@@ -153,6 +153,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout26": ("l6-gemma-w64-short", "l6-llama-w64-short", "l8-gemma-w64-long", "l10-gemma-w128-prior",
         "l12-gemma-w64-prior", "l14-qwen2-w64-prior", "l14-llama-w64-long", "l16-gemma-w64-short",
         "l18-gemma-w96-prior", "l22-llama-w96-long"),
+    # holdout27: written while holdout26 was built and unread, after v8 was registered (v7 and v8 report-only)
+    "holdout27": ("l6-gemma-w128-short", "l6-gemma-w64-long", "l6-llama-w64-prior", "l8-llama-w64-short",
+        "l8-gemma-w64-short", "l10-gemma-w64-long", "l10-gemma-w64-short", "l12-gemma-w64-long", "l14-qwen2-w64-long",
+        "l16-llama-w64-long"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
