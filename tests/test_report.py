@@ -144,6 +144,7 @@ def test_markdown_report_names_the_mutation_rule_the_run_used(demo_run: Path, tm
     from evotool.analysis.report import write_report
 
     payload = json.loads((demo_run / "stages.json").read_text())
+    payload["config"]["stages"] |= {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # v7
     for excess, needle in ((0.0, "post-critical median;"), (0.03, "(the last layer: its mean JS excess over 0.03")):
         payload["config"]["stages"]["mutation_last_excess"] = excess
         write_report(tmp_path / "report.md", payload, {}, [])

@@ -12,6 +12,8 @@ from evotool.errors import ConfigError
 from evotool.stages import StageConfig, StageResult, detect_stages
 from evotool.stages.detect import CRITICAL_RULES
 
+V7 = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # v7's mutation rule (v8's options off)
+
 
 class Planted(NamedTuple):
     p: np.ndarray  # p_token [N, L+1]
@@ -160,7 +162,7 @@ def test_last_layer_excess_tells_sharpening_from_mutation() -> None:
     as in v6."""
     c = planted(12, 4, None, 400, np.random.default_rng(11))
     c.js[:, 12] = 0.02  # sharpening: 100x the post-critical median of ~1e-4
-    v6, v7 = StageConfig(bootstrap=0, mutation_last_excess=0), StageConfig(bootstrap=0)
+    v6, v7 = StageConfig(bootstrap=0, mutation_last_excess=0, **V7), StageConfig(bootstrap=0, **V7)
     assert detect(c, cfg=v6).mutation_layers == [12]
     assert detect(c, cfg=v6).evidence["last_layer_excess"] is None
     res = detect(c, np.arange(400) % 40, StageConfig(bootstrap=20))
@@ -180,7 +182,7 @@ def test_last_layer_excess_tells_sharpening_from_mutation() -> None:
         StageConfig(mutation_last_min=2.0)
 
 
-V8 = StageConfig(bootstrap=0, mutation_reference="others", mutation_quiet_ratio=20)
+V8 = StageConfig(bootstrap=0)  # the default since holdout26
 
 
 def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts() -> None:
@@ -192,19 +194,20 @@ def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts(
     c = planted(6, 2, None, 300, np.random.default_rng(12))
     c.js[:, 1:] = 1e-4
     c.js[:, 4:] = 1.5e-4, 0.005, 0.0035
-    assert detect(c, cfg=StageConfig(bootstrap=0)).critical_layer == 2
-    assert detect(c, cfg=StageConfig(bootstrap=0)).mutation_layers == []
+    assert detect(c, cfg=StageConfig(bootstrap=0, **V7)).critical_layer == 2
+    assert detect(c, cfg=StageConfig(bootstrap=0, **V7)).mutation_layers == []
     assert detect(c, cfg=V8).mutation_layers == [5]
     others = np.median(np.delete(c.js[0, 3:], 2))  # reference: layer 5 left out of layers 3-6
     assert c.js[0, 5] >= 8 * others and c.js[0, 5] < 8 * np.median(c.js[0, 3:])
     q = planted(20, 5, None, 300, np.random.default_rng(13))
     q.js[:, 1:] = 1.3e-5
     q.js[:, 16] = 30 * 1.3e-5  # 3.9e-4: 30x the median, under mutation_min_js
-    assert detect(q, cfg=StageConfig(bootstrap=0)).mutation_layers == []
+    assert detect(q, cfg=StageConfig(bootstrap=0, **V7)).mutation_layers == []
     assert detect(q, cfg=V8).mutation_layers == [16]
-    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_reference="others", mutation_quiet_ratio=40)).mutation_layers == []
-    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_ratio=20, mutation_quiet_min_js=5e-4)).mutation_layers == []
-    assert (StageConfig().mutation_reference, StageConfig().mutation_quiet_ratio) == ("all", 0.0)  # v7 until adopted
+    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_ratio=40)).mutation_layers == []
+    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_min_js=5e-4)).mutation_layers == []
+    assert (StageConfig().mutation_reference, StageConfig().mutation_quiet_ratio) == ("others", 20.0)
+    assert (StageConfig(mutation_signal="flip").mutation_reference, StageConfig(mutation_signal="flip").mutation_quiet_ratio) == ("all", 0.0)
     with pytest.raises(ConfigError, match="mutation_reference"):
         StageConfig(mutation_reference="mean")
     with pytest.raises(ConfigError, match="mutation_quiet_ratio"):
