@@ -215,7 +215,8 @@ def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts(
     with pytest.raises(ConfigError, match="mutation_quiet_ratio"):
         StageConfig(mutation_signal="flip", mutation_quiet_ratio=20)
     with pytest.raises(ConfigError, match="mutation_quiet_min_js"):
-        StageConfig(mutation_quiet_ratio=20, mutation_quiet_min_js=0.002)
+        StageConfig(mutation_quiet_min_js=-0.001)
+    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_min_js=0.0)).mutation_layers == [16]  # a floor sweep to 0 stays valid
 
 
 def test_critical_at_the_output_has_no_stable_stage() -> None:
