@@ -62,7 +62,8 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
 def _mutation_rule(cfg: dict) -> str:
     """The mutation rule of a run's stage options, in words (runs before v5 read the flip share)."""
     if cfg.get("mutation_signal", "flip") == "js":
-        median = "the median of the other post-critical layers" if cfg.get("mutation_reference") == "others" else "its post-critical median"
+        others = cfg.get("mutation_reference") == "others"  # v8; runs before it have no such key
+        median = "the median of the other post-critical layers" if others else "its post-critical median"
         rule = f"layers whose mean direct-effect JS is >= {cfg['mutation_ratio']:g}x {median}"
         if cfg.get("mutation_quiet_ratio", 0) > 0:  # v8; runs before it have no such key
             rule += (f" and >= {cfg['mutation_min_js']:g}, or >= {cfg['mutation_quiet_ratio']:g}x and >= "

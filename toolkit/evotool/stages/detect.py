@@ -30,8 +30,7 @@ see docs/stages.md):
   that only sharpens confidence moves a little mass on every token. v8 (the default since holdout26; registered
   before it was read and adopted by that registered rule; docs/stages.md) divides by the median over the *other*
   post-critical layers (``mutation_reference`` others: a second large layer among few no longer hides the first) and
-  lets a layer under
-  ``mutation_min_js`` count when it stands ``mutation_quiet_ratio`` (20) times that median above
+  lets a layer under ``mutation_min_js`` count when it stands ``mutation_quiet_ratio`` (20) times that median above
   ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
@@ -188,9 +187,11 @@ def standing_out(signal: np.ndarray, critical: int, ratio: float, minimum: float
     after = np.nan_to_num(signal[critical + 1 :], nan=0.0)
     if len(after) < 2:
         return []
+    leave_out = others and len(after) > 2
+    median = float(np.median(after))
     found = []
     for i in range(1, len(after)):
-        reference = float(np.median(np.delete(after, i) if others and len(after) > 2 else after))
+        reference = float(np.median(np.delete(after, i))) if leave_out else median
         if after[i] >= max(minimum, ratio * reference) or (quiet[0] > 0 and after[i] >= max(quiet[1], quiet[0] * reference)):
             found.append(critical + 1 + i)
     return found
