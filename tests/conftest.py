@@ -168,6 +168,9 @@ def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0, fa
     return model, processor
 
 
+V7_MUTATION = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # StageConfig options: v7's mutation rule under v8
+
+
 def stage_file(num_layers: int, critical: int | None, mutation: list[int], **payload: object):
     """A validated :class:`~evotool.stages.StageFile` with the detector's stage ranges for these boundaries."""
     from evotool.stages import StageFile, stage_ranges

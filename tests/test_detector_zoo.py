@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, stage_file
+from conftest import V7_MUTATION, run_cli, stage_file
 from evotool.analysis.store import RunStore
 from evotool.stages import StageConfig, StageFile, detect_stages
 from evotool.zoo.curves import flips_after_js_drop, token_curves
@@ -161,9 +161,8 @@ def test_v7_last_layer_rule_on_saved_zoo_curves(member: str, v6: list[int], v7: 
     js = z["direct_js"].astype(np.float64)
     args = (z["p_token"].astype(np.float64), z["direct_flip"].astype(float), z["sample"])
     rest = (z["decision_depth"], z["objects"], js)
-    before_v8 = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}
-    old = detect_stages(*args, StageConfig(bootstrap=0, mutation_last_excess=0, **before_v8), *rest)
-    new = detect_stages(*args, StageConfig(bootstrap=0, **before_v8), *rest)
+    old = detect_stages(*args, StageConfig(bootstrap=0, mutation_last_excess=0, **V7_MUTATION), *rest)
+    new = detect_stages(*args, StageConfig(bootstrap=0, **V7_MUTATION), *rest)
     assert old.critical_layer == new.critical_layer == meta["behaviour"]["critical_layer"]
     assert (old.mutation_layers, new.mutation_layers) == (v6, v7) and meta["behaviour"]["mutation_layers"] == v7
     for res in (old, new):
@@ -186,9 +185,8 @@ def test_v8_mutation_rule_on_saved_zoo_curves(member: str, part: dict) -> None:
     args = (z["p_token"].astype(np.float64), z["direct_flip"].astype(float), z["sample"])
     rest = (z["decision_depth"], z["objects"], z["direct_js"].astype(np.float64))
     truth = meta["behaviour"]
-    v7 = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}
     found = {name: detect_stages(*args, StageConfig(bootstrap=0, **opts), *rest)
-             for name, opts in (("v7", v7), ("part", part), ("v8", {}))}
+             for name, opts in (("v7", V7_MUTATION), ("part", part), ("v8", {}))}
     assert {r.critical_layer for r in found.values()} == {truth["critical_layer"]}
     assert found["v7"].mutation_layers == [] and found["part"].mutation_layers == found["v8"].mutation_layers == truth["mutation_layers"]
     for name, res in found.items():

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import V7_MUTATION
 from evotool.cli import app
 from evotool.world import default_model_path
 from test_analyze import assert_one_line_error, evotool
@@ -144,7 +145,7 @@ def test_markdown_report_names_the_mutation_rule_the_run_used(demo_run: Path, tm
     from evotool.analysis.report import write_report
 
     payload = json.loads((demo_run / "stages.json").read_text())
-    payload["config"]["stages"] |= {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # v7
+    payload["config"]["stages"] |= V7_MUTATION
     for excess, needle in ((0.0, "post-critical median;"), (0.03, "(the last layer: its mean JS excess over 0.03")):
         payload["config"]["stages"]["mutation_last_excess"] = excess
         write_report(tmp_path / "report.md", payload, {}, [])

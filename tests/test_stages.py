@@ -8,11 +8,10 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
+from conftest import V7_MUTATION as V7
 from evotool.errors import ConfigError
 from evotool.stages import StageConfig, StageResult, detect_stages
 from evotool.stages.detect import CRITICAL_RULES
-
-V7 = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # v7's mutation rule (v8's options off)
 
 
 class Planted(NamedTuple):
