@@ -157,6 +157,11 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout27": ("l6-gemma-w128-short", "l6-gemma-w64-long", "l6-llama-w64-prior", "l8-llama-w64-short",
         "l8-gemma-w64-short", "l10-gemma-w64-long", "l10-gemma-w64-short", "l12-gemma-w64-long", "l14-qwen2-w64-long",
         "l16-llama-w64-long"),
+    # holdout28: written after holdout27 was read, before the bypass check was chosen (v8 and the check report-only);
+    # a drawn name already in the zoo is a second training draw and carries its torch seed
+    "holdout28": ("l6-llama-w128-short-s239", "l6-gemma-w128-prior-s240", "l8-llama-w64-short-s241",
+        "l8-gemma-w96-long-s242", "l10-llama-w64-short", "l10-qwen2-w64-short-s244", "l12-gemma-w64-short-s245",
+        "l14-llama-w96-short-s246", "l16-llama-w64-long-s247", "l18-qwen2-w128-short-s248"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
