@@ -9,6 +9,7 @@ import pytest
 
 from evotool.errors import StageFileError
 from evotool.stages import StageFile, write_stages
+from evotool.stages.file import SCHEMA_VERSION
 
 BASE = {"model": "m", "fingerprint": "abcd", "num_layers": 12, "critical_layer": 4, "mutation_layers": [10, 11],
         "stages": {"rapid_evolution": [0, 4], "stabilization": [5, 9], "mutation": [10, 12]}}
@@ -32,7 +33,7 @@ def test_writer_bumps_to_1_1_and_keeps_flags(tmp_path: Path) -> None:
     path = tmp_path / "out" / "stages.json"
     written = write_stages(path, {**BASE, "flags": ["short_stable_stage"], "samples": 3})
     on_disk = json.loads(path.read_text())
-    assert next(iter(on_disk)) == "schema_version" and on_disk["schema_version"] == "1.1"
+    assert next(iter(on_disk)) == "schema_version" and on_disk["schema_version"] == SCHEMA_VERSION
     assert StageFile.read(path) == written and written.flags == ["short_stable_stage"]
     assert write_stages(path, BASE).flags == [] and json.loads(path.read_text())["flags"] == []
 

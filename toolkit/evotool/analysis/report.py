@@ -28,6 +28,10 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
         "by a layer's own update after the critical layer) |",
         f"| flags | {', '.join(payload.get('flags', [])) or 'none'} |",
     ]
+    check = payload.get("mutation_check")
+    if check:
+        lines.insert(-1, f"| mutation check | called {check['called']}, confirmed {check['confirmed'] or 'none'} "
+                         f"({_check_rule(payload['config']['stages'])}) |")
     for name in ("rapid_evolution", "stabilization", "mutation"):
         rng = stages[name]
         lines.append(f"| {name.replace('_', ' ')} | {'layers %d-%d' % tuple(rng) if rng else 'absent'} |")
@@ -72,6 +76,13 @@ def _mutation_rule(cfg: dict) -> str:
             rule += f" (the last layer: its mean JS excess over {cfg['mutation_last_excess']:g}, the same ratio)"
         return rule
     return f"layers whose direct-effect flip share is >= {cfg['mutation_ratio']:g}x its post-critical median"
+
+
+def _check_rule(cfg: dict) -> str:
+    """The bypass check's rule of a run's stage options, in words."""
+    return (f"kept when bypassing the layer on these samples rewrites >= {cfg['check_min_rewrite']:.0%} of the tokens and "
+            f">= {cfg['check_ratio']:g}x the median over the other post-critical layers, or lowers CHAIR_i by >= "
+            f"{cfg['check_chair_cut']:g} at a recall loss <= {cfg['check_recall']:g}")
 
 
 def _critical_rule(cfg: dict, objects: bool) -> str:

@@ -41,6 +41,7 @@ from evotool.models.loading import fingerprint, load_model, process_state
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
+from evotool.stages.check import bypass_effects, confirm_mutations
 from evotool.trace import direct_effect, lens_with_direct, trace_batch
 from evotool.tracking import ArtifactRef, Tracker
 from evotool.validate import output_dir
@@ -129,7 +130,7 @@ def _run(cfg: AnalyzeConfig, samples: list[Sample], state: Any, loaded: tuple[nn
         state.wait_for_everyone()
     if not state.is_main_process:
         return cfg.out / STAGES_FILE
-    return finalize(cfg, store, run_info, getattr(processor, "tokenizer", processor))
+    return finalize(cfg, store, run_info, (model, processor), samples)
 
 
 def _analyse_batch(batch: Sequence[Sample], cfg: AnalyzeConfig, store: RunStore, model: nn.Module, parts: DecoderParts,
@@ -185,8 +186,11 @@ def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError
     tqdm.write(f"skipped: {err}")
 
 
-def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], tokenizer: Any) -> Path:
-    """Aggregate the finished samples into the run's outputs."""
+def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], loaded: tuple[nn.Module, Any],
+             samples: Sequence[Sample]) -> Path:
+    """Aggregate the finished samples into the run's outputs (the loaded model runs the mutation check, when on)."""
+    model, processor = loaded
+    tokenizer = getattr(processor, "tokenizer", processor)
     store.compact_errors()
     loaded = store.load_all()
     if not loaded:
@@ -195,6 +199,12 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], toke
     traces = [t for _, t in loaded]
     vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
     result = detect(traces, cfg.stages, object_mask(records, vocab))
+    if cfg.stages.mutation_check and result.critical_layer is not None and result.mutation_layers:
+        done = {r["id"] for r in records}
+        effects = bypass_effects(model, processor, [s for s in samples if s.id in done],
+                                 range(result.critical_layer + 1, run_info["num_layers"] + 1), vocab, cfg.max_new_tokens,
+                                 cfg.batch_size)
+        result = confirm_mutations(result, effects, cfg.stages)
     curves = summary_curves(traces)
     write_token_table(cfg.out / "tokens.parquet", records, traces, result)
     boundaries = result.to_dict()

@@ -32,6 +32,9 @@ see docs/stages.md):
   post-critical layers (``mutation_reference`` others: a second large layer among few no longer hides the first) and
   lets a layer under ``mutation_min_js`` count when it stands ``mutation_quiet_ratio`` (20) times that median above
   ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
+* **Mutation check** (``mutation_check``; run by ``evotool analyze``, which holds the model: :mod:`evotool.stages.check`):
+  each call is tested by bypassing the layer on the run's own samples and dropped (flag ``mutation_unconfirmed``)
+  unless the behaviour shows it; the check never adds a layer.
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
@@ -110,6 +113,18 @@ class StageConfig:
                 "(wide_interval, uncertain_mutation; earlier releases flagged a critical interval wider than 2 layers and a "
                 "mutation whose presence most resamples disagree on)"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    mutation_check: bool = field(default=False, metadata={
+        "help": "evotool analyze: test each mutation call by bypassing it on the run's own samples and keep only calls the "
+                "behaviour shows (check_* options; evotool.stages.check). Costs one greedy generation of the samples per "
+                "layer after the critical one, run only when a mutation is called"})
+    check_min_rewrite: float = field(default=0.03, metadata={
+        "help": "mutation check: a call is kept when its bypass rewrites at least this share of the full model's tokens"})
+    check_ratio: float = field(default=2.0, metadata={
+        "help": "mutation check: ... and at least this many times the median share over the other post-critical layers"})
+    check_chair_cut: float = field(default=0.03, metadata={
+        "help": "mutation check: or when its bypass lowers object CHAIR_i by at least this (samples with ground-truth objects)"})
+    check_recall: float = field(default=0.02, metadata={
+        "help": "mutation check: ... at an object-recall loss of at most this"})
 
     def __post_init__(self) -> None:
         if self.critical_rule not in CRITICAL_RULES:
@@ -139,6 +154,11 @@ class StageConfig:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
         if self.mutation_last_excess > 0 and self.mutation_signal != "js":
             raise ConfigError("stage option mutation_last_excess needs mutation_signal=js (it re-reads the direct JS)")
+        for name in ("check_min_rewrite", "check_chair_cut", "check_recall"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
+        if self.check_ratio < 0:
+            raise ConfigError(f"stage option check_ratio={self.check_ratio} must be >= 0")
         for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "flag_tolerance", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must be >= 0")
@@ -240,6 +260,17 @@ def stage_ranges(num_layers: int, critical: int | None, mutation_layers: list[in
     return {"rapid_evolution": [0, critical], "stabilization": stab, "mutation": mut}
 
 
+def stage_flags(critical: int | None, stages: dict[str, list[int] | None]) -> list[str]:
+    """``no_stable_stage`` / ``short_stable_stage`` when there is a ``critical`` layer and the stabilization stage of
+    ``stages`` (:func:`stage_ranges`) is empty / a single layer."""
+    if critical is None:
+        return []
+    stab = stages["stabilization"]
+    if stab is None:
+        return ["no_stable_stage"]
+    return ["short_stable_stage"] if stab[1] - stab[0] + 1 < 2 else []
+
+
 @dataclass
 class StageResult:
     """Boundaries of one dataset (what ``stages.json`` stores besides curves and metadata)."""
@@ -255,6 +286,7 @@ class StageResult:
     mutation_stats: dict[str, Any]
     per_token_critical: list[int | None]
     per_token_mutation: list[int | None]
+    mutation_check: dict[str, Any] | None = None  # the bypass check's record (evotool.stages.check), when it ran
 
     @property
     def mutation(self) -> int | None:
@@ -379,12 +411,7 @@ def detect_stages(p_token: np.ndarray, direct_flip: np.ndarray | None = None, gr
         interval = _bootstrap(tokens, groups, cfg)
         flags += uncertainty_flags(critical, mutations, interval, cfg)
     stages = stage_ranges(num_layers, critical, mutations)
-    if critical is not None:
-        stab = stages["stabilization"]
-        if stab is None:
-            flags.append("no_stable_stage")
-        elif stab[1] - stab[0] + 1 < 2:
-            flags.append("short_stable_stage")
+    flags += stage_flags(critical, stages)
     per_m: list[int | None] = [None] * n_tok
     histogram: dict[int, int] = {}
     if direct_flip is not None and critical is not None:
