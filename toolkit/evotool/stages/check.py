@@ -8,8 +8,8 @@ object hallucination (CHAIR_i over object mentions of the run's object vocabular
 :func:`confirm_mutations` keeps a call when its bypass rewrites at least ``check_min_rewrite`` of the tokens and
 ``check_ratio`` times the median over the other post-critical layers, or lowers CHAIR_i by ``check_chair_cut``
 at a recall loss of at most ``check_recall``; the other calls are dropped (flag ``mutation_unconfirmed``).
-The check never adds a layer the direct-effect rule did not call. Thresholds chosen in-sample on 44 zoo members
-(docs/stages.md, "The bypass check").
+The check never adds a layer the direct-effect rule did not call. Thresholds chosen in-sample on 44 zoo members; an
+option (``StageConfig.mutation_check``), not adopted on holdout28 (docs/stages.md, "The bypass check").
 
 Layers are numbered 1..L (0 = embeddings).
 """
