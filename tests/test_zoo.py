@@ -162,6 +162,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout28": ("l6-llama-w128-short-s239", "l6-gemma-w128-prior-s240", "l8-llama-w64-short-s241",
         "l8-gemma-w96-long-s242", "l10-llama-w64-short", "l10-qwen2-w64-short-s244", "l12-gemma-w64-short-s245",
         "l14-llama-w96-short-s246", "l16-llama-w64-long-s247", "l18-qwen2-w128-short-s248"),
+    # holdout29: written after holdout28 was read (v8 report-only, the bypass check and v7 beside it)
+    "holdout29": ("l6-gemma-w64-long-s249", "l6-gemma-w128-long-s250", "l8-llama-w128-long-s251",
+        "l8-qwen2-w96-short-s252", "l10-llama-w64-long-s253", "l12-gemma-w64-long-s254"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
