@@ -186,10 +186,10 @@ def _fail(store: RunStore, cfg: AnalyzeConfig, sample: Sample, err: EvotoolError
     tqdm.write(f"skipped: {err}")
 
 
-def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], loaded: tuple[nn.Module, Any],
+def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], model_and_processor: tuple[nn.Module, Any],
              samples: Sequence[Sample]) -> Path:
     """Aggregate the finished samples into the run's outputs (the loaded model runs the mutation check, when on)."""
-    model, processor = loaded
+    model, processor = model_and_processor
     tokenizer = getattr(processor, "tokenizer", processor)
     store.compact_errors()
     loaded = store.load_all()
