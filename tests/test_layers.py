@@ -22,7 +22,7 @@ LAYERS = {
     "evotool.prune.speed": 1, "evotool.prune.speculative": 1,
     "evotool.evals": 2,  # metrics and the eval harness
     "evotool.analysis": 3, "evotool.prune": 3, "evotool.mitigate": 3, "evotool.world.train": 3,  # jobs
-    "evotool.stages.behaviour": 3, "evotool.zoo": 3,
+    "evotool.stages.behaviour": 3, "evotool.stages.check": 3, "evotool.zoo": 3,
     "evotool.integrations": 3,  # evotool inside transformers, lmms-eval and the Hub
     "evotool.cli": 4, "evotool.__main__": 4,
     "evotool.recipes": 5,  # compositions: nothing imports them
