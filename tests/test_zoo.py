@@ -165,6 +165,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout29: written after holdout28 was read (v8 report-only, the bypass check and v7 beside it)
     "holdout29": ("l6-gemma-w64-long-s249", "l6-gemma-w128-long-s250", "l8-llama-w128-long-s251",
         "l8-qwen2-w96-short-s252", "l10-llama-w64-long-s253", "l12-gemma-w64-long-s254"),
+    # holdout30: written after holdout29 was read (v8 report-only, v7 and the check beside it; it decides v8 vs v7)
+    "holdout30": ("l14-qwen2-w128-short-s255", "l14-gemma-w64-long-s256", "l6-qwen2-w96-prior-s257",
+        "l8-llama-w96-short-s258", "l14-llama-w64-short-s259", "l8-gemma-w128-long-s260", "l16-qwen2-w128-short-s261",
+        "l12-llama-w64-prior-s262"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
