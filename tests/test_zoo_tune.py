@@ -82,6 +82,10 @@ def test_sweep_chooses_on_its_splits_and_reports_the_others() -> None:
         SweepSpec({"depth_share": [0.8]}, ["tunes"])
     with pytest.raises(ConfigError, match="--choose-on names no split"):
         SweepSpec({"depth_share": [0.8]}, [])
+    with pytest.raises(ConfigError, match="--sealed holdout99"):
+        SweepSpec({"depth_share": [0.8]}, ["tune"], ["holdout99"])
+    with pytest.raises(ConfigError, match="--choose-on and --sealed both name holdout"):
+        SweepSpec({"depth_share": [0.8]}, ["tune", "holdout"], ["holdout"])
     with pytest.raises(InputError, match="nothing to choose on"):
         sweep(runs, SweepSpec({"depth_share": [0.8]}, ["holdout7"]))
 

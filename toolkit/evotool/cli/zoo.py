@@ -90,18 +90,15 @@ def tune(
                                            help="Also print every point's counts split by split.")] = False,
 ) -> None:
     """Sweep detector thresholds over the built members' saved analyses: choose on some splits, report the rest."""
-    from evotool.errors import ConfigError, InputError
+    from evotool.errors import InputError
     from evotool.io import write_json
     from evotool.zoo.config import load_members
     from evotool.zoo.tune import SCHEMA_VERSION, SweepSpec, load_runs, parse_grid, sweep, sweep_table
 
     if not out.is_dir():
         raise InputError(f"--out {out}: no zoo there (not a folder); build one with `evotool zoo build --out {out}`")
-    spec, shut = SweepSpec(parse_grid(grid), _splits(choose_on)), _splits(sealed)
-    both = [s for s in spec.choose_on if s in shut]
-    if both:
-        raise ConfigError(f"--choose-on and --sealed both name {both[0]}")
-    runs, skipped = load_runs(load_members(configs, sealed=shut), out)
+    spec = SweepSpec(parse_grid(grid), _splits(choose_on), _splits(sealed))
+    runs, skipped = load_runs(load_members(configs, sealed=spec.sealed), out)
     if skipped:
         typer.echo(f"skipped {len(skipped)} member(s) without both analyses and a ground truth: {', '.join(skipped)}",
                    err=True)

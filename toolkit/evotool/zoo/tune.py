@@ -106,11 +106,13 @@ def _counts(checks: Mapping[str, Mapping[str, bool | None]], names: Sequence[str
 
 @dataclass
 class SweepSpec:
-    """What to sweep: ``grid`` (stage option -> values, every combination on top of ``base``) and the splits the
-    choice may read (``choose_on``); validated on construction, before any run is loaded."""
+    """What to sweep: ``grid`` (stage option -> values, every combination on top of ``base``), the splits the
+    choice may read (``choose_on``) and those left unread (``sealed``: neither loaded nor shown, so never chosen on);
+    validated on construction, before any run is loaded."""
 
     grid: dict[str, list[Any]]
     choose_on: list[str]
+    sealed: list[str] = field(default_factory=list)
     base: StageConfig = field(default_factory=StageConfig)
     points: list[StageConfig] = field(init=False)
 
@@ -118,6 +120,10 @@ class SweepSpec:
         if not self.choose_on:
             raise ConfigError(f"--choose-on names no split (splits: {', '.join(SPLITS)})")
         check_splits("--choose-on", self.choose_on)
+        check_splits("--sealed", self.sealed)
+        both = [s for s in self.choose_on if s in self.sealed]
+        if both:
+            raise ConfigError(f"--choose-on and --sealed both name {both[0]}")
         self.points = grid_points(self.grid, self.base)
 
 
