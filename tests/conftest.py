@@ -168,7 +168,8 @@ def tiny_world_llava(layers: int, save_to: Path | None = None, seed: int = 0, fa
     return model, processor
 
 
-V7_MUTATION = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # StageConfig options: v7's mutation rule under v8
+V7_MUTATION = {"mutation_reference": "all", "mutation_quiet_ratio": 0.0}  # StageConfig options: v7's mutation rule (the default)
+V8_MUTATION = {"mutation_reference": "others", "mutation_quiet_ratio": 20.0}  # v8's (the default from holdout26 to holdout30)
 
 
 def stage_file(num_layers: int, critical: int | None, mutation: list[int], **payload: object):

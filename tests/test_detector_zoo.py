@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import V7_MUTATION, run_cli, stage_file
+from conftest import V7_MUTATION, V8_MUTATION, run_cli, stage_file
 from evotool.analysis.store import RunStore
 from evotool.stages import StageConfig, StageFile, detect_stages
 from evotool.zoo.curves import flips_after_js_drop, token_curves
@@ -172,21 +172,21 @@ def test_v7_last_layer_rule_on_saved_zoo_curves(member: str, v6: list[int], v7: 
     assert (last > 0.1).mean() < 0.02 if v6 else (last > 0.1).mean() > 0.02  # the tail the excess reads
 
 
-@pytest.mark.parametrize("member,part", [("l6-qwen2-w64-prior", {"mutation_quiet_ratio": 0.0}),
-                                         ("l22-gemma-w64-prior", {"mutation_reference": "all"})])
+@pytest.mark.parametrize("member,part", [("l6-qwen2-w64-prior", V8_MUTATION | {"mutation_quiet_ratio": 0.0}),
+                                         ("l22-gemma-w64-prior", V8_MUTATION | {"mutation_reference": "all"})])
 def test_v8_mutation_rule_on_saved_zoo_curves(member: str, part: dict) -> None:
     """Members of holdout25 whose behavioural mutation v7 misses (docs/stages.md, "Detector v8"), in the 24 members v8
     was chosen on. l6-qwen2-w64-prior: bypassing layer 5 cuts CHAIR_i, but its mean direct JS is 2.6x the median of
     layers 3-6 because the last layer is large too; v8's median of the other layers makes it stand out.
     l22-gemma-w64-prior: layer 19 stands 30x its post-critical median, but at a mean direct JS of ~4e-4 under the
     0.001 floor; v8's quiet tier (20x, floor 2e-4) reads it. Each part alone (the other one off) finds it; v8 (the
-    default since holdout26) is both."""
+    default from holdout26 to holdout30) is both."""
     meta, z = saved(member)
     args = (z["p_token"].astype(np.float64), z["direct_flip"].astype(float), z["sample"])
     rest = (z["decision_depth"], z["objects"], z["direct_js"].astype(np.float64))
     truth = meta["behaviour"]
     found = {name: detect_stages(*args, StageConfig(bootstrap=0, **opts), *rest)
-             for name, opts in (("v7", V7_MUTATION), ("part", part), ("v8", {}))}
+             for name, opts in (("v7", V7_MUTATION), ("part", part), ("v8", V8_MUTATION))}
     assert {r.critical_layer for r in found.values()} == {truth["critical_layer"]}
     assert found["v7"].mutation_layers == [] and found["part"].mutation_layers == found["v8"].mutation_layers == truth["mutation_layers"]
     for name, res in found.items():

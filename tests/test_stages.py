@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import V7_MUTATION as V7
+from conftest import V8_MUTATION
 from evotool.errors import ConfigError
 from evotool.stages import StageConfig, StageResult, detect_stages
 from evotool.stages.detect import CRITICAL_RULES
@@ -181,7 +182,7 @@ def test_last_layer_excess_tells_sharpening_from_mutation() -> None:
         StageConfig(mutation_last_min=2.0)
 
 
-V8 = StageConfig(bootstrap=0)  # the default since holdout26
+V8 = StageConfig(bootstrap=0, **V8_MUTATION)  # the default from holdout26 to holdout30
 
 
 def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts() -> None:
@@ -203,9 +204,9 @@ def test_v8_reference_leaves_the_layer_out_and_quiet_tier_reads_small_standouts(
     q.js[:, 16] = 30 * 1.3e-5  # 3.9e-4: 30x the median, under mutation_min_js
     assert detect(q, cfg=StageConfig(bootstrap=0, **V7)).mutation_layers == []
     assert detect(q, cfg=V8).mutation_layers == [16]
-    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_ratio=40)).mutation_layers == []
-    assert detect(q, cfg=StageConfig(bootstrap=0, mutation_quiet_min_js=5e-4)).mutation_layers == []
-    assert (StageConfig().mutation_reference, StageConfig().mutation_quiet_ratio) == ("others", 20.0)
+    assert detect(q, cfg=StageConfig(bootstrap=0, **V8_MUTATION | {"mutation_quiet_ratio": 40})).mutation_layers == []
+    assert detect(q, cfg=StageConfig(bootstrap=0, **V8_MUTATION, mutation_quiet_min_js=5e-4)).mutation_layers == []
+    assert (StageConfig().mutation_reference, StageConfig().mutation_quiet_ratio) == ("all", 0.0)  # v7 again since holdout30
     assert (StageConfig(mutation_signal="flip").mutation_reference, StageConfig(mutation_signal="flip").mutation_quiet_ratio) == ("all", 0.0)
     with pytest.raises(ConfigError, match="mutation_reference"):
         StageConfig(mutation_reference="mean")

@@ -27,11 +27,11 @@ see docs/stages.md):
   ``mutation_ratio`` (3) times its median, ``mutation_min_flip`` and ``mutation_min_tokens`` tokens. The first of
   them starts the mutation stage. v7 (``mutation_last_excess`` 0.03; 0 gives v6) judges the last layer on the mean
   of ``max(direct_js - mutation_last_excess, 0)`` instead (same ratio, floor ``mutation_last_min``): a final layer
-  that only sharpens confidence moves a little mass on every token. v8 (the default since holdout26; registered
-  before it was read and adopted by that registered rule; docs/stages.md) divides by the median over the *other*
-  post-critical layers (``mutation_reference`` others: a second large layer among few no longer hides the first) and
-  lets a layer under ``mutation_min_js`` count when it stands ``mutation_quiet_ratio`` (20) times that median above
-  ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
+  that only sharpens confidence moves a little mass on every token. v7 is the default (again since holdout30). v8
+  (the default from holdout26 to holdout30, each step by a rule registered before the read; docs/stages.md) divides
+  by the median over the *other* post-critical layers (``mutation_reference=others``: a second large layer among few
+  no longer hides the first) and lets a layer under ``mutation_min_js`` count when it stands ``mutation_quiet_ratio``
+  (20) times that median above ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
 * **Mutation check** (``mutation_check``; run by ``evotool analyze``, which holds the model: :mod:`evotool.stages.check`):
   each call is tested by bypassing the layer on the run's own samples and dropped (flag ``mutation_unconfirmed``)
   unless the behaviour shows it; the check never adds a layer.
@@ -61,8 +61,8 @@ MUTATION_SIGNALS = ("js", "flip")
 # (docs/stages.md); the flip signal (v2-v4) has no last-layer rule and no quiet tier.
 SIGNAL_DEFAULTS: dict[str, dict[str, float | str]] = {"mutation_ratio": {"js": 8.0, "flip": 3.0},
                                                       "mutation_last_excess": {"js": 0.03, "flip": 0.0},
-                                                      "mutation_reference": {"js": "others", "flip": "all"},
-                                                      "mutation_quiet_ratio": {"js": 20.0, "flip": 0.0}}
+                                                      "mutation_reference": {"js": "all", "flip": "all"},
+                                                      "mutation_quiet_ratio": {"js": 0.0, "flip": 0.0}}
 MUTATION_REFERENCES = ("all", "others")
 
 
@@ -93,10 +93,10 @@ class StageConfig:
     mutation_last_min: float = field(default=0.0025, metadata={
         "help": "mutation_last_excess > 0: minimum excess signal of a last-layer mutation"})
     mutation_reference: str | None = field(default=None, metadata={
-        "help": "what the mutation ratio divides by: others (v8; the default for js) = the signal's median over the layers "
-                "after the critical one other than the layer judged; all (v2-v7; the default for flip) = over all of them"})
+        "help": "what the mutation ratio divides by: all (v2-v7, the default) = the signal's median over the layers after the "
+                "critical one; others (v8) = over those other than the layer judged"})
     mutation_quiet_ratio: float | None = field(default=None, metadata={
-        "help": "mutation_signal js (v8: 20, the default; 0: off, v7; flip: none): a layer under mutation_min_js still counts when its signal is "
+        "help": "mutation_signal js (0: off, v7, the default; v8: 20; flip: none): a layer under mutation_min_js still counts when its signal is "
                 "at least this many times the reference and at least mutation_quiet_min_js"})
     mutation_quiet_min_js: float = field(default=0.0002, metadata={
         "help": "mutation_quiet_ratio > 0: minimum mean direct-effect JS of such a quiet mutation layer (at or above "
