@@ -169,6 +169,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout30": ("l14-qwen2-w128-short-s255", "l14-gemma-w64-long-s256", "l6-qwen2-w96-prior-s257",
         "l8-llama-w96-short-s258", "l14-llama-w64-short-s259", "l8-gemma-w128-long-s260", "l16-qwen2-w128-short-s261",
         "l12-llama-w64-prior-s262"),
+    # holdout31: written after holdout30 was read (v7 the default again, report-only; v8 and the check beside it)
+    "holdout31": ("l6-qwen2-w64-long-s263", "l8-gemma-w64-short-s264", "l6-gemma-w64-prior-s265",
+        "l8-llama-w128-short-s266", "l6-llama-w64-prior-s267", "l12-gemma-w96-short-s268"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
