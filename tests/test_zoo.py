@@ -172,6 +172,10 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout31: written after holdout30 was read (v7 the default again, report-only; v8 and the check beside it)
     "holdout31": ("l6-qwen2-w64-long-s263", "l8-gemma-w64-short-s264", "l6-gemma-w64-prior-s265",
         "l8-llama-w128-short-s266", "l6-llama-w64-prior-s267", "l12-gemma-w96-short-s268"),
+    # holdout32: written after holdout31 was read (v7 report-only; a revised bypass check judged on it)
+    "holdout32": ("l6-llama-w64-long-s269", "l16-llama-w96-short-s270", "l16-llama-w64-long-s271",
+        "l14-qwen2-w64-prior-s272", "l16-qwen2-w96-prior-s273", "l6-gemma-w64-prior-s274", "l6-qwen2-w128-short-s275",
+        "l10-llama-w96-short-s276"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
