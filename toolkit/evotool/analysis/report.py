@@ -30,8 +30,9 @@ def write_report(path: Path, payload: dict[str, Any], figs: dict[str, Path], rec
     ]
     check = payload.get("mutation_check")
     if check:
-        lines.insert(-1, f"| mutation check | called {check['called']}, confirmed {check['confirmed'] or 'none'} "
-                         f"({_check_rule(payload['config']['stages'])}) |")
+        also = f", added {check['added']}" if check.get("added") else ""  # schema 1.3; earlier checks never add
+        lines.insert(-1, f"| mutation check | called {check['called'] or 'none'}, confirmed {check['confirmed'] or 'none'}"
+                         f"{also} ({_check_rule(payload['config']['stages'])}) |")
     for name in ("rapid_evolution", "stabilization", "mutation"):
         rng = stages[name]
         lines.append(f"| {name.replace('_', ' ')} | {'layers %d-%d' % tuple(rng) if rng else 'absent'} |")
@@ -82,7 +83,12 @@ def _check_rule(cfg: dict) -> str:
     """The bypass check's rule of a run's stage options, in words."""
     return (f"kept when bypassing the layer on these samples rewrites >= {cfg['check_min_rewrite']:.0%} of the tokens and "
             f">= {cfg['check_ratio']:g}x the median over the other post-critical layers, or lowers CHAIR_i by >= "
-            f"{cfg['check_chair_cut']:g} at a recall loss <= {cfg['check_recall']:g}")
+            f"{cfg['check_chair_cut']:g} at a recall loss <= {cfg['check_recall']:g}"
+            + (f"; a call kept for its rewrites alone is dropped when its bypass raises CHAIR_i by > {cfg['check_chair_guard']:g}"
+               if cfg.get("check_chair_guard") is not None else "")
+            + (f"; layers from critical + 2 whose bypass lowers CHAIR_i by >= {cfg['check_add_cut']:g} and >= "
+               f"{cfg['check_add_share']:.0%} of the full model's at a recall loss <= {cfg['check_recall']:g} are added"
+               if cfg.get("check_add_cut") is not None else ""))
 
 
 def _critical_rule(cfg: dict, objects: bool) -> str:

@@ -41,7 +41,7 @@ from evotool.models.loading import fingerprint, load_model, process_state
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
-from evotool.stages.check import bypass_effects, confirm_mutations
+from evotool.stages.check import bypass_effects, check_needed, confirm_mutations
 from evotool.trace import direct_effect, lens_with_direct, trace_batch
 from evotool.tracking import ArtifactRef, Tracker
 from evotool.validate import output_dir
@@ -199,12 +199,13 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], mode
     traces = [t for _, t in loaded]
     vocab = object_vocabulary(records, cfg.object_vocab or (_world_shapes() if cfg.data is None else None))
     result = detect(traces, cfg.stages, object_mask(records, vocab))
-    if cfg.stages.mutation_check and result.critical_layer is not None and result.mutation_layers:
+    if cfg.stages.mutation_check and check_needed(result, cfg.stages):
+        assert result.critical_layer is not None
         done = {r["id"] for r in records}
-        effects = bypass_effects(model, processor, [s for s in samples if s.id in done],
-                                 range(result.critical_layer + 1, run_info["num_layers"] + 1), vocab, cfg.max_new_tokens,
-                                 cfg.batch_size)
-        result = confirm_mutations(result, effects, cfg.stages)
+        bypass = bypass_effects(model, processor, [s for s in samples if s.id in done],
+                                range(result.critical_layer + 1, run_info["num_layers"] + 1), vocab, cfg.max_new_tokens,
+                                cfg.batch_size)
+        result = confirm_mutations(result, bypass, cfg.stages)
     curves = summary_curves(traces)
     write_token_table(cfg.out / "tokens.parquet", records, traces, result)
     boundaries = result.to_dict()

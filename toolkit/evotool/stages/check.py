@@ -8,8 +8,12 @@ object hallucination (CHAIR_i over object mentions of the run's object vocabular
 :func:`confirm_mutations` keeps a call when its bypass rewrites at least ``check_min_rewrite`` of the tokens and
 ``check_ratio`` times the median over the other post-critical layers, or lowers CHAIR_i by ``check_chair_cut``
 at a recall loss of at most ``check_recall``; the other calls are dropped (flag ``mutation_unconfirmed``).
-The check never adds a layer the direct-effect rule did not call. Thresholds chosen in-sample on 44 zoo members; an
-option (``StageConfig.mutation_check``), not adopted on holdout28 (docs/stages.md, "The bypass check").
+Two refinements are options (off by default): ``check_chair_guard`` drops a call kept for its rewrites alone when
+its bypass raises CHAIR_i (the layer suppresses hallucinations), and ``check_add_cut`` adds the layers from critical
++ 2 on whose bypass cuts CHAIR_i by at least ``check_add_cut`` and ``check_add_share`` of the full model's CHAIR_i
+at a recall loss of at most ``check_recall`` (flag ``mutation_added``): a hallucination layer the direct-effect
+signal cannot see. Thresholds chosen in-sample on zoo members; the check is an option
+(``StageConfig.mutation_check``; docs/stages.md, "The bypass check").
 
 Layers are numbered 1..L (0 = embeddings).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,8 +57,18 @@ def object_scores(tokens: Sequence[Sequence[str]], samples: Sequence[Sample], vo
     return {"chair_i": hallucinated / mentions if mentions else 0.0, "recall": named / truth}
 
 
+@dataclass(frozen=True)
+class Bypass:
+    """What :func:`bypass_effects` measured: the full model's object scores (``chair_i``, ``recall``; None without
+    ground-truth objects) and, per bypassed layer, ``rewrite`` and, with ground-truth objects, ``chair_cut`` and
+    ``recall_loss``."""
+
+    full: dict[str, float] | None
+    effects: dict[int, dict[str, float]]
+
+
 def bypass_effects(model: nn.Module, processor: Any, samples: Sequence[Sample], layers: Sequence[int], vocab: set[str],
-                   max_new_tokens: int, batch_size: int) -> dict[int, dict[str, float]]:
+                   max_new_tokens: int, batch_size: int) -> Bypass:
     """Per layer in ``layers`` (1..L), generation of ``samples`` with that layer removed against the full model's:
     ``rewrite`` (1 - token agreement) and, with ground-truth objects, ``chair_cut`` (full CHAIR_i - bypassed) and
     ``recall_loss`` (full object recall - bypassed)."""
@@ -71,7 +86,7 @@ def bypass_effects(model: nn.Module, processor: Any, samples: Sequence[Sample], 
         effects[layer] = {"rewrite": 1.0 - token_agreement(full_ids, ids)["agreement"]}
         if full is not None and scores is not None:
             effects[layer].update(chair_cut=full["chair_i"] - scores["chair_i"], recall_loss=full["recall"] - scores["recall"])
-    return effects
+    return Bypass(full, effects)
 
 
 def confirmed(layer: int, effects: dict[int, dict[str, float]], cfg: StageConfig) -> bool:
@@ -82,24 +97,48 @@ def confirmed(layer: int, effects: dict[int, dict[str, float]], cfg: StageConfig
     reference = float(np.median(others)) if others else 0.0
     rewrites = effect["rewrite"] >= cfg.check_min_rewrite and effect["rewrite"] >= cfg.check_ratio * reference
     cuts = "chair_cut" in effect and effect["chair_cut"] >= cfg.check_chair_cut and effect["recall_loss"] <= cfg.check_recall
+    if rewrites and not cuts and cfg.check_chair_guard is not None and "chair_cut" in effect:
+        rewrites = effect["chair_cut"] >= -cfg.check_chair_guard
     return rewrites or cuts
 
 
-def confirm_mutations(result: StageResult, effects: dict[int, dict[str, float]], cfg: StageConfig) -> StageResult:
-    """``result`` with only the mutation calls the bypass ``effects`` (every layer after the critical one, see
-    :func:`bypass_effects`) confirm; stages and stage flags follow, ``mutation_unconfirmed`` marks a dropped call and
-    ``mutation_check`` records the effects and the calls before the check."""
-    if result.critical_layer is None or not result.mutation_layers:
+def added(critical: int, bypass: Bypass, cfg: StageConfig) -> list[int]:
+    """The layers from ``critical`` + 2 on whose bypass cuts CHAIR_i by at least ``check_add_cut`` and
+    ``check_add_share`` of the full model's at a recall loss of at most ``check_recall`` (none when
+    ``check_add_cut`` is off or the samples have no ground-truth objects)."""
+    if cfg.check_add_cut is None or bypass.full is None:
+        return []
+    least = max(cfg.check_add_cut, cfg.check_add_share * bypass.full["chair_i"])
+    return sorted(layer for layer, e in bypass.effects.items() if layer >= critical + 2 and "chair_cut" in e
+                  and e["chair_cut"] >= least and e["recall_loss"] <= cfg.check_recall)
+
+
+def check_needed(result: StageResult, cfg: StageConfig) -> bool:
+    """Whether the check has something to test on ``result``: a critical layer, and a call or ``check_add_cut`` set."""
+    return result.critical_layer is not None and bool(result.mutation_layers or cfg.check_add_cut is not None)
+
+
+def confirm_mutations(result: StageResult, bypass: Bypass, cfg: StageConfig) -> StageResult:
+    """``result`` with only the mutation calls the bypass effects (every layer after the critical one, see
+    :func:`bypass_effects`) confirm, plus the layers :func:`added` finds; stages and stage flags follow,
+    ``mutation_unconfirmed`` marks a dropped call, ``mutation_added`` an added layer, and ``mutation_check`` records
+    the calls before the check, the full model's scores and the effects."""
+    if not check_needed(result, cfg):
         return result
-    missing = set(range(result.critical_layer + 1, result.num_layers + 1)) - set(effects)
+    assert result.critical_layer is not None
+    missing = set(range(result.critical_layer + 1, result.num_layers + 1)) - set(bypass.effects)
     if missing:
         raise ValueError(f"bypass effects missing for post-critical layers {sorted(missing)}")
-    kept = [m for m in result.mutation_layers if confirmed(m, effects, cfg)]
-    stages = stage_ranges(result.num_layers, result.critical_layer, kept)
+    kept = [m for m in result.mutation_layers if confirmed(m, bypass.effects, cfg)]
+    new = [m for m in added(result.critical_layer, bypass, cfg) if m not in kept]
+    layers = sorted(kept + new)
+    stages = stage_ranges(result.num_layers, result.critical_layer, layers)
     flags = [f for f in result.flags if f not in stage_flags(result.critical_layer, result.stages)]
     flags += stage_flags(result.critical_layer, stages)
-    if kept != result.mutation_layers:
+    if not set(result.mutation_layers) <= set(layers):
         flags.append("mutation_unconfirmed")
-    check = {"called": result.mutation_layers, "confirmed": kept,
-             "effects": {str(layer): effect for layer, effect in sorted(effects.items())}}
-    return dataclasses.replace(result, mutation_layers=kept, stages=stages, flags=flags, mutation_check=check)
+    if not set(layers) <= set(result.mutation_layers):
+        flags.append("mutation_added")
+    check = {"called": result.mutation_layers, "confirmed": kept, "added": new, "full": bypass.full,
+             "effects": {str(layer): effect for layer, effect in sorted(bypass.effects.items())}}
+    return dataclasses.replace(result, mutation_layers=layers, stages=stages, flags=flags, mutation_check=check)

@@ -34,7 +34,8 @@ see docs/stages.md):
   (20) times that median above ``mutation_quiet_min_js`` (a deep stack whose late layers barely move the output).
 * **Mutation check** (``mutation_check``; run by ``evotool analyze``, which holds the model: :mod:`evotool.stages.check`):
   each call is tested by bypassing the layer on the run's own samples and dropped (flag ``mutation_unconfirmed``)
-  unless the behaviour shows it; the check never adds a layer.
+  unless the behaviour shows it; with ``check_add_cut`` set it also calls a layer whose bypass cuts the samples'
+  object hallucinations (flag ``mutation_added``).
 * Stages (inclusive): rapid evolution ``[0, C]``, stabilization ``[C+1, M-1]``, mutation ``[M, L]``.
 * **Interval**: both boundaries recomputed on ``bootstrap`` resamples of the *samples* (tokens of one sample stay
   together); the ``interval`` central share of the resampled values.
@@ -125,6 +126,15 @@ class StageConfig:
         "help": "mutation check: or when its bypass lowers object CHAIR_i by at least this (samples with ground-truth objects)"})
     check_recall: float = field(default=0.02, metadata={
         "help": "mutation check: ... at an object-recall loss of at most this"})
+    check_chair_guard: float | None = field(default=None, metadata={
+        "help": "mutation check: a call kept for its rewrites alone is dropped when its bypass raises CHAIR_i by more than "
+                "this (the layer suppresses hallucinations rather than making them; None: off)"})
+    check_add_cut: float | None = field(default=None, metadata={
+        "help": "mutation check: also call each layer from critical + 2 on whose bypass lowers CHAIR_i by at least this and "
+                "check_add_share times the full model's CHAIR_i, at an object-recall loss of at most check_recall (flag "
+                "mutation_added; None: off, the check only drops). Runs the check on every run with a critical layer"})
+    check_add_share: float = field(default=0.25, metadata={
+        "help": "mutation check, check_add_cut set: ... and at least this share of the full model's CHAIR_i"})
 
     def __post_init__(self) -> None:
         if self.critical_rule not in CRITICAL_RULES:
@@ -154,9 +164,12 @@ class StageConfig:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
         if self.mutation_last_excess > 0 and self.mutation_signal != "js":
             raise ConfigError("stage option mutation_last_excess needs mutation_signal=js (it re-reads the direct JS)")
-        for name in ("check_min_rewrite", "check_chair_cut", "check_recall"):
+        for name in ("check_min_rewrite", "check_chair_cut", "check_recall", "check_add_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
+        for name in ("check_chair_guard", "check_add_cut"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1] or be null (off)")
         if self.check_ratio < 0:
             raise ConfigError(f"stage option check_ratio={self.check_ratio} must be >= 0")
         for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "flag_tolerance", "seed"):

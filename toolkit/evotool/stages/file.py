@@ -5,7 +5,8 @@ Required keys (extend, never rename): ``schema_version``, ``model``, ``fingerpri
 may be empty), ``stages`` (``rapid_evolution`` / ``stabilization`` / ``mutation`` -> inclusive
 ``[first, last]`` or null). Schema 1.1 adds ``flags`` (detector warnings such as ``too_few_tokens``,
 ``no_stable_stage``; read as ``[]`` from 1.0 files); 1.2 adds ``mutation_check`` (the bypass check's calls, confirmed
-layers and per-layer effects; null when it did not run). Also written by ``evotool analyze``: ``lens``,
+layers and per-layer effects; null when it did not run); 1.3 adds ``added`` (layers the check called) and ``full``
+(the full model's object scores) to ``mutation_check``. Also written by ``evotool analyze``: ``lens``,
 ``critical_spread``, ``mutation_stats``, ``curves`` (per-layer median / quartiles of each metric),
 ``hallucination``, ``object_vocab`` (the words counted as object names), ``config``, ``environment``,
 ``created``; they stay in :attr:`StageFile.payload`.
@@ -23,7 +24,7 @@ from typing import Any
 from evotool.errors import StageFileError
 from evotool.io import read_json, write_json
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 # What each detector flag means for the user (evotool.stages.detect sets them).
 FLAGS = {
     "too_few_tokens": "too few generated tokens to place the boundaries; they are null (analyse more samples or tokens)",
@@ -35,6 +36,8 @@ FLAGS = {
                      "sample set may place it elsewhere (see stages.json 'interval'; analyse more samples)",
     "mutation_unconfirmed": "a mutation call was dropped: bypassing the layer on the run's own samples barely changed the "
                             "text or the hallucinations (see stages.json 'mutation_check')",
+    "mutation_added": "the bypass check called a mutation layer the direct-effect rule did not: bypassing it on the run's "
+                      "own samples cuts their object hallucinations (see stages.json 'mutation_check')",
     "uncertain_mutation": "the mutation stage is uncertain: its presence or its first layer changes across bootstrap resamples "
                           "(see stages.json 'interval'; analyse more samples before acting on it)",
 }
