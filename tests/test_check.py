@@ -20,6 +20,7 @@ from evotool.prune.evaluate import token_agreement
 from evotool.prune.runtime import cache_reference_layers
 from evotool.prune.static import remove_layers
 from evotool.stages import StageConfig, StageFile, detect_stages, stage_ranges
+from evotool.stages import check as check_module
 from evotool.stages.check import Bypass, confirm_mutations, confirmed, object_scores
 from evotool.world import default_model_path
 
@@ -118,7 +119,7 @@ def test_check_adds_a_layer_whose_bypass_cuts_hallucination() -> None:
     assert confirm_mutations(untouched, Bypass(None, effects), cfg).mutation_layers == []  # no objects: nothing to add
 
 
-def test_analyze_runs_the_check_on_the_shipped_model(tmp_path) -> None:
+def test_analyze_runs_the_check_on_the_shipped_model(tmp_path, monkeypatch) -> None:
     """Force mutation calls (a permissive rule), run the check in analyze; every effect matches generation from a
     statically pruned copy, the kept calls are the confirmed ones plus the added ones, and the world's CHAIR agrees
     with the check's."""
@@ -142,6 +143,17 @@ def test_analyze_runs_the_check_on_the_shipped_model(tmp_path) -> None:
     line = next(x for x in report.splitlines() if x.startswith("| mutation check |"))
     assert f"called {check['called']}" in line and ("added" in line) == bool(check["added"])
     assert "recall loss <= 0.02 are added" in line and "raises CHAIR_i" not in line  # the add rule on, the guard off
+
+    # finalizing again with other check options reuses the stored effects: nothing is generated
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the bypass effects were generated again")
+
+    monkeypatch.setattr(check_module, "generate_samples", no_generation)
+    again = dataclasses.replace(cfg, stages=dataclasses.replace(stages, check_add_cut=None, check_chair_guard=0.0))
+    rerun = StageFile.read(run_analysis(again)).payload["mutation_check"]
+    assert rerun["effects"] == check["effects"] and rerun["added"] == [] and rerun["full"] == check["full"]
+    assert rerun["confirmed"] == [m for m in check["called"] if confirmed(m, effects, again.stages)]
+    monkeypatch.undo()
 
     model, processor = load_model(default_model_path())
     samples = resolve_samples(cfg)

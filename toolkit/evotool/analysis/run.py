@@ -41,7 +41,7 @@ from evotool.models.loading import fingerprint, load_model, process_state
 from evotool.models.registry import DecoderParts, decoder_parts
 from evotool.patch_lens import patch_lens
 from evotool.stages import STAGES_FILE, write_stages
-from evotool.stages.check import bypass_effects, check_needed, confirm_mutations
+from evotool.stages.check import BYPASS_FILE, bypass_effects, check_needed, confirm_mutations
 from evotool.trace import direct_effect, lens_with_direct, trace_batch
 from evotool.tracking import ArtifactRef, Tracker
 from evotool.validate import output_dir
@@ -204,7 +204,7 @@ def finalize(cfg: AnalyzeConfig, store: RunStore, run_info: dict[str, Any], mode
         done = {r["id"] for r in records}
         bypass = bypass_effects(model, processor, [s for s in samples if s.id in done],
                                 range(result.critical_layer + 1, run_info["num_layers"] + 1), vocab, cfg.max_new_tokens,
-                                cfg.batch_size)
+                                cfg.batch_size, cache=cfg.out / BYPASS_FILE)
         result = confirm_mutations(result, bypass, cfg.stages)
     curves = summary_curves(traces)
     write_token_table(cfg.out / "tokens.parquet", records, traces, result)

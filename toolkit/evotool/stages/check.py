@@ -21,8 +21,10 @@ Layers are numbered 1..L (0 = embeddings).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +33,16 @@ from torch import nn
 from tqdm import tqdm
 
 from evotool.analysis.hallucination import object_tokens
-from evotool.data.inputs import Sample
+from evotool.data.inputs import Sample, sample_digest
 from evotool.generation import generate_samples
+from evotool.io import read_json, write_json
+from evotool.models.loading import fingerprint
 from evotool.prune.evaluate import token_agreement
 from evotool.stages.behaviour import without_layers
 from evotool.stages.detect import StageConfig, StageResult, stage_flags, stage_ranges
+
+CACHE_SCHEMA = "1.0"
+BYPASS_FILE = "bypass.json"  # analyze's cache of the check's effects, in the run folder
 
 
 def object_scores(tokens: Sequence[Sequence[str]], samples: Sequence[Sample], vocab: set[str]) -> dict[str, float] | None:
@@ -68,10 +75,23 @@ class Bypass:
 
 
 def bypass_effects(model: nn.Module, processor: Any, samples: Sequence[Sample], layers: Sequence[int], vocab: set[str],
-                   max_new_tokens: int, batch_size: int) -> Bypass:
+                   max_new_tokens: int, batch_size: int, cache: Path | None = None) -> Bypass:
     """Per layer in ``layers`` (1..L), generation of ``samples`` with that layer removed against the full model's:
     ``rewrite`` (1 - token agreement) and, with ground-truth objects, ``chair_cut`` (full CHAIR_i - bypassed) and
-    ``recall_loss`` (full object recall - bypassed)."""
+    ``recall_loss`` (full object recall - bypassed).
+
+    ``cache``: a JSON file of earlier effects; those measured for the same model, samples, vocabulary and generation
+    settings are reused (a finalize run again with other stage options generates nothing), the rest measured and
+    added to it."""
+    key = {"fingerprint": fingerprint(model), "samples": hashlib.sha256("\n".join(
+               f"{s.id}:{sample_digest(s)}" for s in samples).encode()).hexdigest(),
+           "vocab": sorted(vocab), "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    stored = read_json(cache) if cache is not None and cache.is_file() else None
+    known = Bypass(stored["full"], {int(k): v for k, v in stored["effects"].items()}) \
+        if stored is not None and stored.get("key") == key else Bypass(None, {})
+    todo = [layer for layer in layers if layer not in known.effects]
+    if not todo:
+        return Bypass(known.full, {layer: known.effects[layer] for layer in layers})
     tokenizer = getattr(processor, "tokenizer", processor)
 
     def run(variant: nn.Module) -> tuple[list[list[int]], dict[str, float] | None]:
@@ -79,14 +99,17 @@ def bypass_effects(model: nn.Module, processor: Any, samples: Sequence[Sample], 
         return ids, object_scores([tokenizer.convert_ids_to_tokens(i) for i in ids], samples, vocab)
 
     full_ids, full = run(model)
-    effects = {}
-    for layer in tqdm(layers, desc="mutation check", unit="layer", file=sys.stderr):
+    effects = dict(known.effects)
+    for layer in tqdm(todo, desc="mutation check", unit="layer", file=sys.stderr):
         with without_layers(model, [layer]) as variant:
             ids, scores = run(variant)
         effects[layer] = {"rewrite": 1.0 - token_agreement(full_ids, ids)["agreement"]}
         if full is not None and scores is not None:
             effects[layer].update(chair_cut=full["chair_i"] - scores["chair_i"], recall_loss=full["recall"] - scores["recall"])
-    return Bypass(full, effects)
+    if cache is not None:
+        write_json(cache, {"key": key, "full": full, "effects": {str(k): v for k, v in sorted(effects.items())}},
+                   schema=CACHE_SCHEMA)
+    return Bypass(full, {layer: effects[layer] for layer in layers})
 
 
 def confirmed(layer: int, effects: dict[int, dict[str, float]], cfg: StageConfig) -> bool:
