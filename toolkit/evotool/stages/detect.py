@@ -128,11 +128,13 @@ class StageConfig:
         "help": "mutation check: ... at an object-recall loss of at most this"})
     check_chair_guard: float | None = field(default=None, metadata={
         "help": "mutation check: a call kept for its rewrites alone is dropped when its bypass raises CHAIR_i by more than "
-                "this (the layer suppresses hallucinations rather than making them; None: off)"})
+                "this (the layer suppresses hallucinations rather than making them; None: off; 0 chosen in-sample on holdout28-31, "
+                "not adopted on holdout32)"})
     check_add_cut: float | None = field(default=None, metadata={
         "help": "mutation check: also call each layer from critical + 2 on whose bypass lowers CHAIR_i by at least this and "
                 "check_add_share times the full model's CHAIR_i, at an object-recall loss of at most check_recall (flag "
-                "mutation_added; None: off, the check only drops). Runs the check on every run with a critical layer"})
+                "mutation_added; None: off, the check only drops; 0.05 with share 0.5 chosen in-sample on holdout28-31, not adopted "
+                "on holdout32). Runs the check on every run with a critical layer"})
     check_add_share: float = field(default=0.25, metadata={
         "help": "mutation check, check_add_cut set: ... and at least this share of the full model's CHAIR_i"})
 
