@@ -176,6 +176,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     "holdout32": ("l6-llama-w64-long-s269", "l16-llama-w96-short-s270", "l16-llama-w64-long-s271",
         "l14-qwen2-w64-prior-s272", "l16-qwen2-w96-prior-s273", "l6-gemma-w64-prior-s274", "l6-qwen2-w128-short-s275",
         "l10-llama-w96-short-s276"),
+    # holdout33: written after holdout32 was read (v7 report-only; check v1 and the v2 options beside it)
+    "holdout33": ("l8-gemma-w64-long-s277", "l12-gemma-w128-prior-s278", "l8-gemma-w128-prior-s279",
+        "l10-gemma-w128-long-s280", "l12-qwen2-w128-prior-s281", "l6-qwen2-w96-long-s282"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
