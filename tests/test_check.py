@@ -15,6 +15,7 @@ from evotool.analysis.run import resolve_samples, run_analysis
 from evotool.data.inputs import Sample
 from evotool.errors import ConfigError
 from evotool.generation import generate_samples
+from evotool.io import read_json
 from evotool.models.loading import load_model
 from evotool.prune.evaluate import token_agreement
 from evotool.prune.runtime import cache_reference_layers
@@ -119,7 +120,7 @@ def test_check_adds_a_layer_whose_bypass_cuts_hallucination() -> None:
     assert confirm_mutations(untouched, Bypass(None, effects), cfg).mutation_layers == []  # no objects: nothing to add
 
 
-def test_analyze_runs_the_check_on_the_shipped_model(tmp_path, monkeypatch) -> None:
+def test_analyze_runs_the_check_on_the_shipped_model(tmp_path, monkeypatch, capsys) -> None:
     """Force mutation calls (a permissive rule), run the check in analyze; every effect matches generation from a
     statically pruned copy, the kept calls are the confirmed ones plus the added ones, and the world's CHAIR agrees
     with the check's."""
@@ -154,6 +155,13 @@ def test_analyze_runs_the_check_on_the_shipped_model(tmp_path, monkeypatch) -> N
     assert rerun["effects"] == check["effects"] and rerun["added"] == [] and rerun["full"] == check["full"]
     assert rerun["confirmed"] == [m for m in check["called"] if confirmed(m, effects, again.stages)]
     monkeypatch.undo()
+
+    # a damaged cache is measured again (one line on stderr) and replaced, not an error
+    (tmp_path / "run" / check_module.BYPASS_FILE).write_text('{"key": ')
+    capsys.readouterr()
+    remeasured = StageFile.read(run_analysis(cfg)).payload["mutation_check"]
+    assert "not valid JSON" in capsys.readouterr().err and remeasured["effects"] == check["effects"]
+    assert read_json(tmp_path / "run" / check_module.BYPASS_FILE)["effects"] == check["effects"]
 
     model, processor = load_model(default_model_path())
     samples = resolve_samples(cfg)

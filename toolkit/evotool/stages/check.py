@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from evotool.analysis.hallucination import object_tokens
 from evotool.data.inputs import Sample, sample_digest
+from evotool.errors import InputError
 from evotool.generation import generate_samples
 from evotool.io import read_json, write_json
 from evotool.models.loading import fingerprint
@@ -83,11 +84,16 @@ def bypass_effects(model: nn.Module, processor: Any, samples: Sequence[Sample], 
 
     ``cache``: a JSON file of earlier effects; those measured for the same model, samples, vocabulary and generation
     settings are reused (a finalize run again with other stage options generates nothing), the rest measured and
-    added to it."""
+    added to it; an unreadable cache is measured again and replaced (one line on stderr)."""
     key = {"fingerprint": fingerprint(model), "samples": hashlib.sha256("\n".join(
                f"{s.id}:{sample_digest(s)}" for s in samples).encode()).hexdigest(),
            "vocab": sorted(vocab), "max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    stored = read_json(cache) if cache is not None and cache.is_file() else None
+    stored = None
+    if cache is not None and cache.is_file():
+        try:
+            stored = read_json(cache, schema=CACHE_SCHEMA, keys=("key", "full", "effects"))
+        except InputError as err:  # a damaged cache is measured again, not an error
+            tqdm.write(f"{err}; measuring the bypass effects again", file=sys.stderr)
     known = Bypass(stored["full"], {int(k): v for k, v in stored["effects"].items()}) \
         if stored is not None and stored.get("key") == key else Bypass(None, {})
     todo = [layer for layer in layers if layer not in known.effects]
