@@ -236,6 +236,10 @@ def test_cli_refusals(analysed):
         assert isinstance(res.exception, EvotoolError), (name, res.output)
         assert message is None or message in str(res.exception), (name, str(res.exception))
         assert not (root / name / "model.safetensors").exists()
+    # a layer outside the model is refused before the analysis that --stages would have spared is run
+    res = _prune(root, "--layers", "4,99", "--out", str(root / "range"))
+    assert isinstance(res.exception, EvotoolError) and "layers [99] outside 1..8" in str(res.exception), res.output
+    assert not (root / "range" / "analysis").exists()
 
 
 @pytest.mark.gpu

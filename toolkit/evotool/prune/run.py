@@ -34,7 +34,7 @@ from evotool.prune.plan import plan, plan_selectors
 from evotool.prune.runtime import MODES, DynamicExit, mode_layers, skip_layers
 from evotool.prune.select import SELECTORS, Selection
 from evotool.prune.speed import measure, ratios
-from evotool.prune.static import remove_layers
+from evotool.prune.static import check_layers, remove_layers
 from evotool.stages import StageFile
 from evotool.tracking import ArtifactRef, Tracker
 from evotool.validate import output_dir
@@ -163,6 +163,8 @@ def _prune(cfg: PruneConfig, work: PruneConfig, model_id: str, tracker: Tracker)
     """The job of :func:`run_prune`, writing into ``work.out`` (the analysis goes to ``cfg.out/analysis``)."""
     model, processor = load_model(model_id, cfg.load)
     source_fp = fingerprint(model)
+    if cfg.layers is not None:
+        check_layers(cfg.layers, decoder_parts(model).num_layers)  # before an analysis is run for nothing
     stages = resolve_stages(model, model_id, cfg)
     tracker.use_artifact(ArtifactRef.stages(stages.source, source_fp))
     selection, _ = plan(model, processor, stages, cfg)
