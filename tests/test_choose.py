@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import build_tiny, run_cli, stage_file, tiny_world_llava
 
-from evotool.errors import ConfigError, InputError
+from evotool.errors import ConfigError, InputError, StageFileError
 from evotool.evals.results import read_results
 from evotool.data.inputs import Sample
 from evotool.evals.manifest import ObjectVocabulary
 from evotool.generation import Generations
 from evotool.mitigate.choose import candidate_options, choose, paired_bootstrap
 from evotool.mitigate.config import Choice, MitigateConfig
+from evotool.mitigate.methods import build_method
 from evotool.models.loading import fingerprint, load_model
 from evotool.stages import write_stages
 from evotool.world import WorldConfig, default_model_path, make_records, write_manifest
@@ -156,6 +157,25 @@ def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
     # smoothing of layer 6: 5 and 6 exist, 7 does not
     assert candidate_options("smoothing", model, stages, cfg) == [{"alpha": 0.5, "layers": [5]}, {"alpha": 0.5}]
     assert candidate_options("dola", model, stages, cfg) == [{}]  # published defaults
+
+
+def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_the_candidates() -> None:
+    """A stage file whose stabilization stage ends at the output (no mutation) or that has none (critical = L): the
+    stage-derived layer would be the output itself, so building the method says so; tuning keeps the sets that apply."""
+    model = build_tiny("llava", layers=6, seed=0)
+    no_mutation, no_stable = stage_file(6, 2, []), stage_file(6, 6, [])
+    with pytest.raises(StageFileError, match="premature=last_stable is the last layer .6.*with itself"):
+        build_method("stage_contrast", model, {"premature": "last_stable"}, no_mutation)
+    assert build_method("stage_contrast", model, {}, no_mutation).layers_used() == {"premature": 2}
+    with pytest.raises(StageFileError, match="critical layer is the last one .6.*no stabilization stage"):
+        build_method("stable_readout", model, {}, no_stable)
+    with pytest.raises(StageFileError, match="no mutation layers"):
+        build_method("smoothing", model, {}, no_mutation)
+    cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]}})
+    assert candidate_options("stage_contrast", model, no_mutation, cfg) == [
+        {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3}]
+    with pytest.raises(StageFileError, match="with itself"):  # no set applies: the method is skipped with the reason
+        candidate_options("stage_contrast", model, no_stable, cfg)
 
 
 def test_grid_flags_per_method_are_typed_and_a_single_value_is_a_list() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from evotool.integrations.hub import card_with_metadata, check_push, push_folder
 from evotool.io import DirLock, atomic_dir, atomic_write_text, read_json, write_json
 from evotool.mitigate.base import Method
 from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
-from evotool.mitigate.methods import BASELINE, build_method, method_class
+from evotool.mitigate.methods import BASELINE, applicable, build_method, method_class
 from evotool.models.loading import fingerprint
 from evotool.stages import StageFile
 from evotool.validate import output_dir
@@ -130,6 +131,12 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
     chosen: dict[str, Any] = {"options": {}, "metrics": {}}
     if cfg.tune and option_grid:
         sets = grid(option_grid)
+        kept, reasons = applicable(cfg.method, model, [{**cfg.options, **opts} for opts in sets], stages)
+        if not kept:
+            raise StageFileError(f"no tuning candidate of {cfg.method} applies: {reasons[0]}")
+        for reason in reasons:
+            print(f"skipped {cfg.method} candidate {reason}", file=sys.stderr)
+        sets = [opts for opts in sets if {**cfg.options, **opts} in kept]
         methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model)}
         for i, opts in enumerate(sets):
             methods[f"c{i}"] = build_method(cfg.method, model, {**cfg.options, **opts}, stages)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from evotool.config import from_dict
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,8 +44,28 @@ def make_config(name: str, options: Mapping[str, Any] | None = None) -> Any:
 
 def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | None = None,
                  stages: StageFile | None = None) -> Method:
-    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (:meth:`StageFile.for_model`)."""
-    return method_class(name)(model, make_config(name, options), stages)
+    """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (:meth:`StageFile.for_model`).
+    A stage-aware method resolves its layers here, so a stage file it cannot use (e.g. no layer after the critical
+    one) is a :class:`StageFileError` before anything is generated."""
+    method = method_class(name)(model, make_config(name, options), stages)
+    if method.needs_stages:
+        method.layers_used()
+    return method
+
+
+def applicable(name: str, model: nn.Module, option_sets: Sequence[Mapping[str, Any]],
+               stages: StageFile | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The option sets of method ``name`` that build on this model and stage file (:func:`build_method`), and one
+    reason per set that does not (e.g. ``premature=last_stable`` where the stabilization stage ends at the output)."""
+    kept, reasons = [], []
+    for options in option_sets:
+        try:
+            build_method(name, model, options, stages)
+        except (ConfigError, StageFileError) as err:
+            reasons.append(f"{dict(options)}: {err}")
+            continue
+        kept.append(dict(options))
+    return kept, reasons
 
 
 def default_grid(name: str) -> dict[str, list[Any]]:

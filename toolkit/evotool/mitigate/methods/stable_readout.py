@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from transformers import LogitsProcessor
 
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 from evotool.mitigate.base import Method, check_unit
 from evotool.mitigate.processors import StableReadout
 from evotool.trace import LayerCapture
@@ -39,6 +39,9 @@ class Readout(Method):
     uses_capture = True
 
     def readout_layer(self) -> int:
+        if self.stages.critical >= self.parts.num_layers:
+            raise StageFileError(f"{self.stages.source}: the critical layer is the last one ({self.stages.critical}), so "
+                                 "no layer follows it: stable_readout has no stabilization stage to read from")
         layer = self.config.layer if self.config.layer is not None else self.stages.last_stable
         if not self.stages.critical <= layer <= self.parts.num_layers:
             raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers}")

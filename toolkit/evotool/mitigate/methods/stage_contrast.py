@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from transformers import LogitsProcessor
 
-from evotool.errors import ConfigError
+from evotool.errors import ConfigError, StageFileError
 from evotool.mitigate.base import Method, check_unit
 from evotool.mitigate.processors import LayerContrast
 from evotool.trace import LayerCapture
@@ -49,7 +49,11 @@ class StageContrast(Method):
             if self.config.layer >= self.parts.num_layers:
                 raise ConfigError(f"premature layer {self.config.layer} must lie in 0..{self.parts.num_layers - 1}")
             return self.config.layer
-        return self.stages.critical if self.config.premature == "critical" else self.stages.last_stable
+        layer = self.stages.critical if self.config.premature == "critical" else self.stages.last_stable
+        if layer >= self.parts.num_layers:
+            raise StageFileError(f"{self.stages.source}: premature={self.config.premature} is the last layer ({layer}), "
+                                 "so stage_contrast would contrast the output with itself")
+        return layer
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         return [LayerContrast(capture, [self.premature_layer()], self.config.alpha, self.config.weight,
