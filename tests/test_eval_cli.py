@@ -9,7 +9,7 @@ import torch
 from conftest import kill_9_at, run_cli, tiny_world_llava
 from huggingface_hub import ModelCard
 
-from evotool.stages import write_stages
+from evotool.stages import stage_ranges, write_stages
 from evotool.data.inputs import Sample
 from evotool.evals.harness import evaluate_world_methods
 from evotool.evals.pope import score_pope
@@ -193,6 +193,20 @@ def test_mitigate_grid_option_replaces_the_default_grid(world_model, tmp_path, m
     tried = json.loads((tmp_path / "tuning.json").read_text())["candidates"]
     assert [t["options"] for t in tried[1:]] == [{"weight": 0.5, "premature": "critical"}, {"weight": 1, "premature": "critical"}]
     assert json.loads((tmp_path / "method.json").read_text())["layers"] == {"premature": 2}
+
+
+def test_mitigate_tuning_leaves_out_candidates_whose_stage_layer_is_the_output(world_model, tmp_path, monkeypatch, capsys):
+    """No mutation stage: the stabilization stage ends at the output, so premature=last_stable would contrast the
+    output with itself; those candidates are left out with one line each, the others tuned."""
+    payload = json.loads((world_model / "stages.json").read_text())
+    write_stages(tmp_path / "stages.json", {**payload, "mutation_layers": [], "stages": stage_ranges(LAYERS, 2, [])})
+    code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "stage_contrast", "--model", str(world_model / "model"),
+                       "--stages", str(tmp_path / "stages.json"), "--grid", "premature=critical,last_stable",
+                       "--grid", "weight=1", "--n", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-wandb")
+    assert code == 0, err
+    assert f"premature=last_stable is the last layer ({LAYERS})" in err and err.count("skipped stage_contrast candidate") == 1
+    tried = json.loads((tmp_path / "run" / "tuning.json").read_text())["candidates"]
+    assert [t["options"] for t in tried[1:]] == [{"premature": "critical", "weight": 1}]
 
 
 def _killed(*_: object, **__: object) -> None:
