@@ -172,10 +172,13 @@ def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_t
     with pytest.raises(StageFileError, match="no mutation layers"):
         build_method("smoothing", model, {}, no_mutation)
     cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]}})
+    # last_stable is the output: that set goes, its move one layer down stays
     assert candidate_options("stage_contrast", model, no_mutation, cfg) == [
-        {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3}]
+        {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3},
+        {"premature": "last_stable", "layer": 5}]
+    unmoved = MitigateConfig(data="val.jsonl", grids=cfg.grids, layer_shifts=[0])
     with pytest.raises(StageFileError, match="with itself"):  # no set applies: the method is skipped with the reason
-        candidate_options("stage_contrast", model, no_stable, cfg)
+        candidate_options("stage_contrast", model, no_stable, unmoved)
 
 
 def test_grid_flags_per_method_are_typed_and_a_single_value_is_a_list() -> None:

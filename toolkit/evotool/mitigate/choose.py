@@ -32,7 +32,8 @@ from evotool.evals.manifest import (ObjectVocabulary, caption_vocabulary, check_
 from evotool.generation import Generations
 from evotool.io import DirLock, atomic_write_text, write_json
 from evotool.mitigate.config import Choice, MitigateConfig
-from evotool.mitigate.methods import BASELINE, applicable, build_method, default_grid, method_class, method_names
+from evotool.mitigate.methods import (BASELINE, applicable, build_method, default_grid, make_config, method_class,
+                                      method_names)
 from evotool.mitigate.run import METHOD_FILE, METHOD_SCHEMA, TUNING_FILE, grid, require_file
 from evotool.stages import StageFile
 from evotool.validate import output_dir
@@ -167,22 +168,24 @@ def paired_bootstrap(samples: Sequence[Sample], base: Generations, key: str, res
 
 
 def candidate_options(name: str, model: nn.Module, stages: StageFile | None, cfg: MitigateConfig) -> list[dict[str, Any]]:
-    """The option sets tried for method ``name``: published defaults for methods without stages, else the grid's
-    sets that apply to the stage file (:func:`applicable`; none: StageFileError) with the stage-derived layers moved
-    by each of ``cfg.layer_shifts`` (moves out of range are left out)."""
-    if not method_class(name).needs_stages:
+    """The option sets tried for method ``name``: published defaults for methods without stages, else the grid
+    with the stage-derived layers moved by each of ``cfg.layer_shifts`` (moves out of range are left out), less the
+    sets that do not apply to the stage file (:func:`applicable`, e.g. a premature layer that is the output itself,
+    whose moves may still apply; none left: StageFileError)."""
+    cls = method_class(name)
+    if not cls.needs_stages:
         return [{}]
-    sets, reasons = applicable(name, model, grid(cfg.grids.get(name) or default_grid(name)), stages)
-    if not sets:
-        raise StageFileError(reasons[0])  # the method does not apply to this stage file
     out: list[dict[str, Any]] = []
-    for opts in sets:
-        method = build_method(name, model, opts, stages)
+    for opts in grid(cfg.grids.get(name) or default_grid(name)):
+        method = cls(model, make_config(name, opts), stages)  # not built: its own layers may not apply, its moves may
         for shift in cfg.layer_shifts:
             extra = method.shifted(shift) if shift else {}
             if extra is not None and {**opts, **extra} not in out:
                 out.append({**opts, **extra})
-    return out
+    sets, reasons = applicable(name, model, out, stages)
+    if not sets:
+        raise StageFileError(reasons[0])  # the method does not apply to this stage file
+    return sets
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], decision: Decision) -> str:
