@@ -82,12 +82,16 @@ CASES: tuple[Case, ...] = (
     Case("prune two budgets", "prune --model {model} --out {out} --drop 1 --ratio 0.5", "exactly one budget"),
     Case("prune inconsistent checkpoint", "prune --model {ws}/half_pruned --out {out} --drop 1 --stages {ws}/stages.json",
          "disagree on the decoder layers"),
+    Case("prune layer outside the model", "prune --model {model} --out {out} --layers 2,9", "layers [9] outside 1..4"),
     # mitigate
     Case("mitigate unknown method", "mitigate --method nope --model {model} --out {out}", "unknown method 'nope'"),
     Case("mitigate out is a file", "mitigate --method greedy --model {model} --out {file}", "is a file, not a directory"),
     Case("mitigate stages null", "mitigate --method stage_contrast --model {model} --out {out} --stages {ws}/null_stages.json",
          "expected a JSON object"),
     Case("mitigate zero samples", "mitigate --method greedy --model {model} --out {out} --n 0", "must be positive"),
+    Case("mitigate readout without a stable stage",
+         "mitigate --method stable_readout --model {model} --out {out} --no-tune --stages {ws}/last_critical.json",
+         "no layer follows it"),
     Case("mitigate GPU groups without CUDA", "mitigate --method greedy --model {model} --out {out} --gpus-per-process 2",
          "--gpus-per-process 2: CUDA is not available"),
     # eval
@@ -188,6 +192,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stages = {"model": "tiny", "fingerprint": fp, "num_layers": LAYERS, "critical_layer": 2, "mutation_layers": [4],
               "stages": {"rapid_evolution": [0, 2], "stabilization": [3, 3], "mutation": [4, 4]}}
     write_stages(root / "stages.json", stages)
+    write_stages(root / "last_critical.json", {**stages, "critical_layer": LAYERS, "mutation_layers": [],
+                                               "stages": {"rapid_evolution": [0, LAYERS], "stabilization": None, "mutation": None}})
     _json(root / "null_stages.json", None)
     _json(root / "typed_stages.json", {**stages, "schema_version": "1.1", "num_layers": "four"})
     (root / "null_run").mkdir()
