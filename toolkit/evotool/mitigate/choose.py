@@ -182,10 +182,10 @@ def candidate_options(name: str, model: nn.Module, stages: StageFile | None, cfg
             extra = method.shifted(shift) if shift else {}
             if extra is not None and {**opts, **extra} not in out:
                 out.append({**opts, **extra})
-    sets, reasons = applicable(name, model, out, stages)
-    if not sets:
+    built, reasons = applicable(name, model, out, stages)
+    if not built:
         raise StageFileError(reasons[0])  # the method does not apply to this stage file
-    return sets
+    return [out[i] for i in built]
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], decision: Decision) -> str:

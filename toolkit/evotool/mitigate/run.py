@@ -131,15 +131,14 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
     chosen: dict[str, Any] = {"options": {}, "metrics": {}}
     if cfg.tune and option_grid:
         sets = grid(option_grid)
-        kept, reasons = applicable(cfg.method, model, [{**cfg.options, **opts} for opts in sets], stages)
-        if not kept:
+        built, reasons = applicable(cfg.method, model, [{**cfg.options, **opts} for opts in sets], stages)
+        if not built:
             raise StageFileError(f"no tuning candidate of {cfg.method} applies: {reasons[0]}")
         for reason in reasons:
             print(f"skipped {cfg.method} candidate {reason}", file=sys.stderr)
-        sets = [opts for opts in sets if {**cfg.options, **opts} in kept]
-        methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model)}
-        for i, opts in enumerate(sets):
-            methods[f"c{i}"] = build_method(cfg.method, model, {**cfg.options, **opts}, stages)
+        sets = [sets[i] for i in built]
+        methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model),
+                                      **{f"c{k}": method for k, method in enumerate(built.values())}}
         scores = evaluate_world_methods(model, processor, methods, cfg.n, WorldConfig(seed=cfg.seed),
                                         cfg.batch_size, cfg.max_new_tokens)
         tried = [{"options": opts, "metrics": scores[f"c{i}"]} for i, opts in enumerate(sets)]

@@ -54,18 +54,18 @@ def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | None 
 
 
 def applicable(name: str, model: nn.Module, option_sets: Sequence[Mapping[str, Any]],
-               stages: StageFile | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """The option sets of method ``name`` that build on this model and stage file (:func:`build_method`), and one
-    reason per set that does not (e.g. ``premature=last_stable`` where the stabilization stage ends at the output)."""
-    kept, reasons = [], []
-    for options in option_sets:
+               stages: StageFile | None = None) -> tuple[dict[int, Method], list[str]]:
+    """Method ``name`` built (:func:`build_method`) with each of ``option_sets`` that applies to this model and stage
+    file, by position in ``option_sets``, and one reason per set that does not (e.g. ``premature=last_stable`` where
+    the stabilization stage ends at the output)."""
+    built: dict[int, Method] = {}
+    reasons: list[str] = []
+    for i, options in enumerate(option_sets):
         try:
-            build_method(name, model, options, stages)
+            built[i] = build_method(name, model, options, stages)
         except (ConfigError, StageFileError) as err:
             reasons.append(f"{dict(options)}: {err}")
-            continue
-        kept.append(dict(options))
-    return kept, reasons
+    return built, reasons
 
 
 def default_grid(name: str) -> dict[str, list[Any]]:

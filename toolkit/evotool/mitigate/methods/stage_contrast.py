@@ -44,20 +44,20 @@ class StageContrast(Method):
     needs_stages = True
     uses_capture = True
 
-    def stage_layer(self) -> int:
-        """The layer ``premature`` names in the stage file (it may be the output itself: :meth:`premature_layer`)."""
+    def unchecked_layer(self) -> int:
+        """``layer``, else the layer ``premature`` names in the stage file; either may be the output itself."""
+        if self.config.layer is not None:
+            return self.config.layer
         return self.stages.critical if self.config.premature == "critical" else self.stages.last_stable
 
     def premature_layer(self) -> int:
+        layer = self.unchecked_layer()
+        if layer < self.parts.num_layers:
+            return layer
         if self.config.layer is not None:
-            if self.config.layer >= self.parts.num_layers:
-                raise ConfigError(f"premature layer {self.config.layer} must lie in 0..{self.parts.num_layers - 1}")
-            return self.config.layer
-        layer = self.stage_layer()
-        if layer >= self.parts.num_layers:
-            raise StageFileError(f"{self.stages.source}: premature={self.config.premature} is the last layer ({layer}), "
-                                 "so stage_contrast would contrast the output with itself")
-        return layer
+            raise ConfigError(f"premature layer {layer} must lie in 0..{self.parts.num_layers - 1}")
+        raise StageFileError(f"{self.stages.source}: premature={self.config.premature} is the last layer ({layer}), "
+                             "so stage_contrast would contrast the output with itself")
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         return [LayerContrast(capture, [self.premature_layer()], self.config.alpha, self.config.weight,
@@ -67,7 +67,7 @@ class StageContrast(Method):
         return {"premature": self.premature_layer()}
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
-        layer = (self.config.layer if self.config.layer is not None else self.stage_layer()) + shift
+        layer = self.unchecked_layer() + shift
         return {"layer": layer} if 0 <= layer < self.parts.num_layers else None
 
 
