@@ -167,8 +167,17 @@ def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_t
     with pytest.raises(StageFileError, match="premature=last_stable is the last layer .6.*with itself"):
         build_method("stage_contrast", model, {"premature": "last_stable"}, no_mutation)
     assert build_method("stage_contrast", model, {}, no_mutation).layers_used() == {"premature": 2}
-    with pytest.raises(StageFileError, match="critical layer is the last one .6.*no stabilization stage"):
-        build_method("stable_readout", model, {}, no_stable)
+    for options in ({}, {"dynamic": True}):
+        with pytest.raises(StageFileError, match="critical layer is the last one .6.*no stabilization stage"):
+            build_method("stable_readout", model, options, no_stable)
+    # no mutation stage: the last stable layer is the output, whose readout would change nothing
+    with pytest.raises(StageFileError, match="no mutation stage.*output layer .6.*no change"):
+        build_method("stable_readout", model, {}, no_mutation)
+    with pytest.raises(ConfigError, match="readout layer 6 must lie in 2..5"):
+        build_method("stable_readout", model, {"layer": 6}, no_mutation)
+    assert build_method("stable_readout", model, {"dynamic": True}, no_mutation).layers_used()["readout"] == "before_spike"
+    assert candidate_options("stable_readout", model, no_mutation, MitigateConfig(data="val.jsonl", grids={
+        "stable_readout": {"dynamic": [False, True]}})) == [{"dynamic": False, "layer": 5}, {"dynamic": True}]
     with pytest.raises(StageFileError, match="no mutation layers"):
         build_method("smoothing", model, {}, no_mutation)
     cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]}})

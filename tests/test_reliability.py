@@ -92,6 +92,9 @@ CASES: tuple[Case, ...] = (
     Case("mitigate readout without a stable stage",
          "mitigate --method stable_readout --model {model} --out {out} --no-tune --stages {ws}/last_critical.json",
          "no layer follows it"),
+    Case("mitigate readout of the output layer",
+         "mitigate --method stable_readout --model {model} --out {out} --no-tune --stages {ws}/no_mutation.json",
+         "would read out the output itself"),
     Case("mitigate GPU groups without CUDA", "mitigate --method greedy --model {model} --out {out} --gpus-per-process 2",
          "--gpus-per-process 2: CUDA is not available"),
     # eval
@@ -194,6 +197,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_stages(root / "stages.json", stages)
     write_stages(root / "last_critical.json", {**stages, "critical_layer": LAYERS, "mutation_layers": [],
                                                "stages": {"rapid_evolution": [0, LAYERS], "stabilization": None, "mutation": None}})
+    write_stages(root / "no_mutation.json", {**stages, "mutation_layers": [], "stages": {
+        "rapid_evolution": [0, 2], "stabilization": [3, LAYERS], "mutation": None}})
     _json(root / "null_stages.json", None)
     _json(root / "typed_stages.json", {**stages, "schema_version": "1.1", "num_layers": "four"})
     (root / "null_run").mkdir()

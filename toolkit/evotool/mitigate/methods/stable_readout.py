@@ -38,25 +38,37 @@ class Readout(Method):
     needs_stages = True
     uses_capture = True
 
-    def readout_layer(self) -> int:
+    def unchecked_layer(self) -> int:
+        """``layer``, else the last stable layer of the stage file (the output itself where no mutation stage follows);
+        a stage file without a layer after the critical one is a StageFileError."""
         if self.stages.critical >= self.parts.num_layers:
             raise StageFileError(f"{self.stages.source}: the critical layer is the last one ({self.stages.critical}), so "
                                  "no layer follows it: stable_readout has no stabilization stage to read from")
-        layer = self.config.layer if self.config.layer is not None else self.stages.last_stable
-        if not self.stages.critical <= layer <= self.parts.num_layers:
-            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers}")
-        return layer
+        return self.config.layer if self.config.layer is not None else self.stages.last_stable
+
+    def readout_layer(self) -> int:
+        layer = self.unchecked_layer()
+        if self.stages.critical <= layer < self.parts.num_layers:
+            return layer
+        if self.config.layer is not None:
+            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers - 1}")
+        raise StageFileError(f"{self.stages.source}: no mutation stage, so the stabilization stage ends at the output "
+                             f"layer ({layer}) and stable_readout would read out the output itself (no change); "
+                             "give layer= or dynamic=true")
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         layer = None if self.config.dynamic else self.readout_layer()
         return [StableReadout(capture, self.stages.critical, layer, self.config.threshold, self.config.mix, rows)]
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
-        layer = self.readout_layer() + shift
-        return None if self.config.dynamic or not self.stages.critical <= layer <= self.parts.num_layers else {"layer": layer}
+        layer = self.unchecked_layer() + shift
+        return None if self.config.dynamic or not self.stages.critical <= layer < self.parts.num_layers else {"layer": layer}
 
     def layers_used(self) -> dict[str, Any]:
-        return {"critical": self.stages.critical, "readout": "before_spike" if self.config.dynamic else self.readout_layer()}
+        if self.config.dynamic:
+            self.unchecked_layer()  # refuses a stage file with no layer after the critical one
+            return {"critical": self.stages.critical, "readout": "before_spike"}
+        return {"critical": self.stages.critical, "readout": self.readout_layer()}
 
 
 METHOD = Readout
