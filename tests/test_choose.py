@@ -14,9 +14,9 @@ from evotool.evals.results import read_results
 from evotool.data.inputs import Sample
 from evotool.evals.manifest import ObjectVocabulary
 from evotool.generation import Generations
-from evotool.mitigate.choose import candidate_options, choose, paired_bootstrap
+from evotool.mitigate.choose import choose, paired_bootstrap
 from evotool.mitigate.config import Choice, MitigateConfig
-from evotool.mitigate.methods import build_method
+from evotool.mitigate.methods import build_method, candidates
 from evotool.models.loading import fingerprint, load_model
 from evotool.stages import write_stages
 from evotool.world import WorldConfig, default_model_path, make_records, write_manifest
@@ -146,22 +146,33 @@ def test_paired_bootstrap_counts_resamples_where_the_other_outputs_win() -> None
 # ---------------------------------------------------------------- candidates around the stage layers
 
 
+def tuned_sets(name, model, stages, option_grid, shifts=(-1, 0, 1), fixed=None):
+    """The option sets of :func:`candidates`, each checked against the layers its built method resolves."""
+    found = candidates(name, model, stages, option_grid, shifts, fixed)
+    for opts, method in found:
+        assert method.layers_used() == build_method(name, model, {**(fixed or {}), **opts}, stages).layers_used()
+    return [opts for opts, _ in found]
+
+
 def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
     model = build_tiny("llava", layers=6, seed=0)
     stages = stage_file(6, 2, [6])  # critical 2, stabilization 3..5, mutation layer 6 (the last)
-    cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]},
-                                                  "smoothing": {"alpha": [0.5]}})
-    assert candidate_options("stage_contrast", model, stages, cfg) == [
+    assert tuned_sets("stage_contrast", model, stages, {"premature": ["critical", "last_stable"]}) == [
         {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3},
         {"premature": "last_stable", "layer": 4}, {"premature": "last_stable"}]  # layer 6 is the final layer itself
     # smoothing of layer 6: 5 and 6 exist, 7 does not
-    assert candidate_options("smoothing", model, stages, cfg) == [{"alpha": 0.5, "layers": [5]}, {"alpha": 0.5}]
-    assert candidate_options("dola", model, stages, cfg) == [{}]  # published defaults
+    assert tuned_sets("smoothing", model, stages, {"alpha": [0.5]}) == [{"alpha": 0.5, "layers": [5]}, {"alpha": 0.5}]
+    assert tuned_sets("stage_contrast", model, stages, {"weight": [0.5]}, (0,)) == [{"weight": 0.5}]
+    # a layer the user fixes is not moved; the fixed options stay out of the tuned sets
+    assert tuned_sets("stage_contrast", model, stages, {"weight": [0.5, 1.0]}, fixed={"layer": 4}) == [
+        {"weight": 0.5}, {"weight": 1.0}]
+    assert candidates("stage_contrast", model, stages, {}, (0,), {"layer": 4})[0][1].layers_used() == {"premature": 4}
 
 
-def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_the_candidates() -> None:
+def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_the_candidates(capsys) -> None:
     """A stage file whose stabilization stage ends at the output (no mutation) or that has none (critical = L): the
-    stage-derived layer would be the output itself, so building the method says so; tuning keeps the sets that apply."""
+    stage-derived layer would be the output itself, so building the method says so; tuning keeps the sets that apply
+    and names each set it leaves out on stderr."""
     model = build_tiny("llava", layers=6, seed=0)
     no_mutation, no_stable = stage_file(6, 2, []), stage_file(6, 6, [])
     with pytest.raises(StageFileError, match="premature=last_stable is the last layer .6.*with itself"):
@@ -176,18 +187,22 @@ def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_t
     with pytest.raises(ConfigError, match="readout layer 6 must lie in 2..5"):
         build_method("stable_readout", model, {"layer": 6}, no_mutation)
     assert build_method("stable_readout", model, {"dynamic": True}, no_mutation).layers_used()["readout"] == "before_spike"
-    assert candidate_options("stable_readout", model, no_mutation, MitigateConfig(data="val.jsonl", grids={
-        "stable_readout": {"dynamic": [False, True]}})) == [{"dynamic": False, "layer": 5}, {"dynamic": True}]
+    capsys.readouterr()
+    assert tuned_sets("stable_readout", model, no_mutation, {"dynamic": [False, True]}) == [
+        {"dynamic": False, "layer": 5}, {"dynamic": True}]
+    assert capsys.readouterr().err.splitlines() == [
+        f"skipped stable_readout candidate {{'dynamic': False}}: {no_mutation.source}: no mutation stage, so the "
+        "stabilization stage ends at the output layer (6) and stable_readout would read out the output itself (no "
+        "change); give layer= or dynamic=true"]
     with pytest.raises(StageFileError, match="no mutation layers"):
         build_method("smoothing", model, {}, no_mutation)
-    cfg = MitigateConfig(data="val.jsonl", grids={"stage_contrast": {"premature": ["critical", "last_stable"]}})
+    premature = {"premature": ["critical", "last_stable"]}
     # last_stable is the output: that set goes, its move one layer down stays
-    assert candidate_options("stage_contrast", model, no_mutation, cfg) == [
+    assert tuned_sets("stage_contrast", model, no_mutation, premature) == [
         {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3},
         {"premature": "last_stable", "layer": 5}]
-    unmoved = MitigateConfig(data="val.jsonl", grids=cfg.grids, layer_shifts=[0])
-    with pytest.raises(StageFileError, match="with itself"):  # no set applies: the method is skipped with the reason
-        candidate_options("stage_contrast", model, no_stable, unmoved)
+    with pytest.raises(StageFileError, match="no tuning candidate of stage_contrast applies: .*with itself"):
+        candidates("stage_contrast", model, no_stable, premature, (0,))  # no set applies: the method is skipped
 
 
 def test_grid_flags_per_method_are_typed_and_a_single_value_is_a_list() -> None:

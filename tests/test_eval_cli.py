@@ -60,10 +60,11 @@ def test_mitigate_then_eval_with_run_dir(world_model, tmp_path, monkeypatch, cap
                        "--no-wandb")
     assert code == 0, err
     spec = json.loads((run / "method.json").read_text())
-    assert spec["method"] == "smoothing" and spec["layers"] == {"smoothed": [5]}
+    assert spec["method"] == "smoothing" and spec["layers"]["smoothed"] in ([4], [5], [6])
     tried = json.loads((run / "tuning.json").read_text())["candidates"]
-    assert [t["options"] for t in tried][1:] == [{"alpha": a, "threshold": t} for a in (0.0, 0.25, 0.5, 0.75)
-                                                 for t in (None, 0.1)]
+    # the default grid, the mutation layer 5 as given and moved to 4 and 6
+    assert [t["options"] for t in tried][1:] == [{"alpha": a, "threshold": t, **moved} for a in (0.0, 0.25, 0.5, 0.75)
+                                                 for t in (None, 0.1) for moved in ({"layers": [4]}, {}, {"layers": [6]})]
     assert spec["options"]["alpha"] in (0.0, 0.25, 0.5, 0.75)
     code, _, err = cli(monkeypatch, capsys, "eval", "world", "--model", str(world_model / "model"),
                        "--method", str(run), "--out", str(tmp_path / "ev"), *WORLD)
@@ -191,13 +192,14 @@ def test_mitigate_grid_option_replaces_the_default_grid(world_model, tmp_path, m
                        "--n", "2", "--batch-size", "4", "--out", str(tmp_path), "--no-wandb")
     assert code == 0, err
     tried = json.loads((tmp_path / "tuning.json").read_text())["candidates"]
-    assert [t["options"] for t in tried[1:]] == [{"weight": 0.5, "premature": "critical"}, {"weight": 1, "premature": "critical"}]
-    assert json.loads((tmp_path / "method.json").read_text())["layers"] == {"premature": 2}
+    assert [t["options"] for t in tried[1:]] == [{"weight": w, "premature": "critical", **moved} for w in (0.5, 1)
+                                                 for moved in ({"layer": 1}, {}, {"layer": 3})]
+    assert json.loads((tmp_path / "method.json").read_text())["layers"]["premature"] in (1, 2, 3)
 
 
 def test_mitigate_tuning_leaves_out_candidates_whose_stage_layer_is_the_output(world_model, tmp_path, monkeypatch, capsys):
     """No mutation stage: the stabilization stage ends at the output, so premature=last_stable would contrast the
-    output with itself; those candidates are left out with one line each, the others tuned."""
+    output with itself; those candidates are left out with one line each, the others tuned, with their moves."""
     payload = json.loads((world_model / "stages.json").read_text())
     write_stages(tmp_path / "stages.json", {**payload, "mutation_layers": [], "stages": stage_ranges(LAYERS, 2, [])})
     code, _, err = cli(monkeypatch, capsys, "mitigate", "--method", "stage_contrast", "--model", str(world_model / "model"),
@@ -206,7 +208,10 @@ def test_mitigate_tuning_leaves_out_candidates_whose_stage_layer_is_the_output(w
     assert code == 0, err
     assert f"premature=last_stable is the last layer ({LAYERS})" in err and err.count("skipped stage_contrast candidate") == 1
     tried = json.loads((tmp_path / "run" / "tuning.json").read_text())["candidates"]
-    assert [t["options"] for t in tried[1:]] == [{"premature": "critical", "weight": 1}]
+    assert [t["options"] for t in tried[1:]] == [{"premature": "critical", "weight": 1, "layer": 1},
+                                                 {"premature": "critical", "weight": 1},
+                                                 {"premature": "critical", "weight": 1, "layer": 3},
+                                                 {"premature": "last_stable", "weight": 1, "layer": LAYERS - 1}]
 
 
 def _killed(*_: object, **__: object) -> None:
@@ -322,10 +327,12 @@ def test_mitigate_kill_9_keeps_the_old_run_and_a_rerun_gives_the_same(world_mode
 
     args = ("mitigate", "--method", "stage_contrast", "--model", str(world_model / "model"), "--stages",
             str(world_model / "stages.json"), "--n", "4", "--batch-size", "4", "--out", str(tmp_path), "--no-wandb",
-            "--grid", "alpha=0.5")  # one candidate: candidates tied on the objective are chosen by their latency
+            "--grid", "alpha=0.5", "--set", "layer=2")  # one candidate (a fixed layer is not moved): candidates tied
+    # on the objective are chosen by their latency
     assert cli(monkeypatch, capsys, *args)[0] == 0
     files = ("method.json", "tuning.json")
     first = {f: (tmp_path / f).read_bytes() for f in files}
+    assert len(json.loads(first["tuning.json"])["candidates"]) == 2  # greedy and the one set
     _kill_9_mid_run(args, tmp_path)
     assert {f: (tmp_path / f).read_bytes() for f in files} == first
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(files)

@@ -2,7 +2,7 @@
 
 Every decoding method that can change greedy's tokens is tried (or those of ``--methods``): the stage-aware
 ones over their option grid (``TUNE_GRID``, or ``grids``) with their stage-derived layers as the stage file
-gives them and moved by each of ``layer_shifts`` (:meth:`Method.shifted`), DoLa and VCD at their published
+gives them and moved by each of ``layer_shifts`` (:func:`~evotool.mitigate.methods.candidates`), DoLa and VCD at their published
 defaults. All candidates and greedy decode the same batches interleaved (:func:`evotool.evals.harness.run_methods`),
 are scored by the manifest eval (:mod:`evotool.evals.manifest`), and :func:`choose` picks one under the
 objective (:class:`~evotool.mitigate.config.Choice`), or greedy when nothing beats it.
@@ -31,10 +31,10 @@ from evotool.evals.manifest import (ObjectVocabulary, caption_vocabulary, check_
                                    score_manifest)
 from evotool.generation import Generations
 from evotool.io import DirLock, atomic_write_text, write_json
+from evotool.mitigate.base import Method
 from evotool.mitigate.config import Choice, MitigateConfig
-from evotool.mitigate.methods import (BASELINE, applicable, build_method, default_grid, make_config, method_class,
-                                      method_names)
-from evotool.mitigate.run import METHOD_FILE, METHOD_SCHEMA, TUNING_FILE, grid, require_file
+from evotool.mitigate.methods import BASELINE, build_method, candidates, default_grid, method_class, method_names
+from evotool.mitigate.run import METHOD_FILE, METHOD_SCHEMA, TUNING_FILE, require_file
 from evotool.stages import StageFile
 from evotool.validate import output_dir
 
@@ -167,27 +167,6 @@ def paired_bootstrap(samples: Sequence[Sample], base: Generations, key: str, res
     return rate
 
 
-def candidate_options(name: str, model: nn.Module, stages: StageFile | None, cfg: MitigateConfig) -> list[dict[str, Any]]:
-    """The option sets tried for method ``name``: published defaults for methods without stages, else the grid
-    with the stage-derived layers moved by each of ``cfg.layer_shifts`` (moves out of range are left out), less the
-    sets that do not apply to the stage file (:func:`applicable`, e.g. a premature layer that is the output itself,
-    whose moves may still apply; none left: StageFileError)."""
-    cls = method_class(name)
-    if not cls.needs_stages:
-        return [{}]
-    out: list[dict[str, Any]] = []
-    for opts in grid(cfg.grids.get(name) or default_grid(name)):
-        method = cls(model, make_config(name, opts), stages)  # not built: its own layers may not apply, its moves may
-        for shift in cfg.layer_shifts:
-            extra = method.shifted(shift) if shift else {}
-            if extra is not None and {**opts, **extra} not in out:
-                out.append({**opts, **extra})
-    built, reasons = applicable(name, model, out, stages)
-    if not built:
-        raise StageFileError(reasons[0])  # the method does not apply to this stage file
-    return [out[i] for i in built]
-
-
 def markdown(rows: Sequence[Mapping[str, Any]], decision: Decision) -> str:
     """The tuning table: one line per row with its options, the objective, its guard, latency and verdict."""
     keys = [k for k in dict.fromkeys((decision.objective, recall_key(decision.objective), "chair_s", "chair_i",
@@ -235,7 +214,7 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
         model, processor = load_model(model_id, cfg.load)
     stages = StageFile.for_model(cfg.stages, model) if cfg.stages is not None else None
 
-    rows: list[dict[str, Any]] = [{"method": BASELINE, "options": {}}]
+    found: list[tuple[str, dict[str, Any], Method]] = [(BASELINE, {}, build_method(BASELINE, model))]
     skipped: dict[str, str] = {}
     for name in cfg.methods or method_names():
         cls = method_class(name)
@@ -243,13 +222,18 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
             skipped[name] = "its tokens are greedy's"
         elif cls.needs_stages and stages is None:
             skipped[name] = "needs a stage file (--stages)"
+        elif not cls.needs_stages:
+            found.append((name, {}, build_method(name, model)))  # DoLa, VCD: their published defaults
         else:
             try:
-                rows += [{"method": name, "options": opts} for opts in candidate_options(name, model, stages, cfg)]
+                option_grid = cfg.grids.get(name) or default_grid(name)
+                found += [(name, opts, method)
+                          for opts, method in candidates(name, model, stages, option_grid, cfg.layer_shifts)]
             except (ConfigError, StageFileError) as err:  # e.g. no mutation layer: the method does not apply
                 skipped[name] = str(err)
+    rows: list[dict[str, Any]] = [{"method": name, "options": opts} for name, opts, _ in found]
     labels = [BASELINE] + [f"{i}:{row['method']}" for i, row in enumerate(rows[1:], 1)]  # greedy: the latency baseline
-    methods = {label: build_method(row["method"], model, row["options"], stages) for label, row in zip(labels, rows)}
+    methods = {label: method for label, (_, _, method) in zip(labels, found)}
     print(f"scoring greedy and {len(rows) - 1} candidates on {len(samples)} records", flush=True)
     clock = cfg.clock if cfg.clock != "auto" else ("cpu" if model.device.type == "cpu" else "wall")
     runner = run_methods(model, processor, methods, samples, cfg.batch_size, cfg.max_new_tokens, clock)

@@ -87,7 +87,7 @@ class MitigateConfig:
     methods: list[str] | None = field(default=None, metadata={"help": "with --data: methods to try (default: every "
                                                                       "decoding method that changes greedy's tokens)"})
     layer_shifts: list[int] = field(default_factory=lambda: [-1, 0, 1], metadata={
-        "help": "with --data: stage-derived layers are also tried moved by these shifts"})
+        "help": "tuning (--method) and --data: stage-derived layers are also tried moved by these shifts"})
     grids: dict[str, dict[str, list[Any]]] = field(default_factory=dict, metadata={
         "help": "with --data: method -> option grid, replacing that method's TUNE_GRID (--grid method.key=v1,v2)"})
     vocab: str | None = field(default=None, metadata={"help": "with --data: caption vocabulary 'dog,cat=kitten|kitty' "
@@ -167,6 +167,8 @@ class TuneStep(Selection):
     max_new_tokens: int = field(default=32, metadata={"help": "tokens per answer"})
     grids: dict[str, dict[str, list[Any]]] = field(
         default_factory=dict, metadata={"help": "method -> option grid, replacing that method's default TUNE_GRID"})
+    layer_shifts: list[int] = field(default_factory=lambda: [-1, 0, 1], metadata={
+        "help": "stage-derived layers are also tried moved by these shifts ([0]: as the stage file gives them)"})
 
 
 @dataclass

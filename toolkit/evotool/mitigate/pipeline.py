@@ -81,8 +81,9 @@ def _prepare(name: str, cfg: PipelineConfig, model: nn.Module, processor: Any, m
         options = cfg.eval.options.get(name, {})
         return options, build_method(name, model, options)
     tune = cfg.tune
-    path = run_mitigate(MitigateConfig(**common, grid=tune.grids.get(name), n=tune.n, seed=cfg.validation_seed,
-                                       batch_size=tune.batch_size, max_new_tokens=tune.max_new_tokens,
+    path = run_mitigate(MitigateConfig(**common, grid=tune.grids.get(name), layer_shifts=tune.layer_shifts, n=tune.n,
+                                       seed=cfg.validation_seed, batch_size=tune.batch_size,
+                                       max_new_tokens=tune.max_new_tokens,
                                        selection=Selection(tune.max_recall_loss, tune.objective)), model, processor)
     spec = resolve_spec(str(path.parent))
     return spec.options, build_method(name, model, spec.options, stages)

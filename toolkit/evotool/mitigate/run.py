@@ -10,9 +10,7 @@ decodes with exactly that method.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from evotool.integrations.hub import card_with_metadata, check_push, push_folder
 from evotool.io import DirLock, atomic_dir, atomic_write_text, read_json, write_json
 from evotool.mitigate.base import Method
 from evotool.mitigate.config import TRAINED, MitigateConfig, Selection
-from evotool.mitigate.methods import BASELINE, applicable, build_method, method_class
+from evotool.mitigate.methods import BASELINE, build_method, candidates, method_class
 from evotool.models.loading import fingerprint
 from evotool.stages import StageFile
 from evotool.validate import output_dir
@@ -78,12 +76,6 @@ def method_for(model: nn.Module, spec: MethodSpec) -> Method:
     return build_method(spec.method, model, spec.options, load_stages_for(model, spec))
 
 
-def grid(options: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of option values: ``{"a": [1, 2]}`` -> ``[{"a": 1}, {"a": 2}]``."""
-    keys = list(options)
-    return [dict(zip(keys, values)) for values in itertools.product(*(options[k] for k in keys))]
-
-
 def select(candidates: list[dict[str, Any]], baseline: dict[str, float], sel: Selection) -> dict[str, Any]:
     """The candidate (``{"options", "metrics"}``) with the lowest objective among those within the recall
     budget (ties: lower latency); if none keeps the recall, the one with the highest recall."""
@@ -130,15 +122,10 @@ def _run_decoding(cfg: MitigateConfig, model_id: str, model: nn.Module | None, p
     tried: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {"options": {}, "metrics": {}}
     if cfg.tune and option_grid:
-        sets = grid(option_grid)
-        built, reasons = applicable(cfg.method, model, [{**cfg.options, **opts} for opts in sets], stages)
-        if not built:
-            raise StageFileError(f"no tuning candidate of {cfg.method} applies: {reasons[0]}")
-        for reason in reasons:
-            print(f"skipped {cfg.method} candidate {reason}", file=sys.stderr)
-        sets = [sets[i] for i in built]
+        found = candidates(cfg.method, model, stages, option_grid, cfg.layer_shifts, cfg.options)
+        sets = [opts for opts, _ in found]
         methods: dict[str, Method] = {BASELINE: build_method(BASELINE, model),
-                                      **{f"c{k}": method for k, method in enumerate(built.values())}}
+                                      **{f"c{k}": method for k, (_, method) in enumerate(found)}}
         scores = evaluate_world_methods(model, processor, methods, cfg.n, WorldConfig(seed=cfg.seed),
                                         cfg.batch_size, cfg.max_new_tokens)
         tried = [{"options": opts, "metrics": scores[f"c{i}"]} for i, opts in enumerate(sets)]

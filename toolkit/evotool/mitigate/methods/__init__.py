@@ -8,7 +8,9 @@ Adding a method is adding one file here. :func:`method_names` lists the modules 
 from __future__ import annotations
 
 import importlib
+import itertools
 import pkgutil
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,19 +55,41 @@ def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | None 
     return method
 
 
-def applicable(name: str, model: nn.Module, option_sets: Sequence[Mapping[str, Any]],
-               stages: StageFile | None = None) -> tuple[dict[int, Method], list[str]]:
-    """Method ``name`` built (:func:`build_method`) with each of ``option_sets`` that applies to this model and stage
-    file, by position in ``option_sets``, and one reason per set that does not (e.g. ``premature=last_stable`` where
-    the stabilization stage ends at the output)."""
-    built: dict[int, Method] = {}
+def grid(options: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of option values: ``{"a": [1, 2]}`` -> ``[{"a": 1}, {"a": 2}]``."""
+    keys = list(options)
+    return [dict(zip(keys, values)) for values in itertools.product(*(options[k] for k in keys))]
+
+
+def candidates(name: str, model: nn.Module, stages: StageFile | None, option_grid: Mapping[str, Sequence[Any]],
+               shifts: Sequence[int] = (0,), fixed: Mapping[str, Any] | None = None
+               ) -> list[tuple[dict[str, Any], Method]]:
+    """The tuning candidates of method ``name``, built (:func:`build_method`): each set of ``grid(option_grid)`` over
+    the ``fixed`` options, with the layers it derives from the stage file as given and moved by each of ``shifts``
+    (:meth:`Method.shifted`; moves out of range, or of a layer ``fixed`` sets, are left out). A set that does not apply
+    to the stage file (e.g. ``premature=last_stable`` where the stabilization stage ends at the output; its moves may)
+    is left out with one stderr line; none left is a StageFileError with the first reason. Pairs (tuned options
+    without ``fixed``, method)."""
+    fixed = dict(fixed or {})
+    sets: list[dict[str, Any]] = []
+    for opts in grid(option_grid):
+        method = method_class(name)(model, make_config(name, {**fixed, **opts}), stages)  # unbuilt: its moves may apply
+        for shift in shifts:
+            extra = method.shifted(shift) if shift else {}
+            if extra is not None and not extra.keys() & fixed.keys() and {**opts, **extra} not in sets:
+                sets.append({**opts, **extra})
+    out: list[tuple[dict[str, Any], Method]] = []
     reasons: list[str] = []
-    for i, options in enumerate(option_sets):
+    for opts in sets:
         try:
-            built[i] = build_method(name, model, options, stages)
+            out.append((opts, build_method(name, model, {**fixed, **opts}, stages)))
         except (ConfigError, StageFileError) as err:
-            reasons.append(f"{dict(options)}: {err}")
-    return built, reasons
+            reasons.append(f"{opts}: {err}")
+    if not out:
+        raise StageFileError(f"no tuning candidate of {name} applies: {reasons[0]}")
+    for reason in reasons:
+        print(f"skipped {name} candidate {reason}", file=sys.stderr)
+    return out
 
 
 def default_grid(name: str) -> dict[str, list[Any]]:
