@@ -415,13 +415,16 @@ def test_zoo_build_trains_writes_manifests_and_caches(tmp_path: Path, monkeypatc
 def test_zoo_build_workers_read_the_resolved_config(tmp_path: Path, monkeypatch, capsys):
     configs = tmp_path / "configs"
     configs.mkdir()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         (configs / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(tiny_member_config())))
     out = tmp_path / "zoo"
     code, stdout, _ = run_cli(monkeypatch, capsys, "zoo", "build", "--out", str(out), "--configs", str(configs),
-                              "--steps", "manifests", "--jobs", "2", "--no-wandb", "--set", "manifest.captions=3",
-                              "--set", "manifest.pope=1", "--set", "manifest.analysis_samples=2")
+                              "--members", "a", "--members", "b", "--steps", "manifests", "--jobs", "2", "--no-wandb",
+                              "--set", "manifest.captions=3", "--set", "manifest.pope=1",
+                              "--set", "manifest.analysis_samples=2")
     assert code == 0 and "zoo in" in stdout
+    built = stdout.strip().splitlines()[-1].split(": ", 1)[1]  # "zoo in OUT: a, b"
+    assert sorted(built.split(", ")) == ["a", "b"] and not (out / "c").exists()  # --members repeated
     resolved = yaml.safe_load((out / "zoo_build.yaml").read_text())
     assert resolved["manifest"]["captions"] == 3 and resolved["jobs"] == 2 and resolved["wandb"] is False
     for name in ("a", "b"):  # each worker built its member with the parent's --set values

@@ -24,8 +24,8 @@ app = typer.Typer(help="The model zoo: many small world VLMs with behavioural gr
 @app.command("build")
 def build(
     out: Annotated[Optional[Path], option(C, "out")] = None,
-    members: Annotated[Optional[str], option(C, "members")] = None,
-    steps: Annotated[Optional[str], option(C, "steps")] = None,
+    members: Annotated[Optional[list[str]], option(C, "members")] = None,
+    steps: Annotated[Optional[list[str]], option(C, "steps")] = None,
     jobs: Annotated[Optional[int], option(C, "jobs")] = None,
     configs: Annotated[Optional[Path], option(C, "configs")] = None,
     wandb: Annotated[Optional[bool], option(C, "wandb", "--wandb/--no-wandb")] = None,
@@ -36,7 +36,8 @@ def build(
     from evotool.config import load_config
     from evotool.zoo.build import build_zoo
 
-    flags = {"out": out, "members": members, "steps": steps, "jobs": jobs, "configs": configs, "wandb": wandb}
+    flags = {"out": out, "members": members and ",".join(members), "steps": steps and ",".join(steps), "jobs": jobs,
+             "configs": configs, "wandb": wandb}  # repeated or comma-separated
     cfg = load_config(C, config, overrides(flags, set_))
     status = build_zoo(cfg)
     failed = [name for name, code in status.items() if code]

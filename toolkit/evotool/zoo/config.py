@@ -139,8 +139,8 @@ class ZooConfig:
 
     out: Path = field(default=Path("runs/zoo"), metadata={"help": "zoo folder (one sub-folder per member)"})
     configs: Path | None = field(default=None, metadata={"help": "folder of member YAMLs (default: configs/zoo)"})
-    members: list[str] = field(default_factory=list, metadata={"help": "members to build (default: all)"})
-    steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": f"steps to run, of {STEPS}"})
+    members: list[str] = field(default_factory=list, metadata={"help": "members to build, comma-separated or repeated (default: all)"})
+    steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": f"steps to run, of {STEPS}, comma-separated or repeated"})
     jobs: int = field(default=1, metadata={"help": "members built at once, one worker process each"})
     wandb: bool = field(default=True, metadata={"help": "track training and analyses in W&B (offline without a key)"})
     manifest: ManifestConfig = field(default_factory=ManifestConfig, metadata={"help": "evaluation manifests"})
