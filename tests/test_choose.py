@@ -167,6 +167,13 @@ def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
     assert tuned_sets("stage_contrast", model, stages, {"weight": [0.5, 1.0]}, fixed={"layer": 4}) == [
         {"weight": 0.5}, {"weight": 1.0}]
     assert candidates("stage_contrast", model, stages, {}, (0,), {"layer": 4})[0][1].layers_used() == {"premature": 4}
+    # critical 2, mutation 4: the last stable layer is 3, so its moves 2 and 3 repeat the critical layer's sets
+    short = stage_file(6, 2, [4])
+    assert tuned_sets("stage_contrast", model, short, {"premature": ["critical", "last_stable"]}) == [
+        {"premature": "critical", "layer": 1}, {"premature": "critical"}, {"premature": "critical", "layer": 3},
+        {"premature": "last_stable", "layer": 4}]
+    # the dynamic readout ignores layer: one candidate
+    assert tuned_sets("stable_readout", model, short, {"dynamic": [True], "layer": [3, 4]}) == [{"dynamic": True, "layer": 3}]
 
 
 def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_the_candidates(capsys) -> None:

@@ -8,6 +8,7 @@ from :class:`~evotool.trace.LayerCapture`. ``Method.generate`` has the signature
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
@@ -41,11 +42,12 @@ class Method:
     :class:`LayerCapture` states; ``changes_batch``: :meth:`prepare` adds rows (VCD), so paired rows must
     decode greedily and plain ``generate`` kwargs cannot express the method; ``changes_outputs``: its tokens can
     differ from greedy's (False for greedy and lossless speed-ups, which ``evotool mitigate --data`` therefore
-    does not try).
+    does not try); ``layer_options``: the config options that only choose the layers :meth:`layers_used` reports.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    layer_options: ClassVar[tuple[str, ...]] = ()
     needs_stages: ClassVar[bool] = False
     uses_capture: ClassVar[bool] = False
     changes_batch: ClassVar[bool] = False
@@ -111,6 +113,12 @@ class Method:
     def layers_used(self) -> dict[str, Any]:
         """The layers the method reads or changes, by role (e.g. ``{"premature": 3}``)."""
         return {}
+
+    def decodes_as(self) -> str:
+        """Equal for two methods of one model that decode alike: the name, the layers used and the other options
+        (e.g. ``premature=last_stable`` moved to layer 5 and ``premature=critical`` where the critical layer is 5)."""
+        options = {k: v for k, v in to_dict(self.config).items() if k not in self.layer_options}
+        return json.dumps([self.name, self.layers_used(), options], sort_keys=True, default=str)
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
         """Options that move the layers this method derives from the stage file by ``shift`` (e.g. the premature

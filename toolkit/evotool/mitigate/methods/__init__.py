@@ -68,28 +68,31 @@ def candidates(name: str, model: nn.Module, stages: StageFile | None, option_gri
     the ``fixed`` options, with the layers it derives from the stage file as given and moved by each of ``shifts``
     (:meth:`Method.shifted`; moves out of range, or of a layer ``fixed`` sets, are left out). A set that does not apply
     to the stage file (e.g. ``premature=last_stable`` where the stabilization stage ends at the output; its moves may)
-    is left out with one stderr line; none left is a StageFileError with the first reason. Pairs (tuned options
-    without ``fixed``, method)."""
+    is left out with one stderr line; none left is a StageFileError with the first reason. A set that decodes as an
+    earlier one (:meth:`Method.decodes_as`, e.g. two stage layers moved onto the same layer) is left out silently.
+    Pairs (tuned options without ``fixed``, method)."""
     fixed = dict(fixed or {})
     sets: list[dict[str, Any]] = []
     for opts in grid(option_grid):
         method = method_class(name)(model, make_config(name, {**fixed, **opts}), stages)  # unbuilt: its moves may apply
         for shift in shifts:
             extra = method.shifted(shift) if shift else {}
-            if extra is not None and not extra.keys() & fixed.keys() and {**opts, **extra} not in sets:
+            if extra is not None and not extra.keys() & fixed.keys():
                 sets.append({**opts, **extra})
-    out: list[tuple[dict[str, Any], Method]] = []
+    out: dict[str, tuple[dict[str, Any], Method]] = {}
     reasons: list[str] = []
     for opts in sets:
         try:
-            out.append((opts, build_method(name, model, {**fixed, **opts}, stages)))
+            method = build_method(name, model, {**fixed, **opts}, stages)
         except (ConfigError, StageFileError) as err:
             reasons.append(f"{opts}: {err}")
+            continue
+        out.setdefault(method.decodes_as(), (opts, method))
     if not out:
         raise StageFileError(f"no tuning candidate of {name} applies: {reasons[0]}")
     for reason in reasons:
         print(f"skipped {name} candidate {reason}", file=sys.stderr)
-    return out
+    return list(out.values())
 
 
 def default_grid(name: str) -> dict[str, list[Any]]:

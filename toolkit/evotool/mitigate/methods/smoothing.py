@@ -63,6 +63,7 @@ class Smoothing(Method):
 
     name = "smoothing"
     config_cls = SmoothingConfig
+    layer_options = ("layers",)
     needs_stages = True
 
     def smoothed_layers(self) -> list[int]:

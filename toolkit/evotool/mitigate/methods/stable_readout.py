@@ -35,6 +35,7 @@ class Readout(Method):
 
     name = "stable_readout"
     config_cls = StableReadoutConfig
+    layer_options = ("layer",)
     needs_stages = True
     uses_capture = True
 

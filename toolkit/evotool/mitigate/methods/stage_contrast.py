@@ -41,6 +41,7 @@ class StageContrast(Method):
 
     name = "stage_contrast"
     config_cls = StageContrastConfig
+    layer_options = ("premature", "layer")
     needs_stages = True
     uses_capture = True
 
