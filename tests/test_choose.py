@@ -194,6 +194,12 @@ def test_stage_layers_a_method_cannot_use_are_refused_at_build_and_left_out_of_t
     with pytest.raises(ConfigError, match="readout layer 6 must lie in 2..5"):
         build_method("stable_readout", model, {"layer": 6}, no_mutation)
     assert build_method("stable_readout", model, {"dynamic": True}, no_mutation).layers_used()["readout"] == "before_spike"
+    # without a model (export-generate) the same checks run against the stage file alone
+    with pytest.raises(StageFileError, match="no mutation stage.*output layer .6.*no change"):
+        build_method("stable_readout", None, {}, no_mutation)
+    for name, options in (("stage_contrast", {"premature": "last_stable", "layer": 4}), ("stable_readout", {"layer": 4})):
+        assert build_method(name, None, options, no_mutation).layers_used() == build_method(
+            name, model, options, no_mutation).layers_used()
     capsys.readouterr()
     assert tuned_sets("stable_readout", model, no_mutation, {"dynamic": [False, True]}) == [
         {"dynamic": False, "layer": 5}, {"dynamic": True}]

@@ -143,6 +143,10 @@ CASES: tuple[Case, ...] = (
     Case("export unknown method", "export-generate nope --out {out}", "unknown method 'nope'"),
     Case("export without stages", "export-generate stage_contrast --out {out}", "needs a stage file"),
     Case("export unknown option", "export-generate dola --out {out} --set beta=2", "unknown key 'beta'"),
+    Case("export readout of the output layer", "export-generate stable_readout --out {out} --stages {ws}/no_mutation.json",
+         "would read out the output itself"),
+    Case("export smoothing without mutation", "export-generate smoothing --out {out} --stages {ws}/no_mutation.json",
+         "no mutation layers"),
     # world
     Case("world out is a file", "world --out {file}", "is a file, not a directory"),
     Case("world zero records", "world --out {out} --n 0", "--n must be >= 1"),

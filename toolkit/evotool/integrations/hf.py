@@ -30,7 +30,7 @@ from evotool import __version__
 from evotool.config import to_dict
 from evotool.errors import ConfigError
 from evotool.io import atomic_write_text, write_json
-from evotool.mitigate.methods import build_method, make_config
+from evotool.mitigate.methods import build_method, make_config, method_class
 from evotool.mitigate.run import MethodSpec, load_stages_for, method_for, resolve_spec
 from evotool.stages import StageFile
 
@@ -94,6 +94,8 @@ def export_generate(method: str | Path, out: Path, stages: str | Path | None = N
     spec = _spec(method, stages, options or {})
     config = make_config(spec.method, spec.options)
     stage_file = load_stages_for(None, spec)
+    if method_class(spec.method).needs_stages:  # its layers against the stage file, before anything is written
+        build_method(spec.method, None, spec.options, stage_file)
     record = {"evotool_version": __version__, "method": spec.method, "options": to_dict(config),
               "stages": embedded_stages(stage_file) if stage_file else None, "stage_file": spec.stages}
     folder = Path(out) / CUSTOM_GENERATE

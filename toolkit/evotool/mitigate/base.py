@@ -53,13 +53,22 @@ class Method:
     changes_batch: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
+    def __init__(self, model: nn.Module | None, config: Any = None, stages: StageFile | None = None) -> None:
+        """``model`` None: a stage-aware method checked against ``stages`` alone (its layers, e.g. before
+        ``export-generate`` writes anything); such a method cannot decode."""
         self.model = model
         self.config = config if config is not None else self.config_cls()
-        self.parts = decoder_parts(model)
         if self.needs_stages and stages is None:
             raise StageFileError(f"method {self.name!r} needs the model's stage file (--stages, from `evotool analyze`)")
+        if model is None and stages is None:
+            raise ValueError("a method needs a model, or a stage file to be checked against")
+        self.parts = decoder_parts(model) if model is not None else None
         self.stages = stages
+
+    @property
+    def num_layers(self) -> int:
+        """L, the decoder layers: the model's, else the stage file's (equal for a stage file of the model)."""
+        return self.parts.num_layers if self.parts is not None else self.stages.num_layers  # type: ignore[union-attr]
 
     def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inputs [B, ...] -> the batch ``generate`` runs (default: unchanged)."""

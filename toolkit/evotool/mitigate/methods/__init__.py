@@ -44,11 +44,11 @@ def make_config(name: str, options: Mapping[str, Any] | None = None) -> Any:
     return from_dict(method_class(name).config_cls, options or {}, f"method {name!r} options")
 
 
-def build_method(name: str, model: nn.Module, options: Mapping[str, Any] | None = None,
+def build_method(name: str, model: nn.Module | None, options: Mapping[str, Any] | None = None,
                  stages: StageFile | None = None) -> Method:
     """Method ``name`` bound to ``model``; ``stages`` is the model's validated stage file (:meth:`StageFile.for_model`).
     A stage-aware method resolves its layers here, so a stage file it cannot use (e.g. no layer after the critical
-    one) is a :class:`StageFileError` before anything is generated."""
+    one) is a :class:`StageFileError` before anything is generated; with ``model`` None that check is all it does."""
     method = method_class(name)(model, make_config(name, options), stages)
     if method.needs_stages:
         method.layers_used()

@@ -75,7 +75,7 @@ class Dola(Method):
     def candidates(self) -> list[int]:
         # as transformers 4.4x: the top-level config's flag (PretrainedConfig's default True when absent)
         tied = bool(getattr(self.model.config, "tie_word_embeddings", True))
-        return dola_candidates(self.parts.num_layers, self.config.layers, tied)
+        return dola_candidates(self.num_layers, self.config.layers, tied)
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         cfg = self.config

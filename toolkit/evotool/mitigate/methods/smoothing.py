@@ -70,9 +70,9 @@ class Smoothing(Method):
         layers = self.config.layers if self.config.layers is not None else self.stages.mutation_layers
         if not layers:
             raise StageFileError(f"{self.stages.source} has no mutation layers")
-        bad = [m for m in layers if not 1 <= m <= self.parts.num_layers]
+        bad = [m for m in layers if not 1 <= m <= self.num_layers]
         if bad:
-            raise ConfigError(f"layers {bad} outside 1..{self.parts.num_layers}")
+            raise ConfigError(f"layers {bad} outside 1..{self.num_layers}")
         return list(layers)
 
     @contextmanager
@@ -85,7 +85,7 @@ class Smoothing(Method):
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
         layers = [m + shift for m in self.smoothed_layers()]
-        return {"layers": layers} if all(1 <= m <= self.parts.num_layers for m in layers) else None
+        return {"layers": layers} if all(1 <= m <= self.num_layers for m in layers) else None
 
 
 METHOD = Smoothing

@@ -42,17 +42,17 @@ class Readout(Method):
     def unchecked_layer(self) -> int:
         """``layer``, else the last stable layer of the stage file (the output itself where no mutation stage follows);
         a stage file without a layer after the critical one is a StageFileError."""
-        if self.stages.critical >= self.parts.num_layers:
+        if self.stages.critical >= self.num_layers:
             raise StageFileError(f"{self.stages.source}: the critical layer is the last one ({self.stages.critical}), so "
                                  "no layer follows it: stable_readout has no stabilization stage to read from")
         return self.config.layer if self.config.layer is not None else self.stages.last_stable
 
     def readout_layer(self) -> int:
         layer = self.unchecked_layer()
-        if self.stages.critical <= layer < self.parts.num_layers:
+        if self.stages.critical <= layer < self.num_layers:
             return layer
         if self.config.layer is not None:
-            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.parts.num_layers - 1}")
+            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.num_layers - 1}")
         raise StageFileError(f"{self.stages.source}: no mutation stage, so the stabilization stage ends at the output "
                              f"layer ({layer}) and stable_readout would read out the output itself (no change); "
                              "give layer= or dynamic=true")
@@ -63,7 +63,7 @@ class Readout(Method):
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
         layer = self.unchecked_layer() + shift
-        return None if self.config.dynamic or not self.stages.critical <= layer < self.parts.num_layers else {"layer": layer}
+        return None if self.config.dynamic or not self.stages.critical <= layer < self.num_layers else {"layer": layer}
 
     def layers_used(self) -> dict[str, Any]:
         if self.config.dynamic:

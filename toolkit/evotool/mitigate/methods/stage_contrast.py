@@ -53,10 +53,10 @@ class StageContrast(Method):
 
     def premature_layer(self) -> int:
         layer = self.unchecked_layer()
-        if layer < self.parts.num_layers:
+        if layer < self.num_layers:
             return layer
         if self.config.layer is not None:
-            raise ConfigError(f"premature layer {layer} must lie in 0..{self.parts.num_layers - 1}")
+            raise ConfigError(f"premature layer {layer} must lie in 0..{self.num_layers - 1}")
         raise StageFileError(f"{self.stages.source}: premature={self.config.premature} is the last layer ({layer}), "
                              "so stage_contrast would contrast the output with itself")
 
@@ -69,7 +69,7 @@ class StageContrast(Method):
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
         layer = self.unchecked_layer() + shift
-        return {"layer": layer} if 0 <= layer < self.parts.num_layers else None
+        return {"layer": layer} if 0 <= layer < self.num_layers else None
 
 
 METHOD = StageContrast

@@ -24,14 +24,15 @@ class StageSpeculative(Method):
     needs_stages = True
     changes_outputs = False
 
-    def __init__(self, model: nn.Module, config: Any = None, stages: StageFile | None = None) -> None:
+    def __init__(self, model: nn.Module | None, config: Any = None, stages: StageFile | None = None) -> None:
         super().__init__(model, config, stages)
         self.processor: Any = None
         self.stats = SpeculativeStats()
         self.calibration: Any = None
         self.plan = None
-        if self.config.layers is not None or (self.config.skip != "auto" and self.config.redundancy != "influence"):
-            self.resolve()  # a bad skip set fails before anything runs
+        fixed_plan = self.config.layers is not None or (self.config.skip != "auto" and self.config.redundancy != "influence")
+        if model is not None and fixed_plan:
+            self.resolve()  # a bad skip set fails before anything runs (the plan needs the model)
 
     def resolve(self, batch_size: int = 1, samples: Sequence[Any] | None = None) -> Any:
         """The :class:`~evotool.prune.speculative.DraftPlan` (calibrated on first call for ``auto``)."""
