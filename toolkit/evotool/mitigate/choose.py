@@ -2,10 +2,11 @@
 
 Every decoding method that can change greedy's tokens is tried (or those of ``--methods``): the stage-aware
 ones over their option grid (``TUNE_GRID``, or ``grids``) with their stage-derived layers as the stage file
-gives them and moved by each of ``layer_shifts`` (:func:`~evotool.mitigate.methods.candidates`), DoLa and VCD at their published
-defaults. All candidates and greedy decode the same batches interleaved (:func:`evotool.evals.harness.run_methods`),
-are scored by the manifest eval (:mod:`evotool.evals.manifest`), and :func:`choose` picks one under the
-objective (:class:`~evotool.mitigate.config.Choice`), or greedy when nothing beats it.
+gives them and moved by each of ``layer_shifts`` (:func:`~evotool.mitigate.methods.candidates`, as
+``evotool mitigate --method`` tunes), DoLa and VCD at their published defaults. All candidates and greedy
+decode the same batches interleaved (:func:`evotool.evals.harness.run_methods`), are scored by the manifest eval
+(:mod:`evotool.evals.manifest`), and :func:`choose` picks one under the objective
+(:class:`~evotool.mitigate.config.Choice`), or greedy when nothing beats it.
 
 The run directory gets ``method.json`` (read by ``evotool eval ... --method RUN_DIR``), ``tuning.json``
 (every candidate with its metrics and verdict, plus the decision) and ``tuning.md``.
