@@ -123,6 +123,15 @@ class Method:
         """The layers the method reads or changes, by role (e.g. ``{"premature": 3}``)."""
         return {}
 
+    def in_range(self, layer: int, low: int, role: str, given: bool, refusal: str) -> int:
+        """``layer`` when it lies in ``low``..L-1 (L, the output itself, is nothing to read or contrast with); else a
+        ConfigError naming the range when the user ``given`` it, or the stage file's StageFileError ``refusal``."""
+        if low <= layer < self.num_layers:
+            return layer
+        if given:
+            raise ConfigError(f"{role} layer {layer} must lie in {low}..{self.num_layers - 1}")
+        raise StageFileError(f"{self.stages.source}: {refusal}")  # type: ignore[union-attr]
+
     def decodes_as(self) -> str:
         """Equal for two methods of one model that decode alike: the name, the layers used and the other options
         (e.g. ``premature=last_stable`` moved to layer 5 and ``premature=critical`` where the critical layer is 5)."""

@@ -49,13 +49,9 @@ class Readout(Method):
 
     def readout_layer(self) -> int:
         layer = self.unchecked_layer()
-        if self.stages.critical <= layer < self.num_layers:
-            return layer
-        if self.config.layer is not None:
-            raise ConfigError(f"readout layer {layer} must lie in {self.stages.critical}..{self.num_layers - 1}")
-        raise StageFileError(f"{self.stages.source}: no mutation stage, so the stabilization stage ends at the output "
-                             f"layer ({layer}) and stable_readout would read out the output itself (no change); "
-                             "give layer= or dynamic=true")
+        return self.in_range(layer, self.stages.critical, "readout", self.config.layer is not None,
+                             f"no mutation stage, so the stabilization stage ends at the output layer ({layer}) and "
+                             "stable_readout would read out the output itself (no change); give layer= or dynamic=true")
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         layer = None if self.config.dynamic else self.readout_layer()

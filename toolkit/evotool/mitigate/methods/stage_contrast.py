@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from transformers import LogitsProcessor
 
-from evotool.errors import ConfigError, StageFileError
+from evotool.errors import ConfigError
 from evotool.mitigate.base import Method, check_unit
 from evotool.mitigate.processors import LayerContrast
 from evotool.trace import LayerCapture
@@ -53,12 +53,9 @@ class StageContrast(Method):
 
     def premature_layer(self) -> int:
         layer = self.unchecked_layer()
-        if layer < self.num_layers:
-            return layer
-        if self.config.layer is not None:
-            raise ConfigError(f"premature layer {layer} must lie in 0..{self.num_layers - 1}")
-        raise StageFileError(f"{self.stages.source}: premature={self.config.premature} is the last layer ({layer}), "
-                             "so stage_contrast would contrast the output with itself")
+        return self.in_range(layer, 0, "premature", self.config.layer is not None,
+                             f"premature={self.config.premature} is the last layer ({layer}), so stage_contrast would "
+                             "contrast the output with itself")
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         return [LayerContrast(capture, [self.premature_layer()], self.config.alpha, self.config.weight,
