@@ -167,6 +167,8 @@ def test_candidates_move_the_stage_layers_and_drop_moves_out_of_range() -> None:
     assert tuned_sets("stage_contrast", model, stages, {"weight": [0.5, 1.0]}, fixed={"layer": 4}) == [
         {"weight": 0.5}, {"weight": 1.0}]
     assert candidates("stage_contrast", model, stages, {}, (0,), {"layer": 4})[0][1].layers_used() == {"premature": 4}
+    with pytest.raises(StageFileError, match="no tuning candidate of smoothing applies: every move"):
+        candidates("smoothing", model, stages, {"alpha": [0.5]}, (1,))  # layer 7 does not exist, and no shift 0
     # critical 2, mutation 4: the last stable layer is 3, so its moves 2 and 3 repeat the critical layer's sets
     short = stage_file(6, 2, [4])
     assert tuned_sets("stage_contrast", model, short, {"premature": ["critical", "last_stable"]}) == [

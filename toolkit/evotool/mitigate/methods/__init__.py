@@ -89,7 +89,8 @@ def candidates(name: str, model: nn.Module, stages: StageFile | None, option_gri
             continue
         out.setdefault(method.decodes_as(), (opts, method))
     if not out:
-        raise StageFileError(f"no tuning candidate of {name} applies: {reasons[0]}")
+        why = reasons[0] if reasons else "every move of its stage layers leaves the model"
+        raise StageFileError(f"no tuning candidate of {name} applies: {why}")
     for reason in reasons:
         print(f"skipped {name} candidate {reason}", file=sys.stderr)
     return list(out.values())
