@@ -305,3 +305,17 @@ def test_uncertainty_flags_warn_where_resamples_leave_the_tolerance() -> None:
     assert ("wide_interval" in both.flags) == (lo < both.critical_layer - 1 or hi > both.critical_layer + 1)
     with pytest.raises(ConfigError, match="flag_tolerance"):
         StageConfig(flag_tolerance=-1)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("check_recall", 1.5, r"check_recall=1.5 must lie in \[0, 1\]$"),
+    ("check_add_share", -0.1, r"check_add_share=-0.1 must lie in \[0, 1\]$"),
+    ("check_chair_guard", 2.0, r"check_chair_guard=2.0 must lie in \[0, 1\] or be null \(off\)"),
+    ("check_add_cut", -0.5, r"check_add_cut=-0.5 must lie in \[0, 1\] or be null \(off\)"),
+])
+def test_check_options_are_validated(name: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        StageConfig(**{name: value})
+    StageConfig(**{name: 0.5})  # in range
+    if name in ("check_chair_guard", "check_add_cut"):
+        StageConfig(**{name: None})  # off

@@ -65,6 +65,7 @@ SIGNAL_DEFAULTS: dict[str, dict[str, float | str]] = {"mutation_ratio": {"js": 8
                                                       "mutation_reference": {"js": "all", "flip": "all"},
                                                       "mutation_quiet_ratio": {"js": 0.0, "flip": 0.0}}
 MUTATION_REFERENCES = ("all", "others")
+NULLABLE_SHARES = ("check_chair_guard", "check_add_cut")  # StageConfig shares that may be None (off)
 
 
 @dataclass
@@ -161,17 +162,14 @@ class StageConfig:
                               f"mutation_ratio ({self.mutation_ratio})")
         if self.mutation_quiet_ratio > 0 and self.mutation_signal != "js":
             raise ConfigError("stage option mutation_quiet_ratio needs mutation_signal=js (its floor is a JS)")
-        for name in ("mutation_min_js", "mutation_last_excess", "mutation_last_min", "mutation_quiet_min_js"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
+        for name in ("mutation_min_js", "mutation_last_excess", "mutation_last_min", "mutation_quiet_min_js",
+                     "check_min_rewrite", "check_chair_cut", "check_recall", "check_add_share", *NULLABLE_SHARES):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                off = " or be null (off)" if name in NULLABLE_SHARES else ""
+                raise ConfigError(f"stage option {name}={value} must lie in [0, 1]{off}")
         if self.mutation_last_excess > 0 and self.mutation_signal != "js":
             raise ConfigError("stage option mutation_last_excess needs mutation_signal=js (it re-reads the direct JS)")
-        for name in ("check_min_rewrite", "check_chair_cut", "check_recall", "check_add_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1]")
-        for name in ("check_chair_guard", "check_add_cut"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"stage option {name}={getattr(self, name)} must lie in [0, 1] or be null (off)")
         if self.check_ratio < 0:
             raise ConfigError(f"stage option check_ratio={self.check_ratio} must be >= 0")
         for name in ("mutation_min_tokens", "min_object_tokens", "min_tokens", "bootstrap", "flag_tolerance", "seed"):
@@ -286,8 +284,19 @@ def stage_flags(critical: int | None, stages: dict[str, list[int] | None]) -> li
     return ["short_stable_stage"] if stab[1] - stab[0] + 1 < 2 else []
 
 
+class FirstMutation:
+    """The ``mutation`` property of a detector output (:class:`StageResult`, :class:`~evotool.stages.file.StageFile`)."""
+
+    mutation_layers: list[int]
+
+    @property
+    def mutation(self) -> int | None:
+        """The first mutation layer, or None when there is no mutation stage."""
+        return min(self.mutation_layers) if self.mutation_layers else None
+
+
 @dataclass
-class StageResult:
+class StageResult(FirstMutation):
     """Boundaries of one dataset (what ``stages.json`` stores besides curves and metadata)."""
 
     num_layers: int
@@ -302,11 +311,6 @@ class StageResult:
     per_token_critical: list[int | None]
     per_token_mutation: list[int | None]
     mutation_check: dict[str, Any] | None = None  # the bypass check's record (evotool.stages.check), when it ran
-
-    @property
-    def mutation(self) -> int | None:
-        """The first mutation layer, or None when there is no mutation stage."""
-        return min(self.mutation_layers) if self.mutation_layers else None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -23,6 +23,7 @@ from typing import Any
 
 from evotool.errors import StageFileError
 from evotool.io import read_json, write_json
+from evotool.stages.detect import FirstMutation
 
 SCHEMA_VERSION = "1.3"
 # What each detector flag means for the user (evotool.stages.detect sets them).
@@ -49,7 +50,7 @@ Range = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class StageFile:
+class StageFile(FirstMutation):
     """The boundaries of one model's analysis, validated; ``payload`` is the whole JSON object."""
 
     model: str
@@ -170,11 +171,6 @@ class StageFile:
         if self.critical_layer is None:
             raise StageFileError(f"{self.source} has no critical layer (no stable stage was found)")
         return self.critical_layer
-
-    @property
-    def mutation(self) -> int | None:
-        """The first mutation layer, or None when there is no mutation stage."""
-        return min(self.mutation_layers) if self.mutation_layers else None
 
     @property
     def stable_range(self) -> Range:
