@@ -39,12 +39,17 @@ class Readout(Method):
     needs_stages = True
     uses_capture = True
 
-    def unchecked_layer(self) -> int:
-        """``layer``, else the last stable layer of the stage file (the output itself where no mutation stage follows);
-        a stage file without a layer after the critical one is a StageFileError."""
+    def critical(self) -> int:
+        """The stage file's critical layer; a StageFileError when no layer follows it (nothing to read out from)."""
         if self.stages.critical >= self.num_layers:
             raise StageFileError(f"{self.stages.source}: the critical layer is the last one ({self.stages.critical}), so "
                                  "no layer follows it: stable_readout has no stabilization stage to read from")
+        return self.stages.critical
+
+    def unchecked_layer(self) -> int:
+        """``layer``, else the last stable layer of the stage file (the output itself where no mutation stage follows),
+        not yet range-checked; refused as :meth:`critical` is."""
+        self.critical()
         return self.config.layer if self.config.layer is not None else self.stages.last_stable
 
     def readout_layer(self) -> int:
@@ -55,7 +60,7 @@ class Readout(Method):
 
     def processors(self, capture: LayerCapture, rows: int) -> list[LogitsProcessor]:
         layer = None if self.config.dynamic else self.readout_layer()
-        return [StableReadout(capture, self.stages.critical, layer, self.config.threshold, self.config.mix, rows)]
+        return [StableReadout(capture, self.critical(), layer, self.config.threshold, self.config.mix, rows)]
 
     def shifted(self, shift: int) -> dict[str, Any] | None:
         layer = self.unchecked_layer() + shift
@@ -63,9 +68,8 @@ class Readout(Method):
 
     def layers_used(self) -> dict[str, Any]:
         if self.config.dynamic:
-            self.unchecked_layer()  # refuses a stage file with no layer after the critical one
-            return {"critical": self.stages.critical, "readout": "before_spike"}
-        return {"critical": self.stages.critical, "readout": self.readout_layer()}
+            return {"critical": self.critical(), "readout": "before_spike"}
+        return {"critical": self.critical(), "readout": self.readout_layer()}
 
 
 METHOD = Readout
