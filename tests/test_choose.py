@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import build_tiny, run_cli, stage_file, tiny_world_llava
 
 from evotool.errors import ConfigError, InputError, StageFileError
@@ -251,6 +252,22 @@ def test_cpu_clock_ignores_time_the_process_does_not_compute() -> None:
     assert seconds["wall"] >= 0.19 and seconds["cpu"] < 0.05, seconds
     with pytest.raises(ValueError, match="clock"):
         Interleaved({"greedy": Waits()}, "sundial")
+
+
+@pytest.mark.parametrize("threads, warned", [(1, False), (2, True)])
+def test_cpu_clock_warns_with_several_torch_threads(threads: int, warned: bool, capsys: pytest.CaptureFixture) -> None:
+    """CPU time counts the busy-waiting of idle torch threads on shared cores: the CPU clock says so unless one thread runs."""
+    from evotool.evals.harness import Interleaved
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        Interleaved({"greedy": object()}, "cpu")  # type: ignore[dict-item]
+        Interleaved({"greedy": object()}, "wall")  # type: ignore[dict-item]
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert ("OMP_NUM_THREADS=1" in err) == warned and err.count("warning:") == int(warned), err
 
 
 # ---------------------------------------------------------------- end to end on the shipped model
