@@ -61,7 +61,7 @@ from evotool.models.registry import decoder_parts  # noqa: E402
 from evotool.prune.runtime import skip_layers  # noqa: E402
 from evotool.prune.speculative import DraftPlan, SpeculativeStats, calibrate_draft, skip_ranking  # noqa: E402
 from evotool.prune.speculative.plan import calibration_inputs  # noqa: E402
-from evotool.prune.speed import CLOCKS  # noqa: E402
+from evotool.prune.speed import timer  # noqa: E402
 from evotool.stages import StageFile  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def count(model: torch.nn.Module, runner: Runner, batches: list[dict], n: int, p
 def timed(model: torch.nn.Module, runners: dict[str, Runner], batches: list[dict], n: int, repeats: int,
           clock: str) -> dict[str, float]:
     """Median seconds of each runner over all batches (interleaved, rotating order)."""
-    tick = CLOCKS[clock]
+    tick = timer(clock)
     times: dict[str, list[float]] = {k: [] for k in runners}
     names = list(runners)
     for r in range(repeats):
@@ -238,7 +238,7 @@ def trained(args: argparse.Namespace) -> dict[str, Any]:
 def step_seconds(model: torch.nn.Module, inputs: dict, positions: int, repeats: int, clock: str,
                  skip: list[int] | None = None) -> float:
     """Median time of one forward over ``positions`` new tokens on a prefilled cache (optionally with layers skipped)."""
-    tick = CLOCKS[clock]
+    tick = timer(clock)
     cache = DynamicCache(config=model.config)
     vocab = model.config.get_text_config().vocab_size
     with torch.inference_mode():

@@ -1,9 +1,8 @@
 """Run decoding methods over an eval set, batched and interleaved, with latency relative to greedy.
 
 Latency is wall-clock by default; ``clock="cpu"`` times this process's CPU time instead
-(:data:`evotool.prune.speed.CLOCKS`), which other processes on a shared CPU do not inflate as long as torch runs
-one thread: with several, their busy-waiting on cores other processes hold is CPU time too (measured on 2 shared
-cores: greedy 11x the CPU time of one thread, ratios 0.4-6.0 against 0.9-1.9), so :class:`Interleaved` warns.
+(:func:`evotool.prune.speed.timer`), which other processes on a shared CPU do not inflate as long as torch runs
+one thread (with several, the timer warns).
 
 :class:`Interleaved` is a ``generate_fn`` (the signature of :func:`evotool.generation.greedy_generate`):
 on every batch it builds the inputs once, then times each method's generation on that same batch
@@ -21,7 +20,6 @@ Flat metric keys (results.json; the world eval's are :func:`evotool.evals.world.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +34,7 @@ from evotool.evals.world import evaluate_world, world_flat
 from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import process_state, synchronize
-from evotool.prune.speed import CLOCKS
+from evotool.prune.speed import CLOCKS, timer
 
 if TYPE_CHECKING:
     from evotool.mitigate.base import Method
@@ -58,11 +56,7 @@ class Interleaved:
         if not methods or clock not in CLOCKS:
             raise ValueError(f"need methods and a clock in {sorted(CLOCKS)}")
         self.methods = dict(methods)
-        self.clock = CLOCKS[clock]
-        if clock == "cpu" and torch.get_num_threads() > 1:
-            print(f"warning: latency is timed as CPU time with {torch.get_num_threads()} torch threads, which also "
-                  "counts their busy-waiting when other processes share the cores (latency ratios then scatter); "
-                  "run with OMP_NUM_THREADS=1 for stable ones", file=sys.stderr)
+        self.clock = timer(clock)
         self.outputs: dict[str, Generations] = {name: Generations() for name in self.methods}
         self.samples = 0
         self._calls: dict[int, dict[str, tuple[list[list[int]], list[str], float]]] = {}  # batch -> method -> output

@@ -17,6 +17,7 @@ process's peak resident set during generation minus its resident set before (VmH
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,19 @@ def _peak_scope(device: torch.device) -> Callable[[], float]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def timer(clock: str) -> Callable[[], float]:
+    """The ``CLOCKS`` timer ``clock`` (ValueError for another name). CPU time with several torch threads also counts
+    their busy-waiting when other processes share the cores (measured on 2 shared cores: greedy 11x the CPU time of
+    one thread, latency ratios 0.4-6.0 against 0.9-1.9), so that case prints one stderr warning."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
+    if clock == "cpu" and torch.get_num_threads() > 1:
+        print(f"warning: timing CPU time with {torch.get_num_threads()} torch threads, which also counts their "
+              "busy-waiting when other processes share the cores (ratios then scatter); run with OMP_NUM_THREADS=1 "
+              "for stable ones", file=sys.stderr)
+    return CLOCKS[clock]
+
+
 @torch.inference_mode()
 def _generate_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], n: int, clock: Callable[[], float]) -> float:
     synchronize(model.device)
@@ -85,7 +99,7 @@ def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], new_t
     """Median prefill latency, decode throughput and peak memory of each model on the same ``inputs``."""
     if new_tokens < 2 or repeats < 1 or clock not in CLOCKS:
         raise ValueError(f"need new_tokens >= 2, repeats >= 1 and clock in {sorted(CLOCKS)}")
-    tick = CLOCKS[clock]
+    tick = timer(clock)
     batch = inputs["input_ids"].shape[0]
     for model in models.values():
         for _ in range(warmup):
