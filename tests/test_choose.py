@@ -48,6 +48,22 @@ def test_lowest_chair_i_within_the_constraints_wins() -> None:
     assert choose(table, Choice(max_latency_ratio=1.25)).index == 3
 
 
+def test_a_better_row_kept_out_by_latency_alone_is_named() -> None:
+    table = [GREEDY, row(0.15),
+             row(0.05, latency=1.30),  # better than the choice, out for latency only: held back
+             row(0.01, latency=1.20, recall=0.5),  # also too slow, but the recall guard names it
+             row(0.18, latency=1.40)]  # out for latency only, but worse than the choice
+    d = choose(table, Choice())
+    assert d.index == 1 and d.held_back == 2
+    assert d.verdicts[2].startswith("latency 1.300") and d.verdicts[3].startswith("recall loss 0.400")
+    assert d.verdicts[4].startswith("latency 1.400")
+    assert "row 2 (chair_i 0.0500) was kept out by latency alone (1.30x > 1.15)" in d.message
+    assert choose(table, Choice(max_latency_ratio=1.3)).index == 2  # what the message suggests
+    assert choose(table[:2] + table[4:], Choice()).held_back is None  # a slower, worse row is not named
+    d = choose([GREEDY, row(0.18, latency=1.2), row(0.10, latency=1.4)], Choice())  # nothing eligible
+    assert d.index == 0 and d.held_back == 2 and "greedy recorded; row 2" in d.message
+
+
 def test_ties_go_to_recall_then_latency_then_the_earlier_row() -> None:
     assert choose([GREEDY, row(0.1, recall=0.9), row(0.1, recall=0.95)], Choice()).index == 2
     assert choose([GREEDY, row(0.1, latency=1.1), row(0.1, latency=1.05)], Choice()).index == 2

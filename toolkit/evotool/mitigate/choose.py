@@ -40,7 +40,7 @@ from evotool.stages import StageFile
 from evotool.validate import output_dir
 
 AUTO_OBJECTIVES = ("chair_i", "pope_f1", "exact_match")  # in this order, the first the validation metrics hold
-CHOICE_SCHEMA = "1.1"  # tuning.json: 1.0 (one method tuned on the world) plus per-candidate method / verdict and the decision
+CHOICE_SCHEMA = "1.2"  # tuning.json: 1.0 (one method tuned on the world), per-candidate method / verdict and the decision (1.1), held_back (1.2)
 
 
 def minimised(key: str) -> bool:
@@ -81,6 +81,7 @@ class Decision:
     objective: str
     verdicts: list[str]
     message: str
+    held_back: int | None = None  # the best row that only the latency limit kept out, if it beats the chosen one
 
 
 def choose(table: Sequence[Mapping[str, float]], choice: Choice,
@@ -96,7 +97,10 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice,
     The eligible candidate with the best objective wins; ties go to the higher recall (CHAIR) or the higher
     mean POPE accuracy (``pope_f1``), then the lower latency ratio, then the earlier row.
     Without an eligible candidate the choice is greedy (row 0), so the chosen row is never worse than greedy
-    on the table it was chosen on.
+    on the table it was chosen on. A row's verdict names the first check it fails in the order: objective present,
+    guards, objective better than greedy's, latency, resamples; so "latency" means that only latency (and the
+    resampling test, not run on it) kept it out. The best such row that would beat the choice is ``held_back``,
+    named in the message.
     """
     if not table:
         raise ValueError("empty table")
@@ -118,27 +122,37 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice,
         accuracies = [v for k, v in m.items() if key == "pope_f1" and k.startswith("pope_") and k.endswith("_accuracy")]
         return sum(accuracies) / len(accuracies) if accuracies else 0.0
 
-    verdicts, eligible = ["baseline"], []
+    def rank(i: int) -> tuple[float, float, float, int]:
+        return sign * table[i][key], -tie(table[i]), table[i].get("latency_ratio", 1.0), i
+
+    verdicts, eligible, slow = ["baseline"], [], []
     for i, m in enumerate(table[1:], 1):
         latency = m.get("latency_ratio", 1.0)
         if key not in m:
             verdicts.append(f"no {key}")
-        elif latency > choice.max_latency_ratio:
-            verdicts.append(f"latency {latency:.3f} > {choice.max_latency_ratio}")
         elif broken := [g for g, allowed in guards.items() if loss(m, g) > allowed + 1e-12]:
             verdicts.append("; ".join(f"{g} loss {loss(m, g):.3f} > {guards[g]}" for g in broken))
         elif sign * m[key] >= sign * base[key]:
             verdicts.append(f"{key} not better than greedy")
+        elif latency > choice.max_latency_ratio:
+            verdicts.append(f"latency {latency:.3f} > {choice.max_latency_ratio}")
+            slow.append(i)
         elif win_rate is not None and choice.min_win_rate > 0 and (rate := win_rate(i)) < choice.min_win_rate:
             verdicts.append(f"{key} better in {rate:.0%} of resamples < {choice.min_win_rate:.0%}")
         else:
             verdicts.append("eligible")
             eligible.append(i)
+    best = min(eligible, key=rank) if eligible else 0
+    held = min((i for i in slow if best == 0 or rank(i) < rank(best)), key=rank, default=None)
+    note = "" if held is None else (
+        f"; row {held} ({key} {table[held][key]:.4f}) was kept out by latency alone "
+        f"({table[held]['latency_ratio']:.2f}x > {choice.max_latency_ratio}): raise --max-latency-ratio to test it")
     if not eligible:
-        return Decision(0, key, verdicts, f"no method beats greedy on {key} within the constraints: greedy recorded")
-    best = min(eligible, key=lambda i: (sign * table[i][key], -tie(table[i]), table[i].get("latency_ratio", 1.0), i))
+        return Decision(0, key, verdicts, f"no method beats greedy on {key} within the constraints: greedy recorded"
+                        + note, held)
     verdicts[best] = "chosen"
-    return Decision(best, key, verdicts, f"row {best}: {key} {table[best][key]:.4f} vs greedy {base[key]:.4f}")
+    return Decision(best, key, verdicts, f"row {best}: {key} {table[best][key]:.4f} vs greedy {base[key]:.4f}" + note,
+                    held)
 
 
 def paired_bootstrap(samples: Sequence[Sample], base: Generations, key: str, resamples: int,
@@ -262,7 +276,8 @@ def _choose(cfg: MitigateConfig, model: nn.Module | None, processor: Any, main: 
     atomic_write_text(cfg.out / "tuning.md", markdown(rows, decision))
     write_json(cfg.out / TUNING_FILE, {"data": str(cfg.data), "objective": decision.objective, "clock": clock,
                                        "choice": to_dict(cfg.choice), "decision": decision.message,
-                                       "chosen": decision.index, "candidates": rows, "skipped": skipped},
+                                       "chosen": decision.index, "held_back": decision.held_back, "candidates": rows,
+                                       "skipped": skipped},
                schema=CHOICE_SCHEMA)  # method.json last: it marks the run done
     path = write_json(cfg.out / METHOD_FILE, {
         "method": chosen["method"], "options": chosen["options"], "stages": str(cfg.stages) if cfg.stages else None,
