@@ -179,6 +179,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout33: written after holdout32 was read (v7 report-only; check v1 and the v2 options beside it)
     "holdout33": ("l8-gemma-w64-long-s277", "l12-gemma-w128-prior-s278", "l8-gemma-w128-prior-s279",
         "l10-gemma-w128-long-s280", "l12-qwen2-w128-prior-s281", "l6-qwen2-w96-long-s282"),
+    # holdout34: written after holdout33 was read and after the downstream study (v7 report-only; the tuned protocol)
+    "holdout34": ("l6-gemma-w96-prior-s283", "l6-llama-w64-short-s284", "l8-qwen2-w96-short-s285",
+        "l8-qwen2-w96-long-s286", "l10-llama-w128-prior-s287", "l10-llama-w64-long-s288"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
