@@ -40,7 +40,7 @@ from evotool.stages import StageFile
 from evotool.validate import output_dir
 
 AUTO_OBJECTIVES = ("chair_i", "pope_f1", "exact_match")  # in this order, the first the validation metrics hold
-CHOICE_SCHEMA = "1.2"  # tuning.json: 1.0 (one method tuned on the world), per-candidate method / verdict and the decision (1.1), held_back (1.2)
+CHOICE_SCHEMA = "1.2"  # tuning.json: 1.0 one method tuned; 1.1 + per-candidate method, verdict, decision; 1.2 + held_back
 
 
 def minimised(key: str) -> bool:
@@ -146,7 +146,7 @@ def choose(table: Sequence[Mapping[str, float]], choice: Choice,
     held = min((i for i in slow if best == 0 or rank(i) < rank(best)), key=rank, default=None)
     note = "" if held is None else (
         f"; row {held} ({key} {table[held][key]:.4f}) was kept out by latency alone "
-        f"({table[held]['latency_ratio']:.2f}x > {choice.max_latency_ratio}): raise --max-latency-ratio to test it")
+        f"({table[held].get('latency_ratio', 1.0):.2f}x > {choice.max_latency_ratio}): raise --max-latency-ratio to test it")
     if not eligible:
         return Decision(0, key, verdicts, f"no method beats greedy on {key} within the constraints: greedy recorded"
                         + note, held)
