@@ -34,7 +34,7 @@ from evotool.evals.world import evaluate_world, world_flat
 from evotool.generation import Generations, build_inputs, context_length, decode, generate_samples
 from evotool.mitigate.methods import BASELINE
 from evotool.models.loading import process_state, synchronize
-from evotool.prune.speed import CLOCKS, timer
+from evotool.prune.speed import timer
 
 if TYPE_CHECKING:
     from evotool.mitigate.base import Method
@@ -53,10 +53,10 @@ class Interleaved:
     """
 
     def __init__(self, methods: Mapping[str, Method], clock: str = "wall") -> None:
-        if not methods or clock not in CLOCKS:
-            raise ValueError(f"need methods and a clock in {sorted(CLOCKS)}")
+        if not methods:
+            raise ValueError("need methods")
         self.methods = dict(methods)
-        self.clock = timer(clock)
+        self.clock = timer(clock)  # ValueError for an unknown clock
         self.outputs: dict[str, Generations] = {name: Generations() for name in self.methods}
         self.samples = 0
         self._calls: dict[int, dict[str, tuple[list[list[int]], list[str], float]]] = {}  # batch -> method -> output

@@ -97,9 +97,9 @@ def _prefill_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], clock: C
 def measure(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], new_tokens: int = 32, repeats: int = 5,
             warmup: int = 1, clock: str = "wall") -> dict[str, SpeedResult]:
     """Median prefill latency, decode throughput and peak memory of each model on the same ``inputs``."""
-    if new_tokens < 2 or repeats < 1 or clock not in CLOCKS:
-        raise ValueError(f"need new_tokens >= 2, repeats >= 1 and clock in {sorted(CLOCKS)}")
-    tick = timer(clock)
+    if new_tokens < 2 or repeats < 1:
+        raise ValueError("need new_tokens >= 2 and repeats >= 1")
+    tick = timer(clock)  # ValueError for an unknown clock
     batch = inputs["input_ids"].shape[0]
     for model in models.values():
         for _ in range(warmup):
