@@ -283,7 +283,7 @@ def test_cpu_clock_warns_with_several_torch_threads(threads: int, warned: bool, 
     finally:
         torch.set_num_threads(before)
     err = capsys.readouterr().err
-    assert ("OMP_NUM_THREADS=1" in err) == warned and err.count("warning:") == int(warned), err
+    assert ("--threads 1" in err) == warned and err.count("warning:") == int(warned), err
 
 
 # ---------------------------------------------------------------- end to end on the shipped model

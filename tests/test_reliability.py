@@ -291,6 +291,26 @@ def test_help_interrupt_and_exit_codes_pass_through(monkeypatch: pytest.MonkeyPa
             assert run_cli(monkeypatch, capsys, "world", "--out", str(tmp_path / "w"), "--n", "1")[0] == expected
 
 
+def test_threads_option_sets_torch_threads_for_the_command(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """``evotool --threads N CMD`` runs CMD with N torch threads; N < 1 is a one-line usage error naming the option."""
+    import torch
+
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    monkeypatch.setattr("evotool.cli.world.write_manifest", lambda *_, **__: seen.append(torch.get_num_threads()))
+    try:
+        for threads in (1, 2):
+            code, _, err = run_cli(monkeypatch, capsys, "--threads", str(threads), "world", "--out", str(tmp_path / "w"),
+                                   "--n", "1")
+            assert code == 0, err
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
+    code, _, err = run_cli(monkeypatch, capsys, "--threads", "0", "world", "--out", str(tmp_path / "w"), "--n", "1")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--threads" in err, err
+
+
 def test_atomic_dir_swaps_keeps_and_repairs(tmp_path: Path) -> None:
     """Entries in ``keep`` survive a swap; a killed run's staging folder goes, a live sibling (W&B logs) stays;
     a swap killed between its renames is undone by the next atomic_dir."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Annotated, Optional
 
 import typer
 
@@ -32,8 +33,16 @@ TRACEBACK_ENV = "EVOTOOL_TRACEBACK"
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="torch CPU threads for the command (default: torch's own choice; 1 gives stable "
+                                 "CPU-time latency ratios on shared cores)")] = None,
+) -> None:
     """evotool: layer-wise knowledge evolution in vision-language models."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # (module in evotool.cli, command name). Each module exposes `command` (a plain function)

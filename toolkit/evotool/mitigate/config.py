@@ -96,7 +96,7 @@ class MitigateConfig:
     choice: Choice = field(default_factory=Choice, metadata={"help": "with --data: the objective of the choice"})
     clock: str = field(default="auto", metadata={"help": "with --data: latency clock: wall, cpu (this process's CPU "
                                                         "time, immune to other load on a shared CPU with one torch "
-                                                        "thread: OMP_NUM_THREADS=1) or auto (cpu on a CPU model, wall "
+                                                        "thread: `evotool --threads 1`) or auto (cpu on a CPU model, wall "
                                                         "on a GPU)"})
     model: str | None = field(default=None, metadata={"help": "hub id or local path; default: the shipped demo model"})
     load: LoadOptions = field(default_factory=LoadOptions, metadata={"help": "how the model is loaded"})

@@ -71,8 +71,8 @@ def timer(clock: str) -> Callable[[], float]:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
     if clock == "cpu" and torch.get_num_threads() > 1:
         print(f"warning: timing CPU time with {torch.get_num_threads()} torch threads, which also counts their "
-              "busy-waiting when other processes share the cores (ratios then scatter); run with OMP_NUM_THREADS=1 "
-              "for stable ones", file=sys.stderr)
+              "busy-waiting when other processes share the cores (ratios then scatter); run `evotool --threads 1 ...` "
+              "(or set OMP_NUM_THREADS=1) for stable ones", file=sys.stderr)
     return CLOCKS[clock]
 
 
