@@ -182,6 +182,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout34: written after holdout33 was read and after the downstream study (v7 report-only; the tuned protocol)
     "holdout34": ("l6-gemma-w96-prior-s283", "l6-llama-w64-short-s284", "l8-qwen2-w96-short-s285",
         "l8-qwen2-w96-long-s286", "l10-llama-w128-prior-s287", "l10-llama-w64-long-s288"),
+    # holdout35: six deep members written after holdout34 was read (v7 report-only; the tuned protocol)
+    "holdout35": ("l20-gemma-w96-short-s289", "l20-qwen2-w96-long", "l22-gemma-w64-prior-s291", "l22-gemma-w96-prior",
+        "l24-qwen2-w128-prior", "l24-llama-w96-short"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
