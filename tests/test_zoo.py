@@ -185,6 +185,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout35: six deep members written after holdout34 was read (v7 report-only; the tuned protocol)
     "holdout35": ("l20-gemma-w96-short-s289", "l20-qwen2-w96-long", "l22-gemma-w64-prior-s291", "l22-gemma-w96-prior",
         "l24-qwen2-w128-prior", "l24-llama-w96-short"),
+    # holdout36: six more deep members written after holdout35 was read (v7 report-only; the tuned protocol)
+    "holdout36": ("l20-qwen2-w64-short", "l20-gemma-w128-short", "l22-llama-w96-prior", "l22-gemma-w96-long",
+        "l24-gemma-w96-prior", "l24-llama-w128-long"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
