@@ -188,6 +188,9 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout36: six more deep members written after holdout35 was read (v7 report-only; the tuned protocol)
     "holdout36": ("l20-qwen2-w64-short", "l20-gemma-w128-short", "l22-llama-w96-prior", "l22-gemma-w96-long",
         "l24-gemma-w96-prior", "l24-llama-w128-long"),
+    # holdout37: six deeper members (28-32 layers) written after holdout36 was read (v7 report-only; the tuned protocol)
+    "holdout37": ("l28-gemma-w64-prior", "l28-qwen2-w96-prior", "l30-llama-w96-prior", "l30-qwen2-w96-prior",
+        "l32-qwen2-w96-short", "l32-llama-w64-long"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
