@@ -731,11 +731,21 @@ def test_resampled_boundaries_say_how_firmly_the_captions_place_them():
 
 @pytest.mark.slow
 def test_a_tiny_member_trains_in_seconds_and_loads(tmp_path: Path):
-    out = train_tiny_member(tmp_path / "m", layers=4, steps=10)
+    """It trains with its config's one thread and gives the caller's thread count back (a zoo build's later steps)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = train_tiny_member(tmp_path / "m", layers=4, steps=10)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert decoder_parts(model).num_layers == 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert "caption" in metrics["held_out"]["prior_breaking"]
+    assert metrics["environment"]["threads"] == tiny_member_config().threads == 1
 
 
 # --- compact curves and the member table -------------------------------------------------------------------

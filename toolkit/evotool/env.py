@@ -1,10 +1,13 @@
-"""The environment recorded with every result: package versions, git hash, hardware."""
+"""The environment recorded with every result (package versions, git hash, hardware) and the CPU threads a step runs
+with."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +60,17 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
     }
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then give the caller its own count back (a recipe's ``threads``
+    holds for its step only, not for the steps of the same process after it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

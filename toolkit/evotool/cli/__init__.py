@@ -36,8 +36,8 @@ TRACEBACK_ENV = "EVOTOOL_TRACEBACK"
 def _root(
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, help="torch CPU threads for the command (default: torch's own choice; 1 gives stable "
-                                 "CPU-time latency ratios on shared cores); training (train-demo, zoo build) uses its "
-                                 "config's own `threads` instead")] = None,
+                                 "CPU-time latency ratios on shared cores); training (train-demo, zoo build's train step) "
+                                 "runs with its config's own `threads`")] = None,
 ) -> None:
     """evotool: layer-wise knowledge evolution in vision-language models."""
     if threads is not None:

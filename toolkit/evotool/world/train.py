@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from evotool.config import to_dict
-from evotool.env import environment
+from evotool.env import environment, torch_threads
 from evotool.evals.world import evaluate_world, flatten
 from evotool.generation import chat_prompt
 from evotool.io import atomic_dir, write_json
@@ -254,47 +254,49 @@ def model_card(cfg: TrainConfig, metrics: dict[str, Any], n_params: int, seconds
 
 def train(cfg: TrainConfig, out_dir: Path, wandb: bool = True, title: str = "evotool demo model",
           finish: Callable[[Path], None] | None = None) -> Path:
-    """Train, evaluate and save a world VLM into ``out_dir`` (atomically); returns ``out_dir``.
+    """Train, evaluate and save a world VLM into ``out_dir`` (atomically) with ``cfg.threads`` torch threads (the
+    caller's count is restored afterwards); returns ``out_dir``.
 
     ``finish(folder)`` may add files to the checkpoint folder before it appears (e.g. the zoo's config hash).
     """
-    vision_steps, decoder_steps = cfg.steps()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    world = cfg.world
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        tracker = Tracker("train-demo", to_dict(cfg), tmp, enabled=wandb, name=out_dir.name)
-        start = time.time()
-        processor = build_processor(world)
-        model = build_model(processor.tokenizer, world, cfg.model).to(device)
-        pad_id = processor.tokenizer.pad_token_id
-        pools = {kind: Pool(kind_records(kind, "train", n, world), processor) for kind, n in cfg.data.sizes().items()}
-        val = {
-            kind: collate([(pool, torch.arange(len(pool)), 1.0)], pad_id)
-            for kind, pool in ((k, Pool(kind_records(k, "test", VAL_RECORDS, world), processor)) for k in pools)
-        }
-        val = {k: {n: t.to(device) for n, t in b.items()} for k, b in val.items()}
-        print(f"data ready in {time.time() - start:.0f}s", flush=True)
+    with torch_threads(cfg.threads):
+        vision_steps, decoder_steps = cfg.steps()
+        torch.manual_seed(cfg.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        world = cfg.world
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            tracker = Tracker("train-demo", to_dict(cfg), tmp, enabled=wandb, name=out_dir.name)
+            start = time.time()
+            processor = build_processor(world)
+            model = build_model(processor.tokenizer, world, cfg.model).to(device)
+            pad_id = processor.tokenizer.pad_token_id
+            pools = {kind: Pool(kind_records(kind, "train", n, world), processor)
+                     for kind, n in cfg.data.sizes().items()}
+            val = {
+                kind: collate([(pool, torch.arange(len(pool)), 1.0)], pad_id)
+                for kind, pool in ((k, Pool(kind_records(k, "test", VAL_RECORDS, world), processor)) for k in pools)
+            }
+            val = {k: {n: t.to(device) for n, t in b.items()} for k, b in val.items()}
+            print(f"data ready in {time.time() - start:.0f}s", flush=True)
 
-        labels = cell_labels(pools["caption"].records, world.grid**2)
-        vision_acc = train_vision(model, pools["caption"], labels, cfg.vision, vision_steps, device, tracker)
-        print(f"vision: cell accuracy {vision_acc:.3f} at {time.time() - start:.0f}s", flush=True)
-        train_decoder(model, pools, val, cfg.decoder, decoder_steps, pad_id, device, tracker, vision_steps)
-        seconds = time.time() - start
+            labels = cell_labels(pools["caption"].records, world.grid**2)
+            vision_acc = train_vision(model, pools["caption"], labels, cfg.vision, vision_steps, device, tracker)
+            print(f"vision: cell accuracy {vision_acc:.3f} at {time.time() - start:.0f}s", flush=True)
+            train_decoder(model, pools, val, cfg.decoder, decoder_steps, pad_id, device, tracker, vision_steps)
+            seconds = time.time() - start
 
-        model.eval()
-        held_out = evaluate_world(model, processor, n=cfg.eval.n, world=world)
-        metrics = {"held_out": held_out, "vision_cell_accuracy": vision_acc, "train_seconds": seconds}
-        tracker.summary(flatten(held_out))
-        tracker.finish()
-        model.cpu().save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        env = environment()
-        n_params = sum(p.numel() for p in model.parameters())
-        write_json(tmp / "metrics.json", {**metrics, "environment": env}, schema=METRICS_SCHEMA)
-        (tmp / "README.md").write_text(model_card(cfg, metrics, n_params, seconds, env, title))
-        if finish is not None:
-            finish(tmp)
+            model.eval()
+            held_out = evaluate_world(model, processor, n=cfg.eval.n, world=world)
+            metrics = {"held_out": held_out, "vision_cell_accuracy": vision_acc, "train_seconds": seconds}
+            tracker.summary(flatten(held_out))
+            tracker.finish()
+            model.cpu().save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            env = environment()
+            n_params = sum(p.numel() for p in model.parameters())
+            write_json(tmp / "metrics.json", {**metrics, "environment": env}, schema=METRICS_SCHEMA)
+            (tmp / "README.md").write_text(model_card(cfg, metrics, n_params, seconds, env, title))
+            if finish is not None:
+                finish(tmp)
     return out_dir
