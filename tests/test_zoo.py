@@ -191,6 +191,8 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
     # holdout37: six deeper members (28-32 layers) written after holdout36 was read (v7 report-only; the tuned protocol)
     "holdout37": ("l28-gemma-w64-prior", "l28-qwen2-w96-prior", "l30-llama-w96-prior", "l30-qwen2-w96-prior",
         "l32-qwen2-w96-short", "l32-llama-w64-long"),
+    # holdout38: four more deeper members written after holdout37 was read (v7 report-only; the tuned protocol)
+    "holdout38": ("l28-gemma-w96-long", "l28-gemma-w64-short", "l32-qwen2-w96-long", "l32-llama-w64-prior"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")
