@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 import yaml
 from conftest import tiny_world_llava
@@ -71,7 +72,13 @@ def test_mitigate_recipe(tiny, tmp_path: Path) -> None:
             "tune.n=1", "tune.batch_size=4", "tune.max_new_tokens=3", "tune.grids.smoothing.alpha=[0.0]",
             "eval.n=1", "eval.batch_size=4", "eval.max_new_tokens=3", "eval.methods=[greedy,dola,smoothing,lora_all]",
             "lora.samples=2", "lora.settings.steps=1", "lora.settings.batch_size=2"]
-    invoke("mitigate_pipeline", "--out", str(tmp_path), "--no-wandb", *[a for s in sets for a in ("--set", s)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the pipeline runs with its config's one thread and gives the caller's count back
+        invoke("mitigate_pipeline", "--out", str(tmp_path), "--no-wandb", *[a for s in sets for a in ("--set", s)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["schema_version"] == "1.0"
     assert {"greedy", "dola", "lora_all"} <= set(summary["metrics"])

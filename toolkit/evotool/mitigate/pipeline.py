@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
 from evotool.analysis.config import AnalyzeConfig
 from evotool.analysis.run import resolve_model_id, run_analysis
 from evotool.config import to_dict
+from evotool.env import torch_threads
 from evotool.errors import StageFileError
 from evotool.evals.harness import evaluate_world_methods
 from evotool.evals.results import write_results
@@ -90,43 +90,46 @@ def _prepare(name: str, cfg: PipelineConfig, model: nn.Module, processor: Any, m
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, wandb: bool = True) -> Path:
-    """Run the pipeline into ``out``; returns the path of ``summary.json``."""
-    torch.set_num_threads(cfg.threads)
-    model_id = resolve_model_id(cfg.model)
-    out = Path(out)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Run the pipeline into ``out`` with ``cfg.threads`` torch threads (the caller's count is restored afterwards);
+    returns the path of ``summary.json``."""
+    with torch_threads(cfg.threads):
+        model_id = resolve_model_id(cfg.model)
+        out = Path(out)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    an = cfg.analyze
-    stages_path = run_analysis(AnalyzeConfig(model=model_id, world_samples=an.samples, seed=cfg.validation_seed,
-                                             max_new_tokens=an.max_new_tokens, batch_size=an.batch_size,
-                                             out=out / "analyze", wandb=wandb))
-    model, processor = load_model(model_id)
-    stages = StageFile.for_model(stages_path, model)
+        an = cfg.analyze
+        stages_path = run_analysis(AnalyzeConfig(model=model_id, world_samples=an.samples, seed=cfg.validation_seed,
+                                                 max_new_tokens=an.max_new_tokens, batch_size=an.batch_size,
+                                                 out=out / "analyze", wandb=wandb))
+        model, processor = load_model(model_id)
+        stages = StageFile.for_model(stages_path, model)
 
-    methods: dict[str, Method] = {}
-    options: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    for name in cfg.eval.methods:
-        try:
-            options[name], methods[name] = _prepare(name, cfg, model, processor, model_id, stages, stages_path, out, wandb)
-        except StageFileError as err:  # e.g. no mutation layer found: the method does not apply to this model
-            skipped[name] = str(err)
+        methods: dict[str, Method] = {}
+        options: dict[str, dict[str, Any]] = {}
+        skipped: dict[str, str] = {}
+        for name in cfg.eval.methods:
+            try:
+                options[name], methods[name] = _prepare(name, cfg, model, processor, model_id, stages, stages_path, out,
+                                                        wandb)
+            except StageFileError as err:  # e.g. no mutation layer found: the method does not apply to this model
+                skipped[name] = str(err)
 
-    ev = cfg.eval
-    metrics = evaluate_world_methods(model, processor, methods, ev.n, WorldConfig(seed=cfg.test_seed), ev.batch_size,
-                                     ev.max_new_tokens)
-    for name, m in metrics.items():
-        write_results(out / "eval" / name, m, {"task": "world", "model": model_id, "method": name,
-                                               "options": options[name], "stages": str(stages_path),
-                                               "world_seed": cfg.test_seed, "n": ev.n},
-                      {"method": methods[name].describe()})
-    checks = target_check(metrics, cfg.target)
-    atomic_write_text(out / "table.md", markdown_table(metrics, options))
-    path = write_json(out / "summary.json", {
-        "model": model_id, "fingerprint": fingerprint(model), **stages.boundaries(), "options": options,
-        "metrics": metrics, "target": checks, "skipped": skipped}, schema=SUMMARY_SCHEMA)
-    tracker = Tracker("mitigate-pipeline", to_dict(cfg), out, enabled=wandb)
-    tracker.log_table("methods", ["method", *TABLE_KEYS], [[n, *(m[k] for k in TABLE_KEYS)] for n, m in metrics.items()])
-    tracker.summary({"target": checks})
-    tracker.finish()
-    return path
+        ev = cfg.eval
+        metrics = evaluate_world_methods(model, processor, methods, ev.n, WorldConfig(seed=cfg.test_seed),
+                                         ev.batch_size, ev.max_new_tokens)
+        for name, m in metrics.items():
+            write_results(out / "eval" / name, m, {"task": "world", "model": model_id, "method": name,
+                                                   "options": options[name], "stages": str(stages_path),
+                                                   "world_seed": cfg.test_seed, "n": ev.n},
+                          {"method": methods[name].describe()})
+        checks = target_check(metrics, cfg.target)
+        atomic_write_text(out / "table.md", markdown_table(metrics, options))
+        path = write_json(out / "summary.json", {
+            "model": model_id, "fingerprint": fingerprint(model), **stages.boundaries(), "options": options,
+            "metrics": metrics, "target": checks, "skipped": skipped}, schema=SUMMARY_SCHEMA)
+        tracker = Tracker("mitigate-pipeline", to_dict(cfg), out, enabled=wandb)
+        tracker.log_table("methods", ["method", *TABLE_KEYS],
+                          [[n, *(m[k] for k in TABLE_KEYS)] for n, m in metrics.items()])
+        tracker.summary({"target": checks})
+        tracker.finish()
+        return path
