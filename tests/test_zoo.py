@@ -193,6 +193,8 @@ SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {
         "l32-qwen2-w96-short", "l32-llama-w64-long"),
     # holdout38: four more deeper members written after holdout37 was read (v7 report-only; the tuned protocol)
     "holdout38": ("l28-gemma-w96-long", "l28-gemma-w64-short", "l32-qwen2-w96-long", "l32-llama-w64-prior"),
+    # holdout39: four more deeper members written after holdout38 was read (v7 report-only; a 432-caption truth)
+    "holdout39": ("l28-llama-w96-long", "l30-llama-w64-short", "l30-qwen2-w64-prior", "l32-qwen2-w96-prior"),
 }
 SPLITS = {name: split for split, names in SPLIT_MEMBERS.items() for name in names}
 FAMILIES = ("llama", "qwen2", "gemma")

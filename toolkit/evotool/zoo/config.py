@@ -25,7 +25,7 @@ Split = Literal["tune", "holdout", "holdout2", "holdout3", "holdout4", "holdout5
                 "holdout22", "holdout23", "holdout24", "holdout25", "holdout26", "holdout27",
                 "holdout28", "holdout29", "holdout30", "holdout31", "holdout32", "holdout33",
                 "holdout34", "holdout35", "holdout36", "holdout37",
-                "holdout38"]
+                "holdout38", "holdout39"]
 SPLITS: tuple[str, ...] = get_args(Split)  # in the order they were made (the report's order)
 
 
