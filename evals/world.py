@@ -7,6 +7,7 @@ training co-occurrence prior; ``prior_breaking`` scenes hold the prior's cause w
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,9 +27,11 @@ GROUPS = {"in_distribution": "test", "prior_breaking": "prior_breaking"}
 _MENTION = re.compile(rf"\b(?:({'|'.join(COLOURS)})\s+)?({'|'.join(SHAPES)})s?\b")
 
 
-def caption_mentions(caption: str) -> list[tuple[str | None, str]]:
-    """(colour or None, shape) for every shape word in a world caption, in order."""
-    return [(m.group(1), m.group(2)) for m in _MENTION.finditer(caption.lower())]
+@functools.lru_cache(maxsize=1 << 16)
+def caption_mentions(caption: str) -> tuple[tuple[str | None, str], ...]:
+    """(colour or None, shape) for every shape word in a world caption, in order. Cached: the behavioural truth's
+    caption resamples score the same generations hundreds of times."""
+    return tuple((m.group(1), m.group(2)) for m in _MENTION.finditer(caption.lower()))
 
 
 def mentioned_objects(caption: str) -> set[str]:
