@@ -30,6 +30,7 @@ from evotool.stages.behaviour import (
     Probe,
     apply_rules,
     boundaries,
+    critical_plateau,
     caption_metrics,
     forced_agreement,
     in_distribution,
@@ -619,6 +620,17 @@ def test_boundaries_follow_the_documented_definitions():
     assert not boundaries(payload, rewrite)["removable_at_least_2"]  # recall loss 0.03 > 0.02
 
 
+def test_critical_plateau_spans_the_layers_a_tolerance_step_moves_the_critical_layer_over():
+    payload = _curves_payload()
+    assert critical_plateau(payload) == (3, 3)  # a step: exit recall 0.5 -> 0.97 at layer 3
+    # a plateau at 0.935-0.955 under a best of 1.0: the rule's line (0.95) runs through it
+    for entry, recall in zip(payload["exit_curve"], [0.2, 0.935, 0.945, 0.955, 0.99, 1.0]):
+        entry.update(recall=recall, chair_i_in=0.0)
+    assert boundaries(payload)["critical_layer"] == 4
+    assert critical_plateau(payload) == (3, 5) and critical_plateau(payload, spread=0.0) == (4, 4)
+    assert critical_plateau(payload, BoundaryRules(recall_tolerance=0.005)) == (5, 6)  # 0.005 - 0.01 clamps at 0
+
+
 def test_hallucination_reading_adds_layers_whose_bypass_cuts_chair_i():
     payload = _curves_payload()  # critical 3; post-critical changes 0.02, 0.4, 0.03: layer 5 by the rewrite share
     payload["full"].update(chair_i=0.12)
@@ -812,6 +824,7 @@ def test_zoo_table_reads_metrics_behaviour_and_both_analyses(tmp_path: Path, mon
     assert row[:4] == ["| m", "tune", "llama", "4"]
     assert "2.0" in row and "0.900" in row and "0.300" in row and "0.700" in row  # minutes, recall, CHAIR pb, POPE
     assert "3*" in row and "[5]" in row and "yes" in row  # re-derived under the current rules, marked stale
+    assert row[11] == "3*" and row[14] == "3"  # the critical layer at tolerances 0.04 and 0.06: a step, one layer
     assert "[4] (0.98) / [3, 4] (0.92)" in table and "1 / [4]" in table and "--refresh" in table
     assert row[-2:] == ["-", "critical MISS, mutation ok, stabilization ok |"]  # analysis_b missing; 1 vs 3; [4] vs [5]
     # the stored resamples were drawn under the earlier rule: not shown beside boundaries re-derived under another

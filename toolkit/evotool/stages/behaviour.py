@@ -32,7 +32,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -341,15 +341,32 @@ def measure(model: nn.Module, processor: Any, world: WorldConfig, cfg: Behaviour
             "texts": curves["generations"]["full"]["texts"], "record_ids": [s.id for s in probe.captions]}
 
 
+def critical_layer(payload: dict[str, Any], cfg: BoundaryRules) -> int | None:
+    """The behavioural critical layer: the earliest exit whose caption recall is within ``cfg.recall_tolerance`` of the
+    best exit's and whose in-distribution CHAIR_i is within ``cfg.chair_tolerance`` of the full model's."""
+    exits, full = payload["exit_curve"], payload["full"]
+    best_recall = max(e["recall"] for e in exits)
+    return next((e["layer"] for e in exits if e["recall"] >= best_recall - cfg.recall_tolerance
+                 and e["chair_i_in"] <= full["chair_i_in"] + cfg.chair_tolerance), None)
+
+
+def critical_plateau(payload: dict[str, Any], cfg: BoundaryRules | None = None,
+                     spread: float = 0.01) -> tuple[int | None, int | None]:
+    """The critical layer at recall tolerances ``cfg.recall_tolerance`` + and - ``spread``: (earliest, latest). Far
+    apart where the exit recall runs along a plateau near the best-minus-tolerance line, so that the critical layer is
+    a range rather than a layer whatever the caption count (docs/stages.md, "A firmer truth for the deep members")."""
+    cfg = cfg or BoundaryRules()
+    earliest, latest = (critical_layer(payload, replace(cfg, recall_tolerance=max(cfg.recall_tolerance + d, 0.0)))
+                        for d in (spread, -spread))
+    return earliest, latest
+
+
 def boundaries(payload: dict[str, Any], cfg: BoundaryRules | None = None) -> dict[str, Any]:
     """Behavioural critical / mutation layers and removable sets from the curves (definitions in docs/stages.md)."""
     cfg = cfg or BoundaryRules()
     n = payload["num_layers"]
     full = payload["full"]
-    exits = payload["exit_curve"]
-    best_recall = max(e["recall"] for e in exits)
-    critical = next((e["layer"] for e in exits if e["recall"] >= best_recall - cfg.recall_tolerance
-                     and e["chair_i_in"] <= full["chair_i_in"] + cfg.chair_tolerance), None)
+    critical = critical_layer(payload, cfg)
 
     after = [b for b in payload["bypass_curve"] if critical is not None and b["layer"] > critical]
     change = {b["layer"]: 1.0 - b["agreement"] for b in after}

@@ -16,7 +16,8 @@ from typing import Protocol, TypeVar
 
 from evotool.errors import EvotoolError
 from evotool.io import read_json
-from evotool.stages.behaviour import BEHAVIOUR_FILE, mutation_agrees, read_behaviour, within_tolerance
+from evotool.stages.behaviour import (BEHAVIOUR_FILE, critical_plateau, mutation_agrees, read_behaviour,
+                                      within_tolerance)
 from evotool.stages.detect import UNCERTAINTY_FLAGS
 from evotool.stages.file import StageFile
 from evotool.zoo.config import SPLITS, BehaviourConfig, ZooMember
@@ -24,7 +25,8 @@ from evotool.zoo.config import SPLITS, BehaviourConfig, ZooMember
 T = TypeVar("T")
 
 COLUMNS = ("member", "split", "family", "L", "width", "steps", "train min", "recall", "CHAIR_i in", "CHAIR_i pb",
-           "POPE acc", "beh. critical", "beh. mutation", "beh. reproduced (C / M)", "removable k=1 / k=2", ">=2 removable",
+           "POPE acc", "beh. critical", "beh. mutation", "beh. reproduced (C / M)", "beh. critical, tolerance +-0.01",
+           "removable k=1 / k=2", ">=2 removable",
            "detector a (C / M)", "interval a (C / M)", "flags a", "detector b (C / M)", "verdict")
 CHECKS = ("critical", "mutation", "stabilization", "a/b")
 FIRM = 0.8  # a behavioural boundary reproduced by at least this share of caption resamples is called firm
@@ -90,7 +92,10 @@ def member_row(name: str, member: ZooMember, member_dir: Path, current: Behaviou
         critical = "none" if b["critical_layer"] is None else str(b["critical_layer"])
         measured = behaviour.get("settings", {}).get("behaviour", {})
         other = "" if measured == current.measurement() else "†"
+        plateau = critical_plateau(behaviour, current.rules)
         row.update({"beh. critical": critical + ("*" if behaviour["stale"] else "") + other,
+                    "beh. critical, tolerance +-0.01": "-".join(dict.fromkeys("none" if c is None else str(c)
+                                                                              for c in plateau)),
                     "_captions": str(measured.get("captions", "?")),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
