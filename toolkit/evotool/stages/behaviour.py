@@ -350,8 +350,11 @@ def critical_layer(payload: dict[str, Any], cfg: BoundaryRules) -> int | None:
                  and e["chair_i_in"] <= full["chair_i_in"] + cfg.chair_tolerance), None)
 
 
+PLATEAU_SPREAD = 0.01  # how far :func:`critical_plateau` moves the recall tolerance either way
+
+
 def critical_plateau(payload: dict[str, Any], cfg: BoundaryRules | None = None,
-                     spread: float = 0.01) -> tuple[int | None, int | None]:
+                     spread: float = PLATEAU_SPREAD) -> tuple[int | None, int | None]:
     """The critical layer at recall tolerances ``cfg.recall_tolerance`` + and - ``spread``: (earliest, latest). Far
     apart where the exit recall runs along a plateau near the best-minus-tolerance line, so that the critical layer is
     a range rather than a layer whatever the caption count (docs/stages.md, "A firmer truth for the deep members")."""

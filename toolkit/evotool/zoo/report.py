@@ -16,16 +16,17 @@ from typing import Protocol, TypeVar
 
 from evotool.errors import EvotoolError
 from evotool.io import read_json
-from evotool.stages.behaviour import (BEHAVIOUR_FILE, critical_plateau, mutation_agrees, read_behaviour,
-                                      within_tolerance)
+from evotool.stages.behaviour import (BEHAVIOUR_FILE, PLATEAU_SPREAD, critical_plateau, mutation_agrees,
+                                      read_behaviour, within_tolerance)
 from evotool.stages.detect import UNCERTAINTY_FLAGS
 from evotool.stages.file import StageFile
 from evotool.zoo.config import SPLITS, BehaviourConfig, ZooMember
 
 T = TypeVar("T")
 
+PLATEAU_COLUMN = f"beh. critical, tolerance +-{PLATEAU_SPREAD}"
 COLUMNS = ("member", "split", "family", "L", "width", "steps", "train min", "recall", "CHAIR_i in", "CHAIR_i pb",
-           "POPE acc", "beh. critical", "beh. mutation", "beh. reproduced (C / M)", "beh. critical, tolerance +-0.01",
+           "POPE acc", "beh. critical", "beh. mutation", "beh. reproduced (C / M)", PLATEAU_COLUMN,
            "removable k=1 / k=2", ">=2 removable",
            "detector a (C / M)", "interval a (C / M)", "flags a", "detector b (C / M)", "verdict")
 CHECKS = ("critical", "mutation", "stabilization", "a/b")
@@ -66,6 +67,10 @@ def _read(path: Path, reader: Callable[[Path], T]) -> T | None:
         return None
 
 
+def _layer(value: int | None) -> str:
+    return "none" if value is None else str(value)
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -89,13 +94,11 @@ def member_row(name: str, member: ZooMember, member_dir: Path, current: Behaviou
         b = behaviour["boundaries"]
         removable = b["removable"]
         sets = [f"{removable[k]['layers']} ({removable[k]['agreement']:.2f})" for k in ("1", "2") if k in removable]
-        critical = "none" if b["critical_layer"] is None else str(b["critical_layer"])
         measured = behaviour.get("settings", {}).get("behaviour", {})
         other = "" if measured == current.measurement() else "†"
         plateau = critical_plateau(behaviour, current.rules)
-        row.update({"beh. critical": critical + ("*" if behaviour["stale"] else "") + other,
-                    "beh. critical, tolerance +-0.01": "-".join(dict.fromkeys("none" if c is None else str(c)
-                                                                              for c in plateau)),
+        row.update({"beh. critical": _layer(b["critical_layer"]) + ("*" if behaviour["stale"] else "") + other,
+                    PLATEAU_COLUMN: "-".join(dict.fromkeys(map(_layer, plateau))),
                     "_captions": str(measured.get("captions", "?")),
                     "beh. mutation": str(b["mutation_layers"] or "none"),
                     "removable k=1 / k=2": " / ".join(sets), ">=2 removable": "yes" if b["removable_at_least_2"] else "no"})
