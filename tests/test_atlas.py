@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, stage_file
-from evotool.analysis.atlas import BEGIN, END, figure, load_runs, second_curve, write_atlas
+from evotool.analysis.atlas import (BEGIN, DEPTH_COLUMNS, END, depth_figure, depth_table, figure, load_runs, second_curve,
+                                   write_atlas)
 from evotool.analysis.config import AtlasConfig
 from evotool.errors import EvotoolError
 from evotool.stages.behaviour import save_behaviour
@@ -58,12 +59,22 @@ def runs(tmp_path: Path) -> list[Path]:
     return [deep, shallow]
 
 
+def markdown_table(markdown: str, first: str) -> list[dict[str, str]]:
+    """The rows (column -> cell) of the Markdown table in ``markdown`` whose first column is named ``first``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:  # after the header and its |---| line
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
-    """The atlas table of ``markdown`` as run -> column -> cell."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
-    return {r["run"]: r for r in rows}
+    """The atlas table of runs in ``markdown`` as run -> column -> cell."""
+    return {r["run"]: r for r in markdown_table(markdown, "run")}
 
 
 def span(rng: list[int] | None) -> str:
@@ -72,7 +83,7 @@ def span(rng: list[int] | None) -> str:
 
 def test_table_rows_are_each_runs_stage_file_and_behaviour(runs: list[Path], demo_stages: Path, tmp_path: Path) -> None:
     run_dirs = [demo_stages.parent, *runs]
-    md, png, html = write_atlas(run_dirs, AtlasConfig(out=tmp_path / "atlas"))
+    md, png, depth_png, html = write_atlas(run_dirs, AtlasConfig(out=tmp_path / "atlas"))
     text = md.read_text()
     rows = table_rows(text)
     assert list(rows) == ["shallow", "deep", demo_stages.parent.name]  # by depth: 4, 8, 12 layers
@@ -95,6 +106,8 @@ def test_table_rows_are_each_runs_stage_file_and_behaviour(runs: list[Path], dem
     demo_config = json.loads((Path(json.loads(demo_stages.read_text())["model"]) / "config.json").read_text())
     assert rows[demo_stages.parent.name]["model"] == f"{demo_config['model_type']}/{demo_config['text_config']['model_type']}"
     assert "](atlas.png)" in text and Image.open(png).size[0] > 0
+    assert "](atlas-depth.png)" in text and Image.open(depth_png).size[0] > 0
+    assert [r["L"] for r in markdown_table(text, "L")] == ["4", "8", "12"]  # the by-depth table, one row per depth
     # atlas.html: the report of every run, named as in the table, with the behavioural boundaries drawn
     data = json.loads(re.search(r'id="report-data">(.*?)</script>', html.read_text(), re.S).group(1))
     assert [r["name"] for r in data["runs"]] == list(rows)
@@ -133,6 +146,39 @@ def test_one_panel_per_run_on_normalised_depth(runs: list[Path]) -> None:
     assert "right axis: median adjacent JS (dotted) / direct-effect flip share" in labels  # in the panels' order
 
 
+def test_depth_table_summarises_each_depth(runs: list[Path], tmp_path: Path) -> None:
+    # a second 8-layer run with behaviour: critical 5 (truth 5: within one), mutations [6, 7] (first 6; truth 7)
+    member = tmp_path / "deep2"
+    write_truth(member / "behaviour.json", "e" * 16)
+    atlas_runs = load_runs([*runs, write_run(member / "analysis_a", 8, 5, [6, 7], "e" * 16)])
+    rows = markdown_table(depth_table(atlas_runs), "L")
+    assert [list(r) for r in rows] == [list(DEPTH_COLUMNS)] * 2
+    shallow, deep = rows
+    # 4 layers: critical 2 -> 0.50, no mutation, no behaviour, stabilization 3-4 (stage_file's ranges)
+    assert [shallow[c] for c in DEPTH_COLUMNS] == ["4", "1", "0.50 (0.50-0.50)", "-", "-", "- [0/1]", "-", "2"]
+    # 8 layers: critical 3 and 5 (median 0.5); truth 5 and 5; 3 misses by two, 5 is exact; first mutations 7 and 6,
+    # truth 7 on both; stabilization 4-6 (3 layers) and 6-5 (none) -> median 1.5
+    assert [deep[c] for c in DEPTH_COLUMNS] == [
+        "8", "2", "0.50 (0.38-0.62)", "0.62 (0.62-0.62)", "1/2", "0.81 (0.75-0.88) [2/2]", "0.88 (0.88-0.88) [2/2]",
+        "1.5"]
+
+
+def test_depth_figure_puts_each_boundary_at_its_share_of_depth(runs: list[Path]) -> None:
+    atlas_runs = load_runs(runs)  # 4 layers: critical 2, no mutation, no truth; 8 layers: 3 and [7], truth 5 and [7]
+    fig = depth_figure(atlas_runs)
+    critical_ax, mutation_ax = fig.axes
+    for ax, detected, behavioural in ((critical_ax, [(4, 0.5), (8, 3 / 8)], [(8, 5 / 8)]),
+                                      (mutation_ax, [(8, 7 / 8)], [(8, 7 / 8)])):
+        points = {c.get_label(): c.get_offsets() for c in ax.collections}
+        assert sorted(points) == sorted(["test detected", "test behaviour"])
+        np.testing.assert_allclose(sorted(map(tuple, points["test detected"])), detected)
+        np.testing.assert_allclose(points["test behaviour"], behavioural)
+    join = [line for line in critical_ax.lines if line.get_color() == "grey"]  # detected to behavioural, same run
+    assert len(join) == 1 and list(join[0].get_xdata()) == [8, 8] and list(join[0].get_ydata()) == [3 / 8, 5 / 8]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["test", "detected", "behaviour", "same run"]
+
+
 def test_second_curve_is_what_the_mutation_rule_read(tmp_path: Path) -> None:
     js = [None, 0.001, 0.002, 0.05, 0.001]
     flips = [None, 0.0, 0.01, 0.2, 0.0]
@@ -159,7 +205,8 @@ def test_cli_writes_the_atlas(runs: list[Path], tmp_path: Path, monkeypatch, cap
     out = tmp_path / "atlas"
     code, stdout, _ = run_cli(monkeypatch, capsys, "atlas", *map(str, runs), "--out", str(out), "--no-html",
                               "--columns", "1")
-    assert code == 0 and stdout.split() == ["wrote", str(out / "atlas.md"), "wrote", str(out / "atlas.png")]
+    assert code == 0 and stdout.split() == ["wrote", str(out / "atlas.md"), "wrote", str(out / "atlas.png"),
+                                            "wrote", str(out / "atlas-depth.png")]
     assert Image.open(out / "atlas.png").size[1] > Image.open(out / "atlas.png").size[0]  # two rows of one panel
 
 

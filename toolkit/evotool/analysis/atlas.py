@@ -9,6 +9,9 @@
 * ``atlas.png``: one small panel per run, x = layer / L so that depths compare: the median emitted-token probability
   and the curve the run's mutation rule read (:func:`second_curve`; dotted: the adjacent-layer JS of runs without
   direct effect), the detected boundaries as solid lines and the behavioural ones dashed;
+* ``atlas-depth.png``: the boundaries against depth (:func:`depth_figure`): critical layer and first mutation as a
+  share of L for every run, detected beside behavioural, coloured by text decoder family; ``atlas.md`` gives the
+  same per depth in numbers (:func:`depth_table`);
 * ``atlas.html``: the interactive report of every run (:mod:`evotool.analysis.html`), with the behavioural boundaries.
 
 Behavioural ground truth of a run, first match wins: a ``--behaviour`` file with the run's model fingerprint, the
@@ -21,7 +24,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +155,121 @@ def table(runs: Sequence[AtlasRun]) -> str:
     return "\n".join(lines)
 
 
+def family(run: AtlasRun) -> str:
+    """The run's text decoder family: the last part of its model name (``llava/llama`` -> ``llama``)."""
+    return run.model.rsplit("/", 1)[-1]
+
+
+def _relative(layer: int | None, run: AtlasRun) -> float | None:
+    return None if layer is None else layer / run.stages.num_layers
+
+
+def _behaviour_critical(run: AtlasRun) -> int | None:
+    return None if run.behaviour is None else run.behaviour["critical_layer"]
+
+
+def _behaviour_mutation(run: AtlasRun) -> int | None:
+    return None if run.behaviour is None else min(run.behaviour["mutation_layers"], default=None)
+
+
+BoundaryOf = Callable[[AtlasRun], int | None]
+# (name, detected boundary of a run, behavioural boundary of a run: None where unknown or absent)
+DEPTH_BOUNDARIES: tuple[tuple[str, BoundaryOf, BoundaryOf], ...] = (
+    ("critical layer", lambda r: r.stages.critical_layer, _behaviour_critical),
+    ("first mutation layer", lambda r: r.stages.mutation, _behaviour_mutation),
+)
+
+
+def _shares(group: Sequence[AtlasRun], boundary: BoundaryOf) -> list[float]:
+    """``boundary`` / L of the runs of ``group`` that have one."""
+    return [v for v in (_relative(boundary(r), r) for r in group) if v is not None]
+
+
+def _median(values: Sequence[float]) -> str:
+    """``median (min-max)`` of ``values`` to two decimals, ``-`` when empty."""
+    if not values:
+        return "-"
+    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+DEPTH_COLUMNS = ("L", "runs", "critical / L: detected", "behaviour", "critical within 1",
+                 "first mutation / L: detected [runs with one]", "behaviour [runs with one / with truth]",
+                 "stabilization layers")
+
+
+def depth_table(runs: Sequence[AtlasRun]) -> str:
+    """The atlas by depth, one Markdown row per L: medians (and ranges) of the detected and behavioural critical layer
+    and first mutation as shares of L, how many runs with a behavioural critical layer the detector finds within one
+    layer (the verdict's rule), and the median length of the detected stabilization stage (0 where there is none)."""
+    by_depth: dict[int, list[AtlasRun]] = defaultdict(list)
+    for run in runs:
+        by_depth[run.stages.num_layers].append(run)
+    (_, critical, beh_critical), (_, mutation, beh_mutation) = DEPTH_BOUNDARIES
+    lines = ["| " + " | ".join(DEPTH_COLUMNS) + " |", "|" + "---|" * len(DEPTH_COLUMNS)]
+    for depth, group in sorted(by_depth.items()):
+        known = [r for r in group if r.behaviour is not None]
+        judged = [verdict(r.behaviour, r.stages, None)["critical"] for r in known if r.behaviour["critical_layer"] is not None]
+        found, truth = _shares(group, mutation), _shares(known, beh_mutation)
+        stable = [0 if s is None else s[1] - s[0] + 1 for s in (r.stages.stages["stabilization"] for r in group)]
+        lines.append("| " + " | ".join([
+            str(depth), str(len(group)), _median(_shares(group, critical)), _median(_shares(known, beh_critical)),
+            f"{sum(judged)}/{len(judged)}" if judged else "-",
+            f"{_median(found)} [{len(found)}/{len(group)}]",
+            f"{_median(truth)} [{len(truth)}/{len(known)}]" if known else "-",
+            f"{np.median(stable):g}"]) + " |")
+    return "\n".join(lines)
+
+
+def _spread(group: Sequence[AtlasRun], width: float = 0.2) -> list[float]:
+    """x offsets in [-width / 2, width / 2] that set apart the runs of one depth in ``group`` (in order)."""
+    by_depth: dict[int, list[int]] = defaultdict(list)
+    for i, run in enumerate(group):
+        by_depth[run.stages.num_layers].append(i)
+    offsets = [0.0] * len(group)
+    for members in by_depth.values():
+        for j, i in enumerate(members):
+            offsets[i] = width * (j / (len(members) - 1) - 0.5) if len(members) > 1 else 0.0
+    return offsets
+
+
+def depth_figure(runs: Sequence[AtlasRun]) -> plt.Figure:
+    """The boundaries against depth: one panel per :data:`DEPTH_BOUNDARIES` entry, x = L (families side by side
+    within a depth, runs of a family spread by :func:`_spread`), y = layer / L; detected filled, behavioural hollow, a grey line joining the two of one run;
+    colour = :func:`family`. Scatter labels are ``<family> detected`` / ``<family> behaviour``."""
+    if not runs:
+        raise InputError("no run to draw")
+    families = sorted({family(r) for r in runs})
+    colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    offset = {f: 0.3 * (i - (len(families) - 1) / 2) for i, f in enumerate(families)}
+    fig, axes = plt.subplots(1, len(DEPTH_BOUNDARIES), figsize=(6 * len(DEPTH_BOUNDARIES), 4), squeeze=False)
+    for ax, (name, detected, behavioural) in zip(axes[0], DEPTH_BOUNDARIES):
+        for fam in families:
+            group = [r for r in runs if family(r) == fam]
+            x = [r.stages.num_layers + offset[fam] + spread for r, spread in zip(group, _spread(group))]
+            found = [_relative(detected(r), r) for r in group]
+            truth = [_relative(behavioural(r), r) for r in group]
+            for xi, d, b in zip(x, found, truth):
+                if d is not None and b is not None:
+                    ax.plot([xi, xi], [d, b], color="grey", lw=0.6, alpha=0.6, zorder=1)
+            for values, style, label in ((found, {"color": colours[fam]}, "detected"),
+                                         (truth, {"facecolors": "none", "edgecolors": colours[fam]}, "behaviour")):
+                points = [(xi, v) for xi, v in zip(x, values) if v is not None]
+                if points:
+                    ax.scatter(*zip(*points), s=22, lw=1.1, zorder=2, label=f"{fam} {label}", **style)
+        ax.set_title(f"{name} / L against depth", fontsize=10)
+        ax.set_xlabel("decoder layers L")
+        ax.set_ylabel(f"{name} / L")
+        ax.set_ylim(-0.03, 1.05)
+        ax.grid(alpha=0.3)
+    legend = [Line2D([], [], ls="none", marker="o", color=colours[f], label=f) for f in families]
+    legend += [Line2D([], [], ls="none", marker="o", color="grey", label="detected"),
+               Line2D([], [], ls="none", marker="o", markerfacecolor="none", color="grey", label="behaviour"),
+               Line2D([], [], color="grey", lw=0.6, label="same run")]
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    return fig
+
+
 def _curve(values: Any, length: int) -> np.ndarray:
     """A per-layer curve as floats (None -> NaN), or all NaN when the run does not store it."""
     if values is None:
@@ -234,10 +353,15 @@ def figure(runs: Sequence[AtlasRun], columns: int = 6) -> tuple[plt.Figure, list
     return fig, panels
 
 
-def markdown(runs: Sequence[AtlasRun], image: str) -> str:
-    """The generated block of ``atlas.md`` (between the markers): the figure and the table."""
+def markdown(runs: Sequence[AtlasRun], image: str, depth_image: str) -> str:
+    """The generated block of ``atlas.md`` (between the markers): the depth figure and table, the panel figure and
+    the table of runs."""
     return "\n".join([
-        BEGIN, "", f"![stage atlas: {len(runs)} runs]({image})", "",
+        BEGIN, "", f"![boundaries against depth: {len(runs)} runs]({depth_image})", "",
+        "By depth: medians (range) over the runs of each depth, as shares of L; [runs with a first mutation / runs]; "
+        "critical within 1: runs whose detected critical layer is within one layer of the behavioural one, of those "
+        "with one.", "", depth_table(runs), "",
+        f"![stage atlas: {len(runs)} runs]({image})", "",
         "Solid lines: detected boundaries (green critical, red mutation; green band: stabilization); dashed: "
         "behavioural ones. Intervals: the bootstrap's central 90% (`stages.json` `interval`). Verdict: the "
         "detector against behaviour (critical within 1; mutation within 1 of a behavioural one, or none where "
@@ -258,15 +382,17 @@ def write_markdown(path: Path, block: str) -> Path:
 
 
 def write_atlas(run_dirs: Sequence[Path], cfg: AtlasConfig) -> list[Path]:
-    """Write ``atlas.md``, ``atlas.png`` and (``cfg.html``) ``atlas.html`` into ``cfg.out``; returns their paths."""
+    """Write ``atlas.md``, ``atlas.png``, ``atlas-depth.png`` and (``cfg.html``) ``atlas.html`` into ``cfg.out``;
+    returns their paths."""
     out = output_dir(cfg.out)  # checked before the runs are read
     runs = load_runs(run_dirs, cfg.behaviour)
-    fig, _ = figure(runs, cfg.columns)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    written = [write_markdown(out / "atlas.md", markdown(runs, "atlas.png")), out / "atlas.png"]
-    atomic_write_bytes(written[1], buf.getvalue())
+    written = [write_markdown(out / "atlas.md", markdown(runs, "atlas.png", "atlas-depth.png"))]
+    for name, fig in (("atlas.png", figure(runs, cfg.columns)[0]), ("atlas-depth.png", depth_figure(runs))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        written.append(out / name)
+        atomic_write_bytes(written[-1], buf.getvalue())
     if cfg.html:
         data = report_data([r.path for r in runs], cfg.report)
         data["title"] = f"Stage atlas: {len(runs)} runs"
