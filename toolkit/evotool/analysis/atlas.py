@@ -234,8 +234,9 @@ def _spread(group: Sequence[AtlasRun], width: float = 0.2) -> list[float]:
 
 def depth_figure(runs: Sequence[AtlasRun]) -> plt.Figure:
     """The boundaries against depth: one panel per :data:`DEPTH_BOUNDARIES` entry, x = L (families side by side
-    within a depth, runs of a family spread by :func:`_spread`), y = layer / L; detected filled, behavioural hollow, a grey line joining the two of one run;
-    colour = :func:`family`. Scatter labels are ``<family> detected`` / ``<family> behaviour``."""
+    within a depth, runs of a family spread by :func:`_spread`), y = layer / L; detected filled, behavioural hollow,
+    a grey line joining the two of one run; colour = :func:`family`. Scatter labels: ``<family> detected`` /
+    ``<family> behaviour``."""
     if not runs:
         raise InputError("no run to draw")
     families = sorted({family(r) for r in runs})
