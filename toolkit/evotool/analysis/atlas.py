@@ -208,7 +208,8 @@ def depth_table(runs: Sequence[AtlasRun]) -> str:
     lines = ["| " + " | ".join(DEPTH_COLUMNS) + " |", "|" + "---|" * len(DEPTH_COLUMNS)]
     for depth, group in sorted(by_depth.items()):
         known = [r for r in group if r.behaviour is not None]
-        judged = [verdict(r.behaviour, r.stages, None)["critical"] for r in known if r.behaviour["critical_layer"] is not None]
+        judged = [verdict(r.behaviour, r.stages, None)["critical"] for r in known
+                  if r.behaviour["critical_layer"] is not None]
         found, truth = _shares(group, mutation), _shares(known, beh_mutation)
         stable = [0 if s is None else s[1] - s[0] + 1 for s in (r.stages.stages["stabilization"] for r in group)]
         lines.append("| " + " | ".join([
