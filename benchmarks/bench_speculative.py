@@ -60,6 +60,7 @@ from evotool.models.loading import load_model, synchronize  # noqa: E402
 from evotool.models.registry import decoder_parts  # noqa: E402
 from evotool.prune.runtime import skip_layers  # noqa: E402
 from evotool.prune.speculative import DraftPlan, SpeculativeStats, calibrate_draft, skip_ranking  # noqa: E402
+from evotool.prune.speculative.decoding import CACHE_KEY  # noqa: E402
 from evotool.prune.speculative.plan import calibration_inputs  # noqa: E402
 from evotool.prune.speed import timer  # noqa: E402
 from evotool.stages import StageFile  # noqa: E402
@@ -242,7 +243,7 @@ def step_seconds(model: torch.nn.Module, inputs: dict, positions: int, repeats: 
     cache = DynamicCache(config=model.config)
     vocab = model.config.get_text_config().vocab_size
     with torch.inference_mode():
-        model(**inputs, cache=cache, use_cache=True)
+        model(**inputs, **{CACHE_KEY: cache}, use_cache=True)
         base = inputs["input_ids"].shape[1]
         ids = torch.randint(3, vocab, (inputs["input_ids"].shape[0], positions), device=model.device)
         mask = torch.ones(ids.shape[0], base + positions, dtype=torch.long, device=model.device)
@@ -251,7 +252,7 @@ def step_seconds(model: torch.nn.Module, inputs: dict, positions: int, repeats: 
             with skip_layers(model, skip or []):
                 synchronize(model.device)
                 start = tick()
-                model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+                model(input_ids=ids, attention_mask=mask, **{CACHE_KEY: cache}, use_cache=True)
                 synchronize(model.device)
                 times.append(tick() - start)
             cache.crop(-positions)

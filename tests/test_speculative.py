@@ -25,6 +25,7 @@ from evotool.prune.speculative import (
     skip_ranking,
     speculative_generate,
 )
+from evotool.prune.speculative.decoding import CACHE_KEY
 from evotool.prune.static import remove_layers
 from evotool.world import default_model_path, default_samples
 
@@ -75,7 +76,7 @@ def test_identical_to_greedy_on_every_architecture(arch, reuse):
                                return_dict_in_generate=True)
     ref = greedy(model, inputs, 10, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref.sequences)
-    assert_same_cache(out.cache, ref.cache, ref.sequences, inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
+    assert_same_cache(out[CACHE_KEY], ref[CACHE_KEY], ref.sequences, inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
     assert stats.rounds > 0 and stats.committed == out.sequences.shape[1] - inputs["input_ids"].shape[1] - 1
 
 

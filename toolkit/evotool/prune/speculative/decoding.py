@@ -58,6 +58,10 @@ from evotool.hooks import Forward, before_forward, layer_input, replace_forward
 from evotool.models.registry import decoder_parts
 from evotool.prune.runtime import skip_layers
 
+CACHE_KEY = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+"""The name of the KV cache in model calls, ``generate``'s model kwargs and its outputs (transformers 5.24
+renamed ``past_key_values`` to ``cache``)."""
+
 
 @dataclass
 class SpeculativeStats:
@@ -186,7 +190,7 @@ def speculative_decoding(
     ``reuse_prefix``: start verification at the first skipped layer from the draft's states;
     ``speculative_stats``: counters to accumulate into.
     """
-    cache = model_kwargs.get("cache")
+    cache = model_kwargs.get(CACHE_KEY)
     _check_config(generation_config, cache)
     if max_draft < 1 or not draft_skip:
         raise ConfigError("speculative decoding needs max_draft >= 1 and at least one skipped layer")
@@ -286,7 +290,7 @@ def speculative_decoding(
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
+        return GenerateDecoderOnlyOutput(sequences=input_ids, **{CACHE_KEY: cache})
     return input_ids
 
 
