@@ -57,7 +57,7 @@ class Shape:
 
 SHAPES = {
     "7b": Shape(vision_width=1024, vision_layers=24, width=4096, layers=32, heads=32, mlp=11008, vocab=32000,
-                new_tokens=32, repeats=3, samples=16, heal_steps=5),
+                new_tokens=32, repeats=9, samples=16, heal_steps=5),
     "dry": Shape(vision_width=32, vision_layers=1, width=32, layers=8, heads=4, mlp=64, vocab=512,
                  new_tokens=4, repeats=1, samples=2, heal_steps=2),
 }
@@ -88,28 +88,35 @@ def inputs_for(model: nn.Module, processor: Any, batch: int) -> dict[str, torch.
     return build_inputs(processor, [s.image for s in samples], [s.prompt for s in samples], model.device, model.dtype)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """(median seconds, peak memory in MB above the memory before the call; None off CUDA) of ``fn()``."""
+def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, tuple[float, float | None]]:
+    """Per variant: (median seconds, median peak memory in MB above the memory before the call; None off CUDA).
+
+    The variants run interleaved, each once per repeat after one warm-up each, so clock ramps and drift hit all alike.
+    """
     from evotool.models.loading import synchronize
 
-    fn()  # warm-up
-    seconds, peaks = [], []
+    for fn in fns.values():
+        fn()  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
-    return statistics.median(seconds), (statistics.median(peaks) if peaks else None)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name].append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+    return {name: (statistics.median(seconds[name]), statistics.median(peaks[name]) if peaks[name] else None)
+            for name in fns}
 
 
 def analyze_overhead(model: nn.Module, processor: Any, shape: Shape) -> list[dict[str, Any]]:
-    """Trace vs plain generate per batch size: seconds, ratio, peak memory of each and the extra of the trace."""
+    """Trace vs plain generate per batch size, interleaved: seconds, ratio, peak memory of each and the trace's extra."""
     from evotool.generation import generate_ids
     from evotool.lens import NormedLens
     from evotool.models.registry import decoder_parts
@@ -119,9 +126,10 @@ def analyze_overhead(model: nn.Module, processor: Any, shape: Shape) -> list[dic
     rows = []
     for batch in BATCHES:
         inputs = inputs_for(model, processor, batch)
-        plain_s, plain_mb = timed(lambda: generate_ids(model, dict(inputs), shape.new_tokens), model.device, shape.repeats)
-        trace_s, trace_mb = timed(lambda: trace_batch(model, parts, NormedLens(parts), dict(inputs), shape.new_tokens),
-                                  model.device, shape.repeats)
+        res = timed({"generate": lambda: generate_ids(model, dict(inputs), shape.new_tokens),
+                     "trace": lambda: trace_batch(model, parts, NormedLens(parts), dict(inputs), shape.new_tokens)},
+                    model.device, shape.repeats)
+        (plain_s, plain_mb), (trace_s, trace_mb) = res["generate"], res["trace"]
         rows.append({"batch": batch, "generate_s": plain_s, "trace_s": trace_s, "ratio": trace_s / plain_s,
                      "generate_peak_mb": plain_mb, "trace_peak_mb": trace_mb,
                      "extra_mb": trace_mb - plain_mb if trace_mb is not None and plain_mb is not None else None})
@@ -144,21 +152,27 @@ def quarter(stages: Any) -> list[int]:
     return list(range(first, last + 1))[: max(1, round(stages.num_layers / 4))]
 
 
-def prune_speed(model: nn.Module, processor: Any, shape: Shape) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """The pruned copy and, per batch size, its decode speedup over the full model vs the ideal."""
-    from evotool.prune.speed import measure, ratios
+def pruned_copy(model: nn.Module, shape: Shape) -> nn.Module:
+    """A copy of ``model`` with 25% of its decoder layers removed (``quarter`` of the synthetic stage file)."""
     from evotool.prune.static import remove_layers
 
-    removed = quarter(synthetic_stages(shape.layers))
     pruned = copy.deepcopy(model)
-    remove_layers(pruned, removed)
+    remove_layers(pruned, quarter(synthetic_stages(shape.layers)))
+    return pruned
+
+
+def prune_speed(model: nn.Module, pruned: nn.Module, processor: Any, shape: Shape) -> list[dict[str, Any]]:
+    """Per batch size, the decode speedup of ``pruned`` over the full ``model`` vs the ideal L / (L - k)."""
+    from evotool.prune.speed import measure, ratios
+
+    removed = quarter(synthetic_stages(shape.layers))
     rows = []
     for batch in BATCHES:
         res = measure({"full": model, "pruned": pruned}, inputs_for(model, processor, batch), shape.new_tokens,
                       shape.repeats)
         rows.append({"batch": batch, "removed": removed, **ratios(res["full"], res["pruned"], shape.layers, len(removed)),
                      "full_decode_tok_s": res["full"].decode_tok_s, "pruned_decode_tok_s": res["pruned"].decode_tok_s})
-    return pruned, rows
+    return rows
 
 
 def method_latency(model: nn.Module, processor: Any, shape: Shape) -> dict[str, float]:
@@ -190,8 +204,8 @@ def quantized_loads(pruned: nn.Module, processor: Any, shape: Shape, folder: Pat
         start = time.perf_counter()
         model, _ = load_model(folder, LoadOptions(quantization=q, dtype="bfloat16"))
         loaded = time.perf_counter() - start
-        gen_s, _ = timed(lambda: generate_ids(model, dict(inputs_for(model, processor, 1)), shape.new_tokens),
-                         model.device, 1)
+        gen_s, _ = timed({q: lambda: generate_ids(model, dict(inputs_for(model, processor, 1)), shape.new_tokens)},
+                         model.device, 1)[q]
         rows[q] = {"status": "ok", "load_s": loaded, "generate_s": gen_s,
                    "memory_mb": model.get_memory_footprint() / 2**20}
         del model
@@ -215,30 +229,43 @@ def heal_smoke(pruned: nn.Module, processor: Any, shape: Shape, folder: Path) ->
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The suite's results as Markdown tables."""
+    """The suite's results as Markdown tables: the parts measured so far, then the parts that failed."""
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = [f"# evotool GPU suite ({report['device']}, {report['shape_name']}, {report['dtype']})", "",
-             "| analyze overhead: batch | generate s | trace s | ratio | extra MB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {fmt(r['generate_s'])} | {fmt(r['trace_s'])} | {fmt(r['ratio'])} | {fmt(r['extra_mb'])} |"
-              for r in report["analyze_overhead"]]
-    lines += ["", "| prune k=25%: batch | removed | decode speedup | ideal | efficiency |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['removed']} | {fmt(r['decode_speedup'])} | {fmt(r['ideal'])} | {fmt(r['efficiency'])} |"
-              for r in report["prune"]]
-    lines += ["", "| method | latency ratio vs greedy |", "|---|---|"]
-    lines += [f"| {name} | {fmt(ratio)} |" for name, ratio in report["methods"].items()]
-    lines += ["", "| quantized load of the pruned checkpoint | status | load s | generate s | memory MB |", "|---|---|---|---|---|"]
-    lines += [f"| {q} | {r['status']} | {fmt(r.get('load_s'))} | {fmt(r.get('generate_s'))} | {fmt(r.get('memory_mb'))} |"
-              for q, r in report["quantized"].items()]
-    heal = report["heal"]
-    lines += ["", f"Healing smoke run: {heal['kind']}, {heal['steps']} steps in {heal['seconds']:.1f} s, "
-                  f"loss {heal['losses'][0][1]:.3f} -> {heal['losses'][-1][1]:.3f}.", "", f"Total: {report['seconds']:.0f} s."]
+    lines = [f"# evotool GPU suite ({report['device']}, {report['shape_name']}, {report['dtype']})"]
+    if "analyze_overhead" in report:
+        lines += ["", "| analyze overhead: batch | generate s | trace s | ratio | extra MB |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {fmt(r['generate_s'])} | {fmt(r['trace_s'])} | {fmt(r['ratio'])} | {fmt(r['extra_mb'])} |"
+                  for r in report["analyze_overhead"]]
+    if "prune" in report:
+        lines += ["", "| prune k=25%: batch | removed | decode speedup | ideal | efficiency |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['removed']} | {fmt(r['decode_speedup'])} | {fmt(r['ideal'])} | {fmt(r['efficiency'])} |"
+                  for r in report["prune"]]
+    if "methods" in report:
+        lines += ["", "| method | latency ratio vs greedy |", "|---|---|"]
+        lines += [f"| {name} | {fmt(ratio)} |" for name, ratio in report["methods"].items()]
+    if "quantized" in report:
+        lines += ["", "| quantized load of the pruned checkpoint | status | load s | generate s | memory MB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {q} | {r['status']} | {fmt(r.get('load_s'))} | {fmt(r.get('generate_s'))} | {fmt(r.get('memory_mb'))} |"
+                  for q, r in report["quantized"].items()]
+    if "heal" in report:
+        heal = report["heal"]
+        lines += ["", f"Healing smoke run: {heal['kind']}, {heal['steps']} steps in {heal['seconds']:.1f} s, "
+                      f"loss {heal['losses'][0][1]:.3f} -> {heal['losses'][-1][1]:.3f}."]
+    lines += [""] * bool(report["failed"]) + [f"- **{part} failed**: {error.splitlines()[0]}"
+                                              for part, error in report["failed"].items()]
+    lines += ["", f"Total: {report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
 def run(out: Path, dry_run: bool) -> dict[str, Any]:
-    """Run every part of the suite and write ``gpu_suite.json`` and ``gpu_suite.md`` into ``out``."""
+    """Run every part of the suite, writing ``gpu_suite.json`` and ``gpu_suite.md`` into ``out`` after each part.
+
+    A part that raises is recorded under ``failed`` (type and message) and the suite goes on, so one missing
+    package or one out-of-memory costs only that part's numbers.
+    """
     from evotool.env import environment
     from evotool.io import atomic_write_text, write_json
     from evotool.validate import output_dir
@@ -248,20 +275,31 @@ def run(out: Path, dry_run: bool) -> dict[str, Any]:
     name = "dry" if dry_run else "7b"
     shape, device, dtype = SHAPES[name], "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
-    model, processor = build(shape, device, dtype)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shape_name": name,
-                              "shape": asdict(shape), "dtype": str(dtype).removeprefix("torch."), "dry_run": dry_run}
-    report["analyze_overhead"] = analyze_overhead(model, processor, shape)
-    pruned, report["prune"] = prune_speed(model, processor, shape)
-    report["methods"] = method_latency(model, processor, shape)
+                              "shape": asdict(shape), "dtype": str(dtype).removeprefix("torch."), "dry_run": dry_run,
+                              "environment": environment(), "failed": {}, "seconds": 0.0}
+
+    def part(key: str, measure: Callable[[], Any]) -> None:
+        print(f"gpu_suite: {key} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        try:
+            report[key] = measure()
+        except Exception as exc:  # noqa: BLE001 - recorded in the report; the other parts still run
+            report["failed"][key] = f"{type(exc).__name__}: {exc}"
+        report["seconds"] = time.perf_counter() - start
+        write_json(out / "gpu_suite.json", report, schema=SCHEMA)
+        atomic_write_text(out / "gpu_suite.md", markdown(report))
+
+    model, processor = build(shape, device, dtype)
+    part("analyze_overhead", lambda: analyze_overhead(model, processor, shape))
+    pruned = pruned_copy(model, shape)
+    part("prune", lambda: prune_speed(model, pruned, processor, shape))
+    part("methods", lambda: method_latency(model, processor, shape))
     del model
+    if cuda:
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
-        report["quantized"] = quantized_loads(pruned, processor, shape, Path(tmp))
-        report["heal"] = heal_smoke(pruned, processor, shape, Path(tmp))
-    report["seconds"] = time.perf_counter() - start
-    report["environment"] = environment()
-    write_json(out / "gpu_suite.json", report, schema=SCHEMA)
-    atomic_write_text(out / "gpu_suite.md", markdown(report))
+        part("quantized", lambda: quantized_loads(pruned, processor, shape, Path(tmp)))
+        part("heal", lambda: heal_smoke(pruned, processor, shape, Path(tmp)))
     return report
 
 

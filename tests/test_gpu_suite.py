@@ -47,3 +47,29 @@ def test_dry_run_writes_every_part(suite, tmp_path: Path, capsys) -> None:
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table == suite.markdown(report) and table in capsys.readouterr().out
     assert f"| stage_speculative | {report['methods']['stage_speculative']:.3f} |" in table
+    assert report["failed"] == {} and "failed" not in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dry run (a GPU machine runs the real suite)")
+def test_a_failing_part_is_recorded_and_the_rest_still_run(suite, tmp_path: Path, monkeypatch) -> None:
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory\n(details)")
+
+    monkeypatch.setattr(suite, "method_latency", out_of_memory)
+    suite.main(["--dry-run", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["failed"] == {"methods": "RuntimeError: CUDA out of memory\n(details)"} and "methods" not in report
+    assert {"analyze_overhead", "prune", "quantized", "heal"} <= set(report)  # the parts after it ran too
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "- **methods failed**: RuntimeError: CUDA out of memory\n" in table and "latency ratio" not in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (a GPU machine runs the 7B shape)")
+def test_decode_bound_times_every_variant(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_decode_bound", SUITE.parent / "gpu_decode_bound.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batch", "2", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("batch 2 ")]
+    assert [row[2] for row in rows] == ["plain", "trace", "lens_only", "forwards"]
+    assert rows[0][5] == "x1.000" and all(float(row[3]) > 0 for row in rows)
