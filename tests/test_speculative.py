@@ -25,7 +25,8 @@ from evotool.prune.speculative import (
     skip_ranking,
     speculative_generate,
 )
-from evotool.prune.speculative.decoding import CACHE_KEY
+from evotool.prune.speculative import decoding
+from evotool.prune.speculative.decoding import CACHE_KEY, MIXED_ATTENTION_OK
 from evotool.prune.static import remove_layers
 from evotool.world import default_model_path, default_samples
 
@@ -70,6 +71,8 @@ def test_identical_to_greedy_on_every_architecture(arch, reuse):
     """Left-padded batch of 3, skip set {3, 4} of 6 layers (prefix reuse replays layers 1-2): same tokens and
     the same KV cache as plain greedy at the end (so the prefix replay and the crops are exact)."""
     model = build_tiny(arch, layers=6)
+    if len(set(getattr(model.config.get_text_config(), "layer_types", None) or [])) > 1 and not MIXED_ATTENTION_OK:
+        pytest.skip("speculative decoding of mixed attention types needs transformers >= 5.24")
     inputs = make_inputs(model, arch, batch=3, pad_first=2)
     stats = SpeculativeStats()
     out = speculative_generate(model, inputs, [3, 4], 10, max_draft=3, reuse_prefix=reuse, stats=stats,
@@ -189,6 +192,8 @@ def gemma3_mixed():
 
 
 def test_first_layer_of_each_attention_type_is_refused_and_later_ones_work():
+    if not MIXED_ATTENTION_OK:
+        pytest.skip("speculative decoding of mixed attention types needs transformers >= 5.24")
     model = gemma3_mixed()
     assert cache_reference_layers(model) == [1, 2]
     with pytest.raises(ConfigError, match=r"\[2\] cannot be skipped"), skip_layers(model, [2]):
@@ -201,6 +206,14 @@ def test_first_layer_of_each_attention_type_is_refused_and_later_ones_work():
     for reuse in (False, True):
         out = speculative_generate(model, inputs, [3, 4], 12, max_draft=3, reuse_prefix=reuse)
         assert torch.equal(out, greedy(model, inputs, 12))
+
+
+def test_mixed_attention_types_are_refused_before_transformers_5_24(monkeypatch):
+    model = gemma3_mixed()
+    inputs = make_inputs(model, "gemma3", batch=1, text_len=12)
+    monkeypatch.setattr(decoding, "MIXED_ATTENTION_OK", False)
+    with pytest.raises(ConfigError, match=r"several attention types \(full_attention, sliding_attention\) needs transformers >= 5.24"):
+        speculative_generate(model, inputs, [3, 4], 4)
 
 
 def test_skip_ranking_follows_the_stage_selector(demo):

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -61,6 +63,9 @@ from evotool.prune.runtime import skip_layers
 CACHE_KEY = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 """The name of the KV cache in model calls, ``generate``'s model kwargs and its outputs (transformers 5.24
 renamed ``past_key_values`` to ``cache``)."""
+MIXED_ATTENTION_OK = Version(transformers.__version__) >= Version("5.24")
+"""Whether models with several attention types (Gemma 3's sliding and full layers) can be drafted: on transformers
+5.17 the verify step's masks and the cropped sliding-window cache disagree (5.18-5.23 untested; 5.24+ tested)."""
 
 
 @dataclass
@@ -166,6 +171,13 @@ def _check_config(config: GenerationConfig, cache: Any) -> None:
 
 
 @torch.no_grad()
+def _check_attention_types(model: nn.Module) -> None:
+    types = set(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    if len(types) > 1 and not MIXED_ATTENTION_OK:
+        raise ConfigError(f"stage speculative decoding of a model with several attention types ({', '.join(sorted(types))}) "
+                          f"needs transformers >= 5.24 (installed: {transformers.__version__})")
+
+
 def speculative_decoding(
     model: nn.Module,
     input_ids: torch.LongTensor,
@@ -192,6 +204,7 @@ def speculative_decoding(
     """
     cache = model_kwargs.get(CACHE_KEY)
     _check_config(generation_config, cache)
+    _check_attention_types(model)
     if max_draft < 1 or not draft_skip:
         raise ConfigError("speculative decoding needs max_draft >= 1 and at least one skipped layer")
     parts = decoder_parts(model)
