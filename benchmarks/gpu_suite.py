@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SCHEMA = "1.0"
+SCHEMA = "1.1"  # 1.1: methods = {latency_ratio, speculative}
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,9 @@ def prune_speed(model: nn.Module, pruned: nn.Module, processor: Any, shape: Shap
     return rows
 
 
-def method_latency(model: nn.Module, processor: Any, shape: Shape) -> dict[str, float]:
-    """Latency ratio vs greedy of each decoding method, interleaved on the same batches."""
+def method_latency(model: nn.Module, processor: Any, shape: Shape) -> dict[str, Any]:
+    """Latency ratio vs greedy of each decoding method, interleaved on the same batches (``latency_ratio``), and the
+    speculative draft's counters (``speculative``: acceptance rate, tokens per verify step, forwards per token)."""
     from evotool.evals.harness import run_methods
     from evotool.mitigate.methods import BASELINE, build_method
     from evotool.world import default_samples
@@ -186,7 +187,8 @@ def method_latency(model: nn.Module, processor: Any, shape: Shape) -> dict[str, 
     methods = {BASELINE: build_method(BASELINE, model)}
     methods.update({name: build_method(name, model, options.get(name, {}), stages) for name in METHODS})
     runner = run_methods(model, processor, methods, default_samples(shape.samples), max(BATCHES), shape.new_tokens)
-    return {name: row["latency_ratio"] for name, row in runner.latency().items() if name != BASELINE}
+    return {"latency_ratio": {name: row["latency_ratio"] for name, row in runner.latency().items() if name != BASELINE},
+            "speculative": methods["stage_speculative"].stats.summary()}
 
 
 def quantized_loads(pruned: nn.Module, processor: Any, shape: Shape, folder: Path) -> dict[str, dict[str, Any]]:
@@ -244,7 +246,10 @@ def markdown(report: dict[str, Any]) -> str:
                   for r in report["prune"]]
     if "methods" in report:
         lines += ["", "| method | latency ratio vs greedy |", "|---|---|"]
-        lines += [f"| {name} | {fmt(ratio)} |" for name, ratio in report["methods"].items()]
+        lines += [f"| {name} | {fmt(ratio)} |" for name, ratio in report["methods"]["latency_ratio"].items()]
+        spec = report["methods"]["speculative"]
+        lines += ["", f"stage_speculative draft: acceptance {fmt(spec['acceptance_rate'])}, {fmt(spec['tokens_per_step'])} "
+                      f"tokens per verify step, {fmt(spec['forward_equivalents'])} forward passes per token."]
     if "quantized" in report:
         lines += ["", "| quantized load of the pruned checkpoint | status | load s | generate s | memory MB |",
                   "|---|---|---|---|---|"]

@@ -40,13 +40,16 @@ def test_dry_run_writes_every_part(suite, tmp_path: Path, capsys) -> None:
     for row in report["prune"]:
         assert row["removed"] == [5, 6] and row["ideal"] == pytest.approx(8 / 6)
         assert row["efficiency"] == pytest.approx(row["decode_speedup"] / row["ideal"])
-    assert set(report["methods"]) == set(suite.METHODS) and all(r > 0 for r in report["methods"].values())
+    ratios, spec = report["methods"]["latency_ratio"], report["methods"]["speculative"]
+    assert set(ratios) == set(suite.METHODS) and all(r > 0 for r in ratios.values())
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["committed"] > 0 and spec["forward_equivalents"] > 0
     assert {q: r["status"] for q, r in report["quantized"].items()} == {
         "4bit": "skipped: needs CUDA and bitsandbytes", "8bit": "skipped: needs CUDA and bitsandbytes"}
     assert report["heal"]["kind"] == "lora" and len(report["heal"]["losses"]) == 2
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table == suite.markdown(report) and table in capsys.readouterr().out
-    assert f"| stage_speculative | {report['methods']['stage_speculative']:.3f} |" in table
+    assert f"| stage_speculative | {ratios['stage_speculative']:.3f} |" in table
+    assert f"stage_speculative draft: acceptance {spec['acceptance_rate']:.3f}," in table
     assert report["failed"] == {} and "failed" not in table
 
 
