@@ -68,7 +68,12 @@ def check_run(run: Path, model_type: str, model: torch.nn.Module, processor: Any
 
 @pytest.mark.parametrize("model_type", [a for a in ARCHS if a not in MANUAL])
 def test_analyze_cli(model_type: str, tmp_path: Path) -> None:
-    model_dir = save_tiny(model_type, tmp_path / "model")
+    try:
+        model_dir = save_tiny(model_type, tmp_path / "model")
+    except ImportError as exc:  # transformers 5.17's Idefics3 image processor needs torchvision (5.25's does not)
+        if "torchvision" not in str(exc).lower():
+            raise
+        pytest.skip(f"this transformers release builds the {model_type} processor only with torchvision")
     images = write_images(tmp_path / "images", N_IMAGES)
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["analyze", "--model", str(model_dir), "--data", str(tmp_path / "images"),
