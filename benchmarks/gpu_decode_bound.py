@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = gpu_suite.SHAPES["7b" if cuda else "dry"]
     model, processor = gpu_suite.build(shape, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
     parts, n = decoder_parts(model), shape.new_tokens
-    inputs = gpu_suite.inputs_for(model, processor, args.batch)
+    inputs = gpu_suite.inputs_for(model, processor, shape, args.batch)
 
     def forwards() -> None:
         with torch.inference_mode():

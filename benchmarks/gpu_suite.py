@@ -1,7 +1,7 @@
 """One command that measures evotool's costs on a GPU in minutes; ``--dry-run`` runs the same code on CPU.
 
-On a random-weight LLaVA of LLaVA-1.5-7B's shape (bf16; CLIP-L tower, 32 x 4096 decoder, 32k vocabulary) the
-suite measures, writing ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md``:
+On a random-weight LLaVA of LLaVA-1.5-7B's shape (bf16; CLIP-L tower on 336-px images, 576 image tokens; 32 x 4096
+decoder, 32k vocabulary) the suite measures, writing ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md``:
 
 1. analyze overhead: evotool's trace (normed lens at every layer and step) vs plain greedy ``generate``, batch 1
    and 8: time ratio and the extra peak memory (CUDA ``max_memory_allocated``; None on CPU);
@@ -53,38 +53,53 @@ class Shape:
     repeats: int
     samples: int  # samples per decoding-method latency measurement
     heal_steps: int
+    image_size: int  # world images in px; grid x grid cells, one image token each
+    grid: int
 
 
 SHAPES = {
     "7b": Shape(vision_width=1024, vision_layers=24, width=4096, layers=32, heads=32, mlp=11008, vocab=32000,
-                new_tokens=32, repeats=9, samples=16, heal_steps=5),
+                new_tokens=32, repeats=9, samples=16, heal_steps=5, image_size=336, grid=24),  # 576 image tokens
     "dry": Shape(vision_width=32, vision_layers=1, width=32, layers=8, heads=4, mlp=64, vocab=512,
-                 new_tokens=4, repeats=1, samples=2, heal_steps=2),
+                 new_tokens=4, repeats=1, samples=2, heal_steps=2, image_size=48, grid=3),
 }
 BATCHES = (1, 8)
 METHODS = ("dola", "vcd", "stage_contrast", "stage_speculative")
 
 
+def world(shape: Shape) -> Any:
+    """The synthetic world of ``shape``'s images (the 7B shape: LLaVA-1.5's 336 px in 14-px patches, 576 tokens)."""
+    from evotool.world import WorldConfig
+
+    return WorldConfig(image_size=shape.image_size, grid=shape.grid)
+
+
 def build(shape: Shape, device: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """A random-weight world-LLaVA of ``shape`` (vocabulary padded to ``shape.vocab``, EOS off) and its processor."""
-    from evotool.world import ModelConfig, WorldConfig, build_model, build_processor
+    from evotool.world import ModelConfig, build_model, build_processor
 
-    processor = build_processor()
+    processor = build_processor(world(shape))
     sizes = ModelConfig(vision_width=shape.vision_width, vision_layers=shape.vision_layers, width=shape.width,
                         layers=shape.layers, heads=shape.heads, mlp=shape.mlp)
     torch.manual_seed(0)
     with torch.device(device):
-        model = build_model(processor.tokenizer, WorldConfig(), sizes)
+        model = build_model(processor.tokenizer, world(shape), sizes)
         model.resize_token_embeddings(shape.vocab, mean_resizing=False)  # the LM head's real cost (the lens reads it at every layer)
     model.generation_config.eos_token_id = None  # fixed-length generation
     return model.to(dtype).eval(), processor
 
 
-def inputs_for(model: nn.Module, processor: Any, batch: int) -> dict[str, torch.Tensor]:
-    from evotool.generation import build_inputs
-    from evotool.world import default_samples
+def samples_for(shape: Shape, n: int) -> list[Any]:
+    """``n`` caption samples of ``shape``'s world."""
+    from evotool.world import caption_records, records_to_samples
 
-    samples = default_samples(batch)
+    return records_to_samples(caption_records(world(shape), n))
+
+
+def inputs_for(model: nn.Module, processor: Any, shape: Shape, batch: int) -> dict[str, torch.Tensor]:
+    from evotool.generation import build_inputs
+
+    samples = samples_for(shape, batch)
     return build_inputs(processor, [s.image for s in samples], [s.prompt for s in samples], model.device, model.dtype)
 
 
@@ -125,7 +140,7 @@ def analyze_overhead(model: nn.Module, processor: Any, shape: Shape) -> list[dic
     parts = decoder_parts(model)
     rows = []
     for batch in BATCHES:
-        inputs = inputs_for(model, processor, batch)
+        inputs = inputs_for(model, processor, shape, batch)
         res = timed({"generate": lambda: generate_ids(model, dict(inputs), shape.new_tokens),
                      "trace": lambda: trace_batch(model, parts, NormedLens(parts), dict(inputs), shape.new_tokens)},
                     model.device, shape.repeats)
@@ -168,7 +183,7 @@ def prune_speed(model: nn.Module, pruned: nn.Module, processor: Any, shape: Shap
     removed = quarter(synthetic_stages(shape.layers))
     rows = []
     for batch in BATCHES:
-        res = measure({"full": model, "pruned": pruned}, inputs_for(model, processor, batch), shape.new_tokens,
+        res = measure({"full": model, "pruned": pruned}, inputs_for(model, processor, shape, batch), shape.new_tokens,
                       shape.repeats)
         rows.append({"batch": batch, "removed": removed, **ratios(res["full"], res["pruned"], shape.layers, len(removed)),
                      "full_decode_tok_s": res["full"].decode_tok_s, "pruned_decode_tok_s": res["pruned"].decode_tok_s})
@@ -180,13 +195,12 @@ def method_latency(model: nn.Module, processor: Any, shape: Shape) -> dict[str, 
     speculative draft's counters (``speculative``: acceptance rate, tokens per verify step, forwards per token)."""
     from evotool.evals.harness import run_methods
     from evotool.mitigate.methods import BASELINE, build_method
-    from evotool.world import default_samples
 
     stages = synthetic_stages(shape.layers)
     options = {"stage_speculative": {"layers": quarter(stages)}}  # the pruned layers as the draft's skip set
     methods = {BASELINE: build_method(BASELINE, model)}
     methods.update({name: build_method(name, model, options.get(name, {}), stages) for name in METHODS})
-    runner = run_methods(model, processor, methods, default_samples(shape.samples), max(BATCHES), shape.new_tokens)
+    runner = run_methods(model, processor, methods, samples_for(shape, shape.samples), max(BATCHES), shape.new_tokens)
     return {"latency_ratio": {name: row["latency_ratio"] for name, row in runner.latency().items() if name != BASELINE},
             "speculative": methods["stage_speculative"].stats.summary()}
 
@@ -206,7 +220,7 @@ def quantized_loads(pruned: nn.Module, processor: Any, shape: Shape, folder: Pat
         start = time.perf_counter()
         model, _ = load_model(folder, LoadOptions(quantization=q, dtype="bfloat16"))
         loaded = time.perf_counter() - start
-        gen_s, _ = timed({q: lambda: generate_ids(model, dict(inputs_for(model, processor, 1)), shape.new_tokens)},
+        gen_s, _ = timed({q: lambda: generate_ids(model, dict(inputs_for(model, processor, shape, 1)), shape.new_tokens)},
                          model.device, 1)[q]
         rows[q] = {"status": "ok", "load_s": loaded, "generate_s": gen_s,
                    "memory_mb": model.get_memory_footprint() / 2**20}

@@ -29,6 +29,18 @@ def test_quarter_is_the_first_stable_layers(suite) -> None:
     assert suite.quarter(suite.synthetic_stages(8)) == [5, 6]
 
 
+def test_the_7b_shape_prompts_with_llava_15s_576_image_tokens(suite) -> None:
+    from evotool.generation import build_inputs
+    from evotool.world import build_processor
+
+    shape = suite.SHAPES["7b"]
+    processor = build_processor(suite.world(shape))
+    sample = suite.samples_for(shape, 1)[0]
+    inputs = build_inputs(processor, [sample.image], [sample.prompt], torch.device("cpu"), torch.float32)
+    assert inputs["pixel_values"].shape[-2:] == (336, 336)
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum()) == 576
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dry run (a GPU machine runs the real suite)")
 def test_dry_run_writes_every_part(suite, tmp_path: Path, capsys) -> None:
     suite.main(["--dry-run", "--out", str(tmp_path)])
