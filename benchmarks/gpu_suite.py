@@ -13,7 +13,7 @@ decoder, 32k vocabulary) the suite measures, writing ``OUT/gpu_suite.json`` and 
    as skipped elsewhere);
 5. healing smoke run: QLoRA (4-bit base) for a few steps on CUDA, plain LoRA on the tiny model elsewhere.
 
-    python benchmarks/gpu_suite.py --out runs/gpu_suite             # on a GPU: < 8 minutes on an H100/H200
+    python benchmarks/gpu_suite.py --out runs/gpu_suite             # on a GPU (2 min on an H200 with 3 repeats, 9-token images)
     python benchmarks/gpu_suite.py --dry-run --out /tmp/gpu_suite   # CPU, tiny shapes (tests/test_gpu_suite.py)
 
 Random weights: the timings and memory are those of the shape; no quality number comes from this suite.
