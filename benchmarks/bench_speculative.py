@@ -56,11 +56,11 @@ from bench_prune import SHAPES, build, make_inputs  # noqa: E402
 
 from evotool.data.inputs import load_samples  # noqa: E402
 from evotool.generation import GREEDY, cut_at_eos  # noqa: E402
+from evotool.models.compat import CACHE_KEY  # noqa: E402
 from evotool.models.loading import load_model, synchronize  # noqa: E402
 from evotool.models.registry import decoder_parts  # noqa: E402
 from evotool.prune.runtime import skip_layers  # noqa: E402
 from evotool.prune.speculative import DraftPlan, SpeculativeStats, calibrate_draft, skip_ranking  # noqa: E402
-from evotool.prune.speculative.decoding import CACHE_KEY  # noqa: E402
 from evotool.prune.speculative.plan import calibration_inputs  # noqa: E402
 from evotool.prune.speed import timer  # noqa: E402
 from evotool.stages import StageFile  # noqa: E402

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_suite  # noqa: E402
 
 from evotool.generation import generate_ids  # noqa: E402
+from evotool.models.compat import CACHE_KEY  # noqa: E402
 from evotool.lens import NormedLens  # noqa: E402
 from evotool.models.registry import decoder_parts  # noqa: E402
-from evotool.prune.speculative.decoding import CACHE_KEY  # noqa: E402
 from evotool.trace import trace_batch  # noqa: E402
 
 

@@ -14,9 +14,11 @@ from evotool.stages import StageFile, write_stages
 from evotool.errors import ConfigError
 from evotool.generation import GREEDY, build_inputs, generate_ids
 from evotool.mitigate.methods import build_method
+from evotool.models import compat
+from evotool.models.compat import CACHE_KEY, MIXED_ATTENTION_OK
 from evotool.models.loading import fingerprint, load_model
 from evotool.models.registry import decoder_parts
-from evotool.prune.runtime import cache_reference_layers, skip_layers
+from evotool.prune.runtime import attention_types, cache_reference_layers, skip_layers
 from evotool.prune.speculative import (
     SpeculativeConfig,
     SpeculativeStats,
@@ -25,8 +27,6 @@ from evotool.prune.speculative import (
     skip_ranking,
     speculative_generate,
 )
-from evotool.prune.speculative import decoding
-from evotool.prune.speculative.decoding import CACHE_KEY, MIXED_ATTENTION_OK
 from evotool.prune.static import remove_layers
 from evotool.world import default_model_path, default_samples
 
@@ -71,7 +71,7 @@ def test_identical_to_greedy_on_every_architecture(arch, reuse):
     """Left-padded batch of 3, skip set {3, 4} of 6 layers (prefix reuse replays layers 1-2): same tokens and
     the same KV cache as plain greedy at the end (so the prefix replay and the crops are exact)."""
     model = build_tiny(arch, layers=6)
-    if len(set(getattr(model.config.get_text_config(), "layer_types", None) or [])) > 1 and not MIXED_ATTENTION_OK:
+    if len(set(attention_types(model))) > 1 and not MIXED_ATTENTION_OK:
         pytest.skip("speculative decoding of mixed attention types needs transformers >= 5.24")
     inputs = make_inputs(model, arch, batch=3, pad_first=2)
     stats = SpeculativeStats()
@@ -211,7 +211,7 @@ def test_first_layer_of_each_attention_type_is_refused_and_later_ones_work():
 def test_mixed_attention_types_are_refused_before_transformers_5_24(monkeypatch):
     model = gemma3_mixed()
     inputs = make_inputs(model, "gemma3", batch=1, text_len=12)
-    monkeypatch.setattr(decoding, "MIXED_ATTENTION_OK", False)
+    monkeypatch.setattr(compat, "MIXED_ATTENTION_OK", False)
     with pytest.raises(ConfigError, match=r"several attention types \(full_attention, sliding_attention\) needs transformers >= 5.24"):
         speculative_generate(model, inputs, [3, 4], 4)
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import nn
 
 from evotool.errors import ModelError
+from evotool.models.compat import PALIGEMMA_SOFTCAPS
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ _LM = "model.language_model"
 # config's value (PaliGemma 2's Gemma 2 decoder: 30; PaliGemma 1's Gemma decoder has none) since transformers 5.23
 # (5.22 and earlier return uncapped logits); Gemma 3 never caps (only Gemma3ForCausalLM does); the other
 # architectures have no final-logit soft-capping.
-_PALIGEMMA_CAPS = Version(transformers.__version__) >= Version("5.23")
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llava": ArchSpec(_LM),
     "llava_next": ArchSpec(_LM),
@@ -46,7 +44,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3_vl": ArchSpec(_LM),
     "idefics3": ArchSpec("model.text_model"),
     "smolvlm": ArchSpec("model.text_model"),
-    "paligemma": ArchSpec(_LM, softcap="final_logit_softcapping" if _PALIGEMMA_CAPS else None),
+    "paligemma": ArchSpec(_LM, softcap="final_logit_softcapping" if PALIGEMMA_SOFTCAPS else None),
     "gemma3": ArchSpec(_LM),
     "mistral3": ArchSpec(_LM),
     "internvl": ArchSpec(_LM),

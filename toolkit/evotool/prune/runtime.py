@@ -37,11 +37,16 @@ from evotool.prune.static import check_layers
 from evotool.stages import StageFile
 
 
+def attention_types(model: nn.Module) -> list[str]:
+    """The attention type of each decoder layer (text config ``layer_types``; empty where the config has none)."""
+    return list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+
+
 def cache_reference_layers(model: nn.Module) -> list[int]:
     """Decoder layers (1..L) whose KV-cache slot transformers reads for the cache length and the attention
     masks: layer 1 and the first layer of each attention type (text config ``layer_types``, e.g. Gemma 3's
     first full-attention layer)."""
-    types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    types = attention_types(model)
     return sorted({1} | {types.index(t) + 1 for t in set(types)})
 
 

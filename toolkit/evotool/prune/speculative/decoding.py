@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 import transformers
-from packaging.version import Version
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -57,15 +56,10 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from evotool.errors import ConfigError
 from evotool.generation import GREEDY
 from evotool.hooks import Forward, before_forward, layer_input, replace_forward
+from evotool.models import compat
+from evotool.models.compat import CACHE_KEY
 from evotool.models.registry import decoder_parts
-from evotool.prune.runtime import skip_layers
-
-CACHE_KEY = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
-"""The name of the KV cache in model calls, ``generate``'s model kwargs and its outputs (transformers 5.24
-renamed ``past_key_values`` to ``cache``)."""
-MIXED_ATTENTION_OK = Version(transformers.__version__) >= Version("5.24")
-"""Whether models with several attention types (Gemma 3's sliding and full layers) can be drafted: on transformers
-5.17 the verify step's masks and the cropped sliding-window cache disagree (5.18-5.23 untested; 5.24+ tested)."""
+from evotool.prune.runtime import attention_types, skip_layers
 
 
 @dataclass
@@ -172,8 +166,8 @@ def _check_config(config: GenerationConfig, cache: Any) -> None:
 
 @torch.no_grad()
 def _check_attention_types(model: nn.Module) -> None:
-    types = set(getattr(model.config.get_text_config(), "layer_types", None) or [])
-    if len(types) > 1 and not MIXED_ATTENTION_OK:
+    types = set(attention_types(model))
+    if len(types) > 1 and not compat.MIXED_ATTENTION_OK:
         raise ConfigError(f"stage speculative decoding of a model with several attention types ({', '.join(sorted(types))}) "
                           f"needs transformers >= 5.24 (installed: {transformers.__version__})")
 
