@@ -55,13 +55,15 @@ class Shape:
     heal_steps: int
     image_size: int  # world images in px; grid x grid cells, one image token each
     grid: int
+    context: int  # the decoder's context in tokens (the world tokenizer's 128 is too short for 576 image tokens)
 
 
 SHAPES = {
     "7b": Shape(vision_width=1024, vision_layers=24, width=4096, layers=32, heads=32, mlp=11008, vocab=32000,
-                new_tokens=32, repeats=9, samples=16, heal_steps=5, image_size=336, grid=24),  # 576 image tokens
+                new_tokens=32, repeats=9, samples=16, heal_steps=5, image_size=336, grid=24,
+                context=4096),  # LLaVA-1.5's 576 image tokens and context
     "dry": Shape(vision_width=32, vision_layers=1, width=32, layers=8, heads=4, mlp=64, vocab=512,
-                 new_tokens=4, repeats=1, samples=2, heal_steps=2, image_size=48, grid=3),
+                 new_tokens=4, repeats=1, samples=2, heal_steps=2, image_size=48, grid=3, context=128),
 }
 BATCHES = (1, 8)
 METHODS = ("dola", "vcd", "stage_contrast", "stage_speculative")
@@ -79,6 +81,7 @@ def build(shape: Shape, device: str, dtype: torch.dtype) -> tuple[nn.Module, Any
     from evotool.world import ModelConfig, build_model, build_processor
 
     processor = build_processor(world(shape))
+    processor.tokenizer.model_max_length = shape.context  # the model's max_position_embeddings
     sizes = ModelConfig(vision_width=shape.vision_width, vision_layers=shape.vision_layers, width=shape.width,
                         layers=shape.layers, heads=shape.heads, mlp=shape.mlp)
     torch.manual_seed(0)

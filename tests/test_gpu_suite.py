@@ -41,6 +41,19 @@ def test_the_7b_shape_prompts_with_llava_15s_576_image_tokens(suite) -> None:
     assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum()) == 576
 
 
+def test_a_model_built_with_the_7b_shapes_context_takes_its_prompt(suite) -> None:
+    from dataclasses import replace
+
+    from evotool.generation import context_length, greedy_generate
+
+    shape = replace(suite.SHAPES["dry"], image_size=336, grid=24, context=suite.SHAPES["7b"].context)
+    model, processor = suite.build(shape, "cpu", torch.float32)
+    assert context_length(model) == 4096
+    sample = suite.samples_for(shape, 1)[0]
+    ids, _ = greedy_generate(model, processor, [sample.image], [sample.prompt], max_new_tokens=2)  # checks the context
+    assert len(ids[0]) == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU dry run (a GPU machine runs the real suite)")
 def test_dry_run_writes_every_part(suite, tmp_path: Path, capsys) -> None:
     suite.main(["--dry-run", "--out", str(tmp_path)])
@@ -88,3 +101,34 @@ def test_decode_bound_times_every_variant(capsys) -> None:
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("batch 2 ")]
     assert [row[2] for row in rows] == ["plain", "trace", "lens_only", "forwards"]
     assert rows[0][5] == "x1.000" and all(float(row[3]) > 0 for row in rows)
+
+
+def load_lens_traffic():
+    spec = importlib.util.spec_from_file_location("gpu_lens_traffic", SUITE.parent / "gpu_lens_traffic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lens_traffic_times_every_part_and_the_two_lenses_agree(tmp_path: Path) -> None:
+    load_lens_traffic().main(["--batch", "2", "--repeats", "1", "--iters", "1", "--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["seconds"]) == ["forward", "step", "lens", "per_layer", "head"]
+    assert result["ratio_to_forward"]["forward"] == 1.0 and all(s > 0 for s in result["seconds"].values())
+    assert set(result["how"].values()) == {"eager"}  # no CUDA graphs on CPU
+    assert result["lens_max_abs_diff"] < 1e-5 and result["lens_top1_agrees"]
+    assert result["forward_weight_gb"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lens_traffic_replays_a_graph_and_falls_back_where_capture_fails() -> None:
+    module, x = load_lens_traffic(), torch.ones(4, device="cuda")
+    run, how = module.replayer(lambda: x.mul_(2), 3, cuda=True)
+    x.fill_(1)
+    run()
+    torch.cuda.synchronize()
+    assert how == "graph" and x.tolist() == [8.0] * 4  # three replays of one captured doubling
+    run, how = module.replayer(lambda: x.sum().item(), 2, cuda=True)  # a host read cannot be captured
+    assert how.startswith("eager (")
+    run()
