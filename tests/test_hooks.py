@@ -33,6 +33,18 @@ def test_capture_states_equals_output_hidden_states(tiny) -> None:
     assert hook_count(parts.layers) == hooks_before
 
 
+def test_a_captured_position_does_not_keep_the_whole_sequence_alive(tiny) -> None:
+    model, parts, inputs = tiny
+    assert inputs["input_ids"].shape[1] > 1
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        with capture_states(parts.layers, lambda h: h[:, -1].detach()) as states:
+            model(**inputs)
+    for i in range(parts.num_layers):
+        torch.testing.assert_close(states[i], hidden[i][:, -1])
+        assert states[i].untyped_storage().nbytes() == states[i].numel() * states[i].element_size()
+
+
 def test_transform_outputs_blends_and_replace_forward_skips(tiny) -> None:
     model, parts, inputs = tiny
     layer = parts.layers[1]

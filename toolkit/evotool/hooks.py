@@ -39,19 +39,26 @@ def _removing(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None
             handle.remove()
 
 
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or a copy where it is a view into a larger storage, so that the rest can be freed (the
+    last position [B, H] of a prefill's [B, T, H] output would otherwise keep all T positions alive)."""
+    return tensor if tensor.untyped_storage().nbytes() <= tensor.numel() * tensor.element_size() else tensor.clone()
+
+
 @contextmanager
 def capture_states(layers: Sequence[nn.Module], select: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.detach
                    ) -> Iterator[list[torch.Tensor | None]]:
     """Yield ``states`` [L+1], refreshed on every forward pass: ``states[0] = select(input of layers[0])``,
-    ``states[i] = select(output of layers[i - 1])``; ``select`` maps [B, T, H] to what is kept."""
+    ``states[i] = select(output of layers[i - 1])``; ``select`` maps [B, T, H] to what is kept (copied where it is
+    a view of part of the layer's output, :func:`compact`)."""
     states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        states[0] = select(layer_input(args, kwargs))
+        states[0] = compact(select(layer_input(args, kwargs)))
 
     def make_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            states[index] = select(layer_output(output))
+            states[index] = compact(select(layer_output(output)))
 
         return hook
 
