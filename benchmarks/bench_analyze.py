@@ -11,6 +11,7 @@ and prints time ratios, tokens/s and, from a fresh subprocess per variant, the p
 memory over plain generation (CUDA: max_memory_allocated; CPU: peak RSS) at two sequence lengths.
 
     python benchmarks/bench_analyze.py                    # CPU, tiny LLaVA shapes
+    python benchmarks/bench_analyze.py --preset mid --batch 4 --new-tokens 4 --repeats 1   # CPU, 588-token prompts
     python benchmarks/bench_analyze.py --preset 7b --device cuda --dtype bfloat16
 """
 
@@ -38,6 +39,8 @@ PRESETS = {
     "demo": dict(layers=12, width=128, heads=4, mlp=384, vocab=64, image=48, patch=16),
     # a tiny model with a realistic vocabulary, where the LM head dominates the lens cost
     "tiny-32k": dict(layers=12, width=256, heads=4, mlp=768, vocab=32000, image=48, patch=16),
+    # a mid-size decoder with LLaVA-1.5's 576 image tokens that fits a CPU (the prefill's memory)
+    "mid": dict(layers=16, width=1024, heads=8, mlp=2816, vocab=32000, image=336, patch=14),
     # LLaVA-1.5-7B's decoder (random weights are fine for timing)
     "7b": dict(layers=32, width=4096, heads=32, mlp=11008, vocab=32000, image=336, patch=14),
 }
