@@ -11,12 +11,16 @@ compiled, memory-bound decode. On the random-weight world-LLaVA of ``gpu_suite.p
   lens      : the stacked lens alone, one head matmul over [L+1, B, H] (the head read once)
   per_layer : the same lens applied layer by layer, L+1 head matmuls (the head read L+1 times)
   head      : the model's own head on the last state (read by every decode anyway)
+  step_compiled (``--compile``): ``step`` through ``torch.compile(fullgraph=True)`` (inductor on CUDA, so its
+              reductions are fused; dynamo's eager backend on CPU, which only checks that the step traces whole), and
+              its largest difference from ``step`` over every float output
 
 Printed and written (``--json``): each median time relative to ``forward``, and the bandwidth ``forward`` reaches
 (weight bytes / time). The stacked and per-layer lens are compared (largest log-prob difference, same top-1). A part whose graph cannot be captured is
 timed eagerly and marked so. On CPU the tiny ``dry`` shape runs eagerly, only to test the script.
 
     python benchmarks/gpu_lens_traffic.py --batch 1 --json lens_traffic.json     # on a GPU (about a minute)
+    python benchmarks/gpu_lens_traffic.py --batch 8 --compile                     # with a fused step (compiles first)
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def replayer(fn: Callable[[], object], iters: int, cuda: bool) -> tuple[Callable
 
 
 @torch.inference_mode()
-def measure(batch: int, repeats: int, iters: int) -> dict[str, Any]:
+def measure(batch: int, repeats: int, iters: int, compile_step: bool = False) -> dict[str, Any]:
     """Median seconds per call of each part (see the module docstring), their ratios to ``forward``, and checks."""
     cuda = torch.cuda.is_available()
     shape = gpu_suite.SHAPES["7b" if cuda else "dry"]
@@ -80,14 +84,25 @@ def measure(batch: int, repeats: int, iters: int) -> dict[str, Any]:
     out = parts.decoder(inputs_embeds=embeds, use_cache=False, output_hidden_states=True)
     states = torch.stack(out.hidden_states).squeeze(2).clone()  # [L+1, B, H]
 
+    def step(s: torch.Tensor) -> dict[str, torch.Tensor]:
+        return reduce_step(*lens_with_direct(lens, s), s, 5)
+
     stacked, per_layer = lens.log_probs(states), torch.cat([lens.log_probs(s[None]) for s in states])
     parts_fns: dict[str, Callable[[], object]] = {
         "forward": lambda: parts.lm_head(parts.decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state),
-        "step": lambda: reduce_step(*lens_with_direct(lens, states), states, 5),
+        "step": lambda: step(states),
         "lens": lambda: lens.log_probs(states),
         "per_layer": lambda: [lens.log_probs(s[None]) for s in states],
         "head": lambda: parts.lm_head(states[-1]),
     }
+    checks = {}
+    if compile_step:
+        compiled = torch.compile(step, fullgraph=True, backend="inductor" if cuda else "eager")
+        parts_fns["step_compiled"] = lambda: compiled(states)
+        eager_out, compiled_out = step(states), compiled(states)
+        checks["compiled_max_abs_diff"] = max(float((eager_out[k] - compiled_out[k]).abs().nan_to_num().max())
+                                              for k in eager_out if eager_out[k].is_floating_point())
+        checks["compiled_same_tokens"] = bool(torch.equal(eager_out["topk_ids"], compiled_out["topk_ids"]))
     runs, how = {}, {}
     for name, fn in parts_fns.items():
         runs[name], how[name] = replayer(fn, iters, cuda)
@@ -99,7 +114,7 @@ def measure(batch: int, repeats: int, iters: int) -> dict[str, Any]:
         "seconds": seconds, "ratio_to_forward": {name: s / seconds["forward"] for name, s in seconds.items()},
         "forward_weight_gb": weight_bytes / 1e9, "forward_gb_per_s": weight_bytes / seconds["forward"] / 1e9,
         "lens_max_abs_diff": float((stacked - per_layer).abs().max()),
-        "lens_top1_agrees": bool(torch.equal(stacked.argmax(-1), per_layer.argmax(-1))),
+        "lens_top1_agrees": bool(torch.equal(stacked.argmax(-1), per_layer.argmax(-1))), **checks,
     }
 
 
@@ -108,16 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--iters", type=int, default=20, help="graph replays per timed call")
+    parser.add_argument("--compile", action="store_true", help="also time the step through torch.compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    result = measure(args.batch, args.repeats, args.iters)
+    result = measure(args.batch, args.repeats, args.iters, args.compile)
     print(f"{result['device']}, {result['shape']} shape, batch {args.batch}, {result['layers']} layers, vocab "
           f"{result['vocab']}; median of {args.repeats} x {args.iters}; stacked vs per-layer lens: max |diff| "
           f"{result['lens_max_abs_diff']:.2g}, same top-1 {result['lens_top1_agrees']}")
     for name, seconds in result["seconds"].items():
-        print(f"  {name:10s} {seconds * 1e6:9.1f} us  x{result['ratio_to_forward'][name]:.3f} of forward  "
+        print(f"  {name:13s} {seconds * 1e6:9.1f} us  x{result['ratio_to_forward'][name]:.3f} of forward  "
               f"[{result['how'][name]}]")
     print(f"  forward reads {result['forward_weight_gb']:.2f} GB of weights: {result['forward_gb_per_s']:.0f} GB/s")
+    if args.compile:
+        print(f"  compiled step vs step: max |diff| {result['compiled_max_abs_diff']:.2g}, same top-k tokens "
+              f"{result['compiled_same_tokens']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -111,9 +111,11 @@ def load_lens_traffic():
 
 
 def test_lens_traffic_times_every_part_and_the_two_lenses_agree(tmp_path: Path) -> None:
-    load_lens_traffic().main(["--batch", "2", "--repeats", "1", "--iters", "1", "--json", str(tmp_path / "r.json")])
+    load_lens_traffic().main(["--batch", "2", "--repeats", "1", "--iters", "1", "--compile",
+                              "--json", str(tmp_path / "r.json")])
     result = json.loads((tmp_path / "r.json").read_text())
-    assert list(result["seconds"]) == ["forward", "step", "lens", "per_layer", "head"]
+    assert list(result["seconds"]) == ["forward", "step", "lens", "per_layer", "head", "step_compiled"]
+    assert result["compiled_max_abs_diff"] == 0 and result["compiled_same_tokens"]  # dynamo traced it whole
     assert result["ratio_to_forward"]["forward"] == 1.0 and all(s > 0 for s in result["seconds"].values())
     assert set(result["how"].values()) == {"eager"}  # no CUDA graphs on CPU
     assert result["lens_max_abs_diff"] < 1e-5 and result["lens_top1_agrees"]
