@@ -87,12 +87,18 @@ def measure(batch: int, repeats: int, iters: int, compile_step: bool = False) ->
     def step(s: torch.Tensor) -> dict[str, torch.Tensor]:
         return reduce_step(*lens_with_direct(lens, s), s, 5)
 
-    stacked, per_layer = lens.log_probs(states), torch.cat([lens.log_probs(s[None]) for s in states])
+    def stacked_lens() -> torch.Tensor:
+        return lens.log_probs(states)
+
+    def per_layer_lens() -> list[torch.Tensor]:
+        return [lens.log_probs(s[None]) for s in states]
+
+    stacked, per_layer = stacked_lens(), torch.cat(per_layer_lens())
     parts_fns: dict[str, Callable[[], object]] = {
         "forward": lambda: parts.lm_head(parts.decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state),
         "step": lambda: step(states),
-        "lens": lambda: lens.log_probs(states),
-        "per_layer": lambda: [lens.log_probs(s[None]) for s in states],
+        "lens": stacked_lens,
+        "per_layer": per_layer_lens,
         "head": lambda: parts.lm_head(states[-1]),
     }
     checks = {}

@@ -10,16 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py``, registered in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_suite"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_suite")
 
 
 def test_quarter_is_the_first_stable_layers(suite) -> None:
@@ -94,24 +99,14 @@ def test_a_failing_part_is_recorded_and_the_rest_still_run(suite, tmp_path: Path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (a GPU machine runs the 7B shape)")
 def test_decode_bound_times_every_variant(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("gpu_decode_bound", SUITE.parent / "gpu_decode_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--batch", "2", "--repeats", "1"])
+    load_benchmark("gpu_decode_bound").main(["--batch", "2", "--repeats", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("batch 2 ")]
     assert [row[2] for row in rows] == ["plain", "trace", "lens_only", "forwards"]
     assert rows[0][5] == "x1.000" and all(float(row[3]) > 0 for row in rows)
 
 
-def load_lens_traffic():
-    spec = importlib.util.spec_from_file_location("gpu_lens_traffic", SUITE.parent / "gpu_lens_traffic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_lens_traffic_times_every_part_and_the_two_lenses_agree(tmp_path: Path) -> None:
-    load_lens_traffic().main(["--batch", "2", "--repeats", "1", "--iters", "1", "--compile",
+    load_benchmark("gpu_lens_traffic").main(["--batch", "2", "--repeats", "1", "--iters", "1", "--compile",
                               "--json", str(tmp_path / "r.json")])
     result = json.loads((tmp_path / "r.json").read_text())
     assert list(result["seconds"]) == ["forward", "step", "lens", "per_layer", "head", "step_compiled"]
@@ -125,7 +120,7 @@ def test_lens_traffic_times_every_part_and_the_two_lenses_agree(tmp_path: Path) 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lens_traffic_replays_a_graph_and_falls_back_where_capture_fails() -> None:
-    module, x = load_lens_traffic(), torch.ones(4, device="cuda")
+    module, x = load_benchmark("gpu_lens_traffic"), torch.ones(4, device="cuda")
     run, how = module.replayer(lambda: x.mul_(2), 3, cuda=True)
     x.fill_(1)
     run()
